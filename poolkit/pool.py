@@ -1,0 +1,681 @@
+"""The async ``Pool``: one wrapper over asyncpg and psycopg-pool that is loop-, fork- and reload-safe."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncGenerator
+from typing import Any, Literal
+
+import asyncpg
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
+
+from poolkit import detect
+from poolkit.detect import Detection, Mode
+from poolkit.dsn import Dsn
+from poolkit.errors import ConfigError, ConnectError, ConnectTimeout, PoolClosed, PoolTimeout
+from poolkit.observe import Observer
+from poolkit.settings import Settings
+from poolkit.state import get_state
+from poolkit.translate import translate_connect_error, translate_query_error
+
+Route = Literal["pooled", "direct"]
+
+
+def exhaustion_hint(max_size: int, profile: str) -> str:
+    if profile == "serverless":
+        return (
+            "hold connections for less time (no network calls inside a transaction), raise POOLKIT_ACQUIRE_TIMEOUT, "
+            f"or raise POOLKIT_MAX_SIZE (now {max_size}, serverless range 1-3)"
+        )
+    return f"hold connections for less time, raise POOLKIT_ACQUIRE_TIMEOUT, or raise POOLKIT_MAX_SIZE (now {max_size})"
+
+
+class PoolkitAsyncpgConnection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg connection that remembers when it was opened and why it was closed (for metrics)."""
+
+    __slots__ = ("_poolkit_close_reason", "_poolkit_idle_since", "_poolkit_opened")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._poolkit_opened = time.monotonic()
+        self._poolkit_close_reason: str | None = None
+        self._poolkit_idle_since: float | None = time.monotonic()
+
+
+class _ObservedAsyncCursor(psycopg.AsyncCursor[Any]):
+    """psycopg cursor that times each statement for the pool's Observer."""
+
+    async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        obs: Observer | None = getattr(self.connection, "poolkit_observer", None)
+        if obs is None:
+            return await super().execute(query, params, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            result = await super().execute(query, params, **kwargs)
+        except BaseException as exc:
+            obs.query(query, time.perf_counter() - t0, exc)
+            raise
+        obs.query(query, time.perf_counter() - t0, None)
+        return result
+
+    async def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
+        obs: Observer | None = getattr(self.connection, "poolkit_observer", None)
+        t0 = time.perf_counter()
+        try:
+            await super().executemany(query, params_seq, **kwargs)
+        except BaseException as exc:
+            if obs is not None:
+                obs.query(query, time.perf_counter() - t0, exc)
+            raise
+        if obs is not None:
+            obs.query(query, time.perf_counter() - t0, None)
+
+
+class _PoolkitAsyncConnection(psycopg.AsyncConnection[Any]):
+    """psycopg connection bound to one pool's Observer (set on a per-pool subclass)."""
+
+    poolkit_observer: Observer | None = None
+    poolkit_dsn: Dsn | None = None
+    poolkit_connect_timeout: float = 10.0
+    poolkit_max_lifetime: float = 0.0
+
+    @classmethod
+    async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+        obs = cls.poolkit_observer
+        t0 = time.perf_counter()
+        try:
+            conn = await super().connect(conninfo, **kwargs)
+        except Exception as exc:
+            if obs is None or cls.poolkit_dsn is None:
+                raise
+            error = translate_connect_error(exc, cls.poolkit_dsn, connect_timeout=cls.poolkit_connect_timeout)
+            obs.connect_failed(error)
+            raise error from None
+        conn._poolkit_opened = time.monotonic()  # type: ignore[attr-defined]
+        if obs is not None:
+            obs.opened(time.perf_counter() - t0)
+        return conn
+
+    async def close(self) -> None:
+        obs = self.poolkit_observer
+        if obs is not None and not getattr(self, "_poolkit_counted", False):
+            self._poolkit_counted = True
+            age = time.monotonic() - getattr(self, "_poolkit_opened", time.monotonic())
+            if self.broken:
+                reason = "error"
+            elif self.poolkit_max_lifetime and age >= self.poolkit_max_lifetime:
+                reason = "lifetime"
+            else:
+                reason = "idle"
+            obs.closed(reason)
+        await super().close()
+
+
+class _Binding:
+    """A pool's driver pool on one event loop: asyncio objects belong to the loop that made them."""
+
+    def __init__(self, owner: Pool, loop: asyncio.AbstractEventLoop) -> None:
+        self.owner = owner
+        self.loop = loop
+        self.sem = asyncio.Semaphore(owner.max_size)
+        self.in_use = 0
+        self.closed = False
+        self.driver_pool: Any = None
+        self.guard: AsyncGenerator[None, None] | None = None
+
+    async def open(self) -> None:
+        o = self.owner
+        if o.driver == "asyncpg":
+            self.driver_pool = await asyncpg.create_pool(
+                min_size=o.settings.min_size,
+                max_size=o.max_size,
+                max_inactive_connection_lifetime=o.settings.idle_timeout,
+                connect=self._asyncpg_connect,
+                reset=_rollback_only if o.mode is Mode.TRANSACTION else None,
+                connection_class=PoolkitAsyncpgConnection,
+                **o.asyncpg_connect_kwargs(),
+            )
+        else:
+            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+                conninfo="",
+                kwargs=o.psycopg_connect_kwargs(),
+                connection_class=o.psycopg_connection_class(),
+                min_size=o.settings.min_size,
+                max_size=o.max_size,
+                open=False,
+                name=o.name,
+                timeout=o.settings.acquire_timeout,
+                max_idle=o.settings.idle_timeout,
+                max_lifetime=o.settings.max_lifetime,
+                reconnect_timeout=max(o.settings.connect_timeout * 3, 30.0),
+                check=AsyncConnectionPool.check_connection,
+            )
+            await pool.open(wait=o.settings.min_size > 0, timeout=o.settings.connect_timeout)
+            self.driver_pool = pool
+        self.guard = self._close_with_loop()
+        await self.guard.__anext__()
+
+    async def _close_with_loop(self) -> AsyncGenerator[None, None]:
+        # asyncio.run() finalises every live async generator before it closes the loop: this one's
+        # finally block is how a serverless handler's `asyncio.run(main())` closes the pool's connections
+        # on the way out instead of leaking them to a dead loop.
+        try:
+            yield
+        finally:
+            if not self.closed:
+                await self.close(timeout=5.0)
+
+    async def _asyncpg_connect(self, *args: Any, **kwargs: Any) -> Any:
+        o = self.owner
+        t0 = time.perf_counter()
+        try:
+            conn = await asyncpg.connect(*args, **kwargs)
+        except Exception as exc:
+            error = translate_connect_error(exc, o.dsn, connect_timeout=o.settings.connect_timeout)
+            o.observer.connect_failed(error)
+            raise error from None
+        o.observer.opened(time.perf_counter() - t0)
+        conn.add_query_logger(o.observer.asyncpg_query)
+        conn.add_termination_listener(self._asyncpg_closed)
+        return conn
+
+    def _asyncpg_closed(self, conn: Any) -> None:
+        reason = conn._poolkit_close_reason
+        if reason is None:
+            # Nobody here asked for this close: asyncpg's idle deactivation (idle for idle_timeout), or the
+            # server or network ended it (in use, or idle for less than that).
+            idle_since = conn._poolkit_idle_since
+            idle_for = time.monotonic() - idle_since if idle_since is not None else -1.0
+            reason = "idle" if idle_for >= self.owner.settings.idle_timeout * 0.9 else "error"
+        self.owner.observer.closed(reason)
+
+    async def acquire(self, timeout: float | None) -> Any:
+        o = self.owner
+        inst = o.observer.inst
+        sem = self.sem
+        t0 = time.perf_counter()
+        if sem.locked():
+            inst.acquire_waits.inc()
+            o.waiting += 1
+            limit = o.settings.acquire_timeout if timeout is None else timeout
+            try:
+                async with asyncio.timeout(limit):
+                    await sem.acquire()
+            except TimeoutError:
+                error = o.timeout_error(limit)
+                o.observer.exhausted(error, in_use=self.in_use, hint=exhaustion_hint(o.max_size, o.profile))
+                raise error from None
+            finally:
+                o.waiting -= 1
+        else:
+            await sem.acquire()
+        try:
+            conn = await self._driver_acquire()
+        except BaseException:
+            sem.release()
+            raise
+        self.in_use += 1
+        inst.acquire_duration.observe(time.perf_counter() - t0)
+        return conn
+
+    async def _driver_acquire(self) -> Any:
+        o = self.owner
+        if o.driver == "asyncpg":
+            try:
+                conn = await self.driver_pool.acquire()
+            except asyncpg.exceptions.InterfaceError as exc:
+                if "closed" in str(exc) or "closing" in str(exc):
+                    raise PoolClosed(f"pool {o.name!r} is closed") from None
+                raise
+            conn._con._poolkit_idle_since = None
+            return conn
+        # A slot is free (the semaphore says so): psycopg only waits here while it opens a connection.
+        try:
+            return await self.driver_pool.getconn(timeout=o.settings.connect_timeout + 1.0)
+        except PsycopgPoolTimeout:
+            error = o.observer.recent_connect_error(within=o.settings.connect_timeout * 3)
+            if error is not None:
+                raise error from None
+            raise ConnectTimeout(
+                f"pool {o.name!r} could not open a connection to {o.dsn.host}:{o.dsn.port} within "
+                f"connect_timeout={o.settings.connect_timeout:g}s; check the host and port, or raise "
+                "POOLKIT_CONNECT_TIMEOUT",
+                reason="timeout",
+            ) from None
+
+    async def release(self, conn: Any, exc: BaseException | None) -> None:
+        o = self.owner
+        self.in_use -= 1
+        try:
+            if o.driver == "asyncpg":
+                raw = conn._con  # the proxy's connection: its slots are settable, the proxy's are not
+                if raw is not None and not raw.is_closed():
+                    raw._poolkit_idle_since = time.monotonic()
+                    if raw._poolkit_idle_since - raw._poolkit_opened >= o.settings.max_lifetime:
+                        raw._poolkit_close_reason = "lifetime"
+                        await raw.close(timeout=5.0)
+                await self.driver_pool.release(conn)
+            else:
+                if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    # The psycopg_pool.connection() contract: commit on success, roll back on error.
+                    if exc is None:
+                        await conn.commit()
+                    else:
+                        await conn.rollback()
+                await self.driver_pool.putconn(conn)
+        finally:
+            self.sem.release()
+
+    def idle_and_size(self) -> tuple[int, int]:
+        pool = self.driver_pool
+        if pool is None:
+            return 0, 0
+        if self.owner.driver == "asyncpg":
+            return pool.get_idle_size(), pool.get_size()
+        stats = pool.get_stats()
+        return stats.get("pool_available", 0), stats.get("pool_size", 0)
+
+    async def close(self, timeout: float) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.owner.observer.closing = True
+        pool = self.driver_pool
+        if pool is None:
+            return
+        if self.owner.driver == "asyncpg":
+            try:
+                await asyncio.wait_for(pool.close(), timeout)
+            except TimeoutError:
+                pool.terminate()
+        else:
+            await pool.close(timeout=timeout)
+
+    def sockets(self) -> list[int]:
+        """File descriptors of every open connection (for the fork guard)."""
+        fds: list[int] = []
+        pool = self.driver_pool
+        if pool is None:
+            return fds
+        if self.owner.driver == "asyncpg":
+            for holder in getattr(pool, "_holders", []):
+                con = getattr(holder, "_con", None)
+                transport = getattr(con, "_transport", None) if con is not None else None
+                sock = transport.get_extra_info("socket") if transport is not None else None
+                if sock is not None:
+                    fds.append(sock.fileno())
+        else:
+            for conn in list(getattr(pool, "_pool", [])) + list(getattr(pool, "_used", set())):
+                if not conn.closed:
+                    fds.append(conn.pgconn.socket)
+        return fds
+
+
+async def _rollback_only(conn: Any) -> None:
+    # Behind a transaction pooler the session state that asyncpg's default RESET ALL clears cannot exist
+    # (every transaction may land on another server), so that round trip per release is pure cost.
+    # asyncpg has already rolled back an open transaction before calling this.
+    return None
+
+
+class Pool:
+    """An async connection pool for asyncpg or psycopg, configured for where it connects.
+
+    Use ``async with pool.acquire() as conn`` for the driver's own connection object, or the
+    ``execute`` / ``fetch`` / ``fetchrow`` / ``fetchval`` shortcuts (placeholders are the driver's:
+    ``$1`` for asyncpg, ``%s`` for psycopg).
+    """
+
+    def __init__(self, settings: Settings, *, route: Route = "pooled") -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.driver: str = settings.driver
+        self.route: Route = route
+        self.profile = settings.profile
+        self.max_size = settings.max_size
+        if route == "pooled":
+            self.dsn = settings.pooled_dsn()
+            self.detection = detect.detect_mode(self.dsn, settings.pool_mode)
+        else:
+            direct = settings.direct_dsn()
+            if direct is None:
+                raise ConfigError(
+                    "no direct URL is configured: set POOLKIT_DIRECT_URL (or DIRECT_DATABASE_URL / "
+                    "POSTGRES_URL_NON_POOLING) to the database's direct address (Supabase: port 5432)"
+                )
+            self.dsn = direct
+            self.detection = Detection(Mode.DIRECT, "the direct URL")
+        self.mode: Mode = self.detection.mode
+        self.tls = detect.tls_config(self.dsn, settings.sslmode, settings.sslrootcert)
+        self.observer = Observer(
+            self.name,
+            self.driver,
+            route,
+            slow_query_seconds=settings.slow_query_seconds,
+            query_log=settings.query_log,
+        )
+        self.waiting = 0
+        self._bindings: dict[int, _Binding] = {}
+        self._opening: dict[int, asyncio.Future[_Binding]] = {}
+        self._closed = False
+        self._pid = os.getpid()
+        self._direct: Pool | None = None
+        self._psycopg_class: type[Any] | None = None
+        get_state().live_pools.add(self)
+
+    # -- configuration handed to the drivers ------------------------------------------------------------------
+
+    def asyncpg_connect_kwargs(self) -> dict[str, Any]:
+        dsn = self.dsn
+        params = dsn.without_params(*detect.TOOL_ONLY_PARAMS).query
+        server_settings = {"application_name": self.settings.application_name}
+        server_settings.update({k: v for k, v in params.items() if k not in ("options", "target_session_attrs")})
+        return {
+            "host": dsn.host,
+            "port": dsn.port,
+            "user": dsn.user,
+            "password": dsn.password,
+            "database": dsn.database,
+            "ssl": self.tls.ssl_context(),
+            "timeout": self.settings.connect_timeout,
+            "server_settings": server_settings,
+            **detect.asyncpg_statement_options(self.mode),
+        }
+
+    def psycopg_connect_kwargs(self) -> dict[str, Any]:
+        dsn = self.dsn
+        kwargs: dict[str, Any] = {
+            "host": dsn.host,
+            "port": dsn.port,
+            "user": dsn.user,
+            "dbname": dsn.database,
+            "application_name": self.settings.application_name,
+            # libpq rounds connect_timeout up to 2 s and takes whole seconds.
+            "connect_timeout": max(2, round(self.settings.connect_timeout)),
+            **self.tls.libpq_params(),
+            **dsn.without_params(*detect.TOOL_ONLY_PARAMS).query,
+            **detect.psycopg_statement_options(self.mode),
+        }
+        if dsn.password is not None:
+            kwargs["password"] = dsn.password
+        if self.driver == "psycopg":
+            kwargs["cursor_factory"] = _ObservedAsyncCursor
+        return kwargs
+
+    def psycopg_connection_class(self) -> type[Any]:
+        if self._psycopg_class is None:
+            self._psycopg_class = type(
+                "PoolkitAsyncConnection",
+                (_PoolkitAsyncConnection,),
+                {
+                    "poolkit_observer": self.observer,
+                    "poolkit_dsn": self.dsn,
+                    "poolkit_connect_timeout": self.settings.connect_timeout,
+                    "poolkit_max_lifetime": self.settings.max_lifetime,
+                },
+            )
+        return self._psycopg_class
+
+    # -- the loop binding -------------------------------------------------------------------------------------
+
+    async def _binding(self) -> _Binding:
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed: create a new one (or call poolkit.get_pool() again)")
+        if self._pid != os.getpid():
+            self._forget_after_fork()
+        loop = asyncio.get_running_loop()
+        binding = self._bindings.get(id(loop))
+        if binding is not None and binding.loop is loop and not binding.closed:
+            return binding
+        return await self._bind(loop)
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop) -> _Binding:
+        key = id(loop)
+        pending = self._opening.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        self._drop_dead_bindings()
+        future: asyncio.Future[_Binding] = loop.create_future()
+        self._opening[key] = future
+        try:
+            binding = _Binding(self, loop)
+            await binding.open()
+            self._bindings[key] = binding
+            future.set_result(binding)
+            return binding
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: a lone opener must not log "exception never retrieved"
+            raise
+        finally:
+            del self._opening[key]
+
+    def _drop_dead_bindings(self) -> None:
+        for key, binding in list(self._bindings.items()):
+            if binding.loop.is_closed() or binding.closed:
+                # The loop died without asyncio.run()'s clean-up: its transports cannot be closed through it,
+                # so close the sockets themselves; the server sees EOF and ends the backends.
+                for fd in binding.sockets() if not binding.closed else []:
+                    _close_fd(fd)
+                del self._bindings[key]
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: never touch the parent's sockets, start afresh lazily."""
+        state = get_state()
+        for binding in self._bindings.values():
+            for fd in binding.sockets():
+                _neutralise_fd(fd)
+            state.inherited.append(binding)  # kept alive: a finaliser must not run on the parent's objects
+        self._bindings = {}
+        self._opening = {}
+        self.waiting = 0
+        self._pid = os.getpid()
+        if self._direct is not None:
+            self._direct._forget_after_fork()
+
+    # -- public API -------------------------------------------------------------------------------------------
+
+    async def open(self) -> Pool:
+        """Bind to the running loop and open one connection to check the settings (fails fast)."""
+        async with self.acquire():
+            pass
+        return self
+
+    def acquire(self, *, timeout: float | None = None) -> _Acquire:
+        """``async with pool.acquire() as conn``: a connection, or PoolTimeout after ``acquire_timeout``."""
+        return _Acquire(self, timeout)
+
+    def direct(self) -> Pool:
+        """A pool on the direct URL (migrations, introspection, session features), created on first use."""
+        if self.route == "direct":
+            return self
+        if self._direct is None:
+            if self.settings.direct_url is None and self.mode is not Mode.TRANSACTION:
+                return self  # the pooled URL already reaches the server with full sessions
+            self._direct = Pool(self.settings, route="direct")
+        return self._direct
+
+    async def execute(self, query: Any, *args: Any, timeout: float | None = None) -> str:
+        """Run a statement; return its status tag (e.g. ``INSERT 0 1``)."""
+        async with self.acquire() as conn:
+            try:
+                if self.driver == "asyncpg":
+                    status: str = await conn.execute(query, *args, timeout=timeout)
+                    return status
+                cur = await conn.execute(query, args or None)
+                return str(cur.statusmessage or "")
+            except Exception as exc:
+                raise self._translated(exc) from exc
+
+    async def fetch(self, query: Any, *args: Any) -> list[Any]:
+        """All rows (asyncpg Records, psycopg tuples)."""
+        async with self.acquire() as conn:
+            try:
+                if self.driver == "asyncpg":
+                    rows: list[Any] = await conn.fetch(query, *args)
+                    return rows
+                cur = await conn.execute(query, args or None)
+                return list(await cur.fetchall())
+            except Exception as exc:
+                raise self._translated(exc) from exc
+
+    async def fetchrow(self, query: Any, *args: Any) -> Any:
+        """The first row, or None."""
+        async with self.acquire() as conn:
+            try:
+                if self.driver == "asyncpg":
+                    return await conn.fetchrow(query, *args)
+                cur = await conn.execute(query, args or None)
+                return await cur.fetchone()
+            except Exception as exc:
+                raise self._translated(exc) from exc
+
+    async def fetchval(self, query: Any, *args: Any) -> Any:
+        """The first column of the first row, or None."""
+        row = await self.fetchrow(query, *args)
+        return None if row is None else row[0]
+
+    def _translated(self, exc: Exception) -> Exception:
+        return translate_query_error(exc, self.mode, pool=self.name) or exc
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Let checked-out connections come back (up to ``timeout``), then close every connection."""
+        self._closed = True
+        for binding in list(self._bindings.values()):
+            if binding.loop is asyncio.get_running_loop():
+                await binding.close(timeout)
+            elif binding.loop.is_running():
+                fut = asyncio.run_coroutine_threadsafe(binding.close(timeout), binding.loop)
+                await asyncio.wrap_future(fut)
+        self._drop_dead_bindings()
+        self._bindings.clear()
+        if self._direct is not None:
+            await self._direct.close(timeout)
+        get_state().live_pools.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    @property
+    def metric_labels(self) -> tuple[str, str, str]:
+        return self.observer.inst.labels
+
+    def gauge_values(self) -> tuple[int, int, int, int, int]:
+        in_use = idle = 0
+        for binding in list(self._bindings.values()):
+            in_use += binding.in_use
+            idle += binding.idle_and_size()[0]
+        return in_use, idle, self.max_size, self.settings.min_size, self.waiting
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot: sizes, connections in use / idle, callers waiting, detected mode."""
+        in_use, idle, max_size, min_size, waiting = self.gauge_values()
+        return {
+            "name": self.name,
+            "driver": self.driver,
+            "route": self.route,
+            "mode": self.mode.value,
+            "max_size": max_size,
+            "min_size": min_size,
+            "in_use": in_use,
+            "idle": idle,
+            "waiting": waiting,
+            "closed": self._closed,
+        }
+
+    def timeout_error(self, limit: float) -> PoolTimeout:
+        in_use = sum(b.in_use for b in self._bindings.values())
+        return PoolTimeout(
+            f"pool {self.name!r} ({self.route}, {self.driver}) is exhausted: all {self.max_size} connection(s) "
+            f"stayed in use for {limit:g}s while {self.waiting} caller(s) waited ({in_use} in use). "
+            + exhaustion_hint(self.max_size, self.profile),
+            pool=self.name,
+            max_size=self.max_size,
+            waiting=self.waiting,
+            timeout=limit,
+        )
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<Pool {self.name} {self.route} {self.driver} closed>"
+        in_use, idle, max_size, _, waiting = self.gauge_values()
+        return (
+            f"<Pool {self.name} {self.route} {self.driver} mode={self.mode.value} max={max_size} "
+            f"in_use={in_use} idle={idle} waiting={waiting}>"
+        )
+
+
+class _Acquire:
+    """``async with pool.acquire()``; a class rather than @asynccontextmanager: it is on every query's path."""
+
+    __slots__ = ("_binding", "_conn", "_pool", "_timeout")
+
+    def __init__(self, pool: Pool, timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._binding: _Binding | None = None
+        self._conn: Any = None
+
+    async def __aenter__(self) -> Any:
+        binding = await self._pool._binding()
+        self._conn = await binding.acquire(self._timeout)
+        self._binding = binding
+        return self._conn
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        binding, conn = self._binding, self._conn
+        self._binding = self._conn = None
+        if binding is not None:
+            await binding.release(conn, exc)
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _neutralise_fd(fd: int) -> None:
+    # Point the child's copy of the descriptor at /dev/null: whatever the child's copies of the driver
+    # objects write later (libpq's Terminate, a TLS close_notify) cannot reach the parent's session.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
+
+
+async def create_pool(
+    *, driver: str | None = None, open: bool = True, settings: Settings | None = None, **overrides: Any
+) -> Pool:
+    """Create an async pool from the environment plus keyword overrides, and check it can connect.
+
+    ``driver`` is ``"asyncpg"`` (default) or ``"psycopg"``. Every setting of :class:`poolkit.Settings`
+    can be passed by keyword. With ``open=False`` nothing connects until the first acquire.
+    """
+    from poolkit.settings import load_settings  # noqa: PLC0415 - keeps import order simple for reloads
+
+    if driver is not None:
+        overrides["driver"] = driver
+    cfg = settings if settings is not None and not overrides else load_settings(**overrides)
+    pool = Pool(cfg)
+    if open:
+        try:
+            await pool.open()
+        except BaseException:
+            await pool.close(timeout=1.0)
+            raise
+    return pool
+
+
+__all__ = ["ConnectError", "Pool", "create_pool"]

@@ -1,0 +1,93 @@
+"""The process-wide pools behind ``get_pool()``: one per settings, surviving reloads, forks and new loops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from typing import Any
+
+from poolkit.pool import Pool
+from poolkit.settings import load_settings
+from poolkit.state import get_state
+from poolkit.sync_pool import SyncPool
+
+_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # Runs in the child right after fork(), before any of the parent's pool objects can be finalised.
+    for pool in list(get_state().live_pools):
+        forget = getattr(pool, "_forget_after_fork", None)
+        if forget is not None:
+            forget()
+
+
+def install_fork_hook() -> None:
+    state = get_state()
+    if not state.fork_hook_installed:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        state.fork_hook_installed = True
+
+
+def _retire(pool: Pool | SyncPool) -> None:
+    """Drain and close a pool whose settings changed, without blocking the caller."""
+    state = get_state()
+    if isinstance(pool, SyncPool):
+        threading.Thread(target=pool.close, name=f"poolkit-retire-{pool.name}", daemon=True).start()
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is not None:
+        task = loop.create_task(pool.close())
+        state.inherited.append(task)  # a strong reference until it is done
+        task.add_done_callback(state.inherited.remove)
+    else:
+        pool._closed = True
+        pool._drop_dead_bindings()
+
+
+def _get(kind: str, factory: type[Pool] | type[SyncPool], overrides: dict[str, Any]) -> Any:
+    install_fork_hook()
+    settings = load_settings(**overrides)
+    slot = (kind, settings.name)
+    key = settings.key()
+    state = get_state()
+    with _lock:
+        entry = state.registry.get(slot)
+        if entry is not None:
+            old_key, old_pool = entry
+            if old_key == key and not old_pool.closed:
+                return old_pool
+            if not old_pool.closed:
+                _retire(old_pool)
+        pool = factory(settings)
+        state.registry[slot] = (key, pool)
+        return pool
+
+
+def get_pool(**overrides: Any) -> Pool:
+    """The process-wide async pool for these settings (environment plus keyword overrides).
+
+    The same object comes back on every call, across ``importlib.reload`` of your modules or poolkit's,
+    in every event loop (each ``asyncio.run()`` gets working connections, closed when that loop ends) and
+    in forked children (which open their own connections). Settings that changed give a new pool; the old
+    one is drained and closed. Nothing connects until the first query.
+    """
+    pool: Pool = _get("async", Pool, overrides)
+    return pool
+
+
+def get_sync_pool(**overrides: Any) -> SyncPool:
+    """The process-wide sync psycopg pool for these settings; see :func:`get_pool`."""
+    overrides.setdefault("driver", "psycopg")
+    pool: SyncPool = _get("sync", SyncPool, overrides)
+    return pool
+
+
+def forget_pools() -> None:
+    """Drop every registered pool without closing it (tests, or after closing them yourself)."""
+    with _lock:
+        get_state().registry.clear()
