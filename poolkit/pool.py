@@ -207,7 +207,12 @@ class _Binding:
                     await sem.acquire()
             except TimeoutError:
                 error = o.timeout_error(limit)
-                o.observer.exhausted(error, in_use=self.in_use, hint=exhaustion_hint(o.max_size, o.profile))
+                o.observer.exhausted(
+                    error,
+                    in_use=self.in_use,
+                    hint=exhaustion_hint(o.max_size, o.profile),
+                    waited=time.perf_counter() - t0,
+                )
                 raise error from None
             finally:
                 o.waiting -= 1
@@ -233,13 +238,20 @@ class _Binding:
                 raise
             conn._con._poolkit_idle_since = None
             return conn
-        # A slot is free (the semaphore says so): psycopg only waits here while it opens a connection.
-        try:
-            return await self.driver_pool.getconn(timeout=o.settings.connect_timeout + 1.0)
-        except PsycopgPoolTimeout:
-            error = o.observer.recent_connect_error(within=o.settings.connect_timeout * 3)
-            if error is not None:
-                raise error from None
+        # A slot is free (the semaphore says so): psycopg only waits here while it opens a connection,
+        # in its own worker, which logs and retries failures. Short waits let the first failure surface
+        # at once (a wrong password should not look like a 10 s timeout).
+        start = time.monotonic()
+        deadline = start + o.settings.connect_timeout + 1.0
+        while True:
+            try:
+                return await self.driver_pool.getconn(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
+            except PsycopgPoolTimeout:
+                error = o.observer.recent_connect_error(within=time.monotonic() - start)
+                if error is not None:
+                    raise error from None
+                if time.monotonic() < deadline:
+                    continue
             raise ConnectTimeout(
                 f"pool {o.name!r} could not open a connection to {o.dsn.host}:{o.dsn.port} within "
                 f"connect_timeout={o.settings.connect_timeout:g}s; check the host and port, or raise "
@@ -357,6 +369,7 @@ class Pool:
             route,
             slow_query_seconds=settings.slow_query_seconds,
             query_log=settings.query_log,
+            env=settings.env,
         )
         self.waiting = 0
         self._bindings: dict[int, _Binding] = {}

@@ -117,7 +117,12 @@ class SyncPool:
         self.mode: Mode = self.detection.mode
         self.tls = detect.tls_config(self.dsn, settings.sslmode, settings.sslrootcert)
         self.observer = Observer(
-            self.name, self.driver, route, slow_query_seconds=settings.slow_query_seconds, query_log=settings.query_log
+            self.name,
+            self.driver,
+            route,
+            slow_query_seconds=settings.slow_query_seconds,
+            query_log=settings.query_log,
+            env=settings.env,
         )
         self.waiting = 0
         self.in_use = 0
@@ -222,15 +227,17 @@ class SyncPool:
                     self.waiting -= 1
             if not got:
                 error = self._timeout_error(limit)
-                self.observer.exhausted(error, in_use=self.in_use, hint=exhaustion_hint(self.max_size, self.profile))
+                self.observer.exhausted(
+                    error,
+                    in_use=self.in_use,
+                    hint=exhaustion_hint(self.max_size, self.profile),
+                    waited=time.perf_counter() - t0,
+                )
                 raise error
         try:
-            conn = pool.getconn(timeout=self.settings.connect_timeout + 1.0)
+            conn = self._getconn(pool)
         except PsycopgPoolTimeout:
             self._sem.release()
-            error = self.observer.recent_connect_error(within=self.settings.connect_timeout * 3)
-            if error is not None:
-                raise error from None
             raise ConnectTimeout(
                 f"pool {self.name!r} could not open a connection to {self.dsn.host}:{self.dsn.port} within "
                 f"connect_timeout={self.settings.connect_timeout:g}s; check the host and port, or raise "
@@ -244,6 +251,21 @@ class SyncPool:
             self.in_use += 1
         inst.acquire_duration.observe(time.perf_counter() - t0)
         return conn
+
+    def _getconn(self, pool: ConnectionPool[Any]) -> Any:
+        # psycopg opens connections in its own worker, which logs and retries failures; short waits let
+        # the first failure surface at once (a wrong password should not look like a 10 s timeout).
+        start = time.monotonic()
+        deadline = start + self.settings.connect_timeout + 1.0
+        while True:
+            try:
+                return pool.getconn(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
+            except PsycopgPoolTimeout:
+                error = self.observer.recent_connect_error(within=time.monotonic() - start)
+                if error is not None:
+                    raise error from None
+                if time.monotonic() >= deadline:
+                    raise
 
     def _put(self, conn: Any, exc: BaseException | None) -> None:
         try:

@@ -110,18 +110,18 @@ def translate_connect_error(exc: BaseException, dsn: Dsn, *, connect_timeout: fl
             "sslmode=disable is only accepted for a loopback host",
             reason="ssl_unavailable",
         )
+    if "does not match host name" in low or "mismatch" in low or "doesn't match" in low:
+        return SSLError(
+            f"the certificate of {target} is not valid for host {dsn.host!r} (sslmode=verify-full). Use the host "
+            "name the certificate was issued for, or sslmode=verify-ca",
+            reason="ssl_hostname",
+        )
     if isinstance(exc, ssl.SSLCertVerificationError) or "certificate verify failed" in low:
         return SSLError(
             f"the certificate of {target} is not signed by the CA in POOLKIT_SSLROOTCERT (certificate verify "
             "failed). Download the server's CA certificate (Supabase: Database settings, SSL) and point "
             "POOLKIT_SSLROOTCERT at it",
             reason="ssl_verify",
-        )
-    if "does not match host name" in low or "hostname mismatch" in low or "doesn't match" in low:
-        return SSLError(
-            f"the certificate of {target} is not valid for host {dsn.host!r} (sslmode=verify-full). Use the host "
-            "name the certificate was issued for, or sslmode=verify-ca",
-            reason="ssl_hostname",
         )
     if isinstance(exc, ssl.SSLError):
         return SSLError(f"TLS with {target} failed: {text}", reason="ssl")

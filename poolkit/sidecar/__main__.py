@@ -1,0 +1,9 @@
+"""``python -m poolkit.sidecar``: the same as ``poolkit sidecar``."""
+
+from __future__ import annotations
+
+import sys
+
+from poolkit.sidecar.cli import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""Authentication: client SCRAM-SHA-256 (scramp) and user lists; upstream SCRAM/md5/password; TLS contexts."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from scramp import ScramClient, ScramException, ScramMechanism
+
+from poolkit.dsn import Dsn
+from poolkit.errors import AuthenticationFailed, ConfigError, ProtocolError
+from poolkit.sidecar import protocol
+
+SCRAM = "SCRAM-SHA-256"
+_MECHANISM = ScramMechanism(SCRAM)
+_VERIFIER = re.compile(r"^SCRAM-SHA-256\$(\d+):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)$")
+
+# (salt, stored_key, server_key, iterations), scramp's auth_fn shape.
+AuthInfo = tuple[bytes, bytes, bytes, int]
+
+
+def auth_info_from_secret(secret: str) -> AuthInfo:
+    """A password or a ``SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`` verifier -> auth info.
+
+    A plain password is hashed once here (4096 PBKDF2 iterations), so each login afterwards only
+    costs a few HMACs: that keeps ``pgbench -C`` style reconnects cheap.
+    """
+    match = _VERIFIER.match(secret)
+    if match:
+        iterations, salt, stored, server = match.groups()
+        return base64.b64decode(salt), base64.b64decode(stored), base64.b64decode(server), int(iterations)
+    if secret.startswith("md5") and len(secret) == 35:
+        raise ConfigError(
+            "an md5 password hash cannot be used for SCRAM client auth: give the plain password or a "
+            "SCRAM-SHA-256 verifier (SELECT rolpassword FROM pg_authid)"
+        )
+    salt, stored, server, iterations = _MECHANISM.make_auth_info(secret, iteration_count=4096)
+    return salt, stored, server, iterations
+
+
+def read_auth_file(path: Path) -> dict[str, str]:
+    """Parse a PgBouncer ``userlist.txt``: lines of ``"user" "password-or-verifier"``."""
+    users: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(";") or line.startswith("#"):
+            continue
+        fields = re.findall(r'"((?:[^"]|"")*)"', line)
+        if len(fields) < 2:
+            raise ConfigError(
+                f'{path}:{number}: expected "user" "password" (auth_file, PgBouncer userlist format)'
+            )
+        users[fields[0].replace('""', '"')] = fields[1].replace('""', '"')
+    return users
+
+
+class UserStore:
+    """The users clients may log in as, with their SCRAM secrets computed once."""
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self._info = {name: auth_info_from_secret(secret) for name, secret in users.items()}
+        # Unknown users go through the same exchange with a throwaway secret, so a failed login
+        # does not reveal whether the user exists.
+        self._decoy = auth_info_from_secret(secrets.token_urlsafe(24))
+
+    def __contains__(self, user: object) -> bool:
+        return user in self._info
+
+    def __len__(self) -> int:
+        return len(self._info)
+
+    def auth_info(self, user: str) -> AuthInfo:
+        return self._info.get(user, self._decoy)
+
+
+class ScramServerExchange:
+    """One client's SCRAM-SHA-256 exchange, server side (channel binding not offered)."""
+
+    def __init__(self, store: UserStore, user: str) -> None:
+        self._known = user in store
+        self._server = _MECHANISM.make_server(lambda _name: store.auth_info(user))
+
+    def first(self, client_first: bytes) -> bytes:
+        """SASLInitialResponse data -> server-first message (raises AuthenticationFailed)."""
+        try:
+            self._server.set_client_first(client_first.decode())
+            return str(self._server.get_server_first()).encode()
+        except (ScramException, UnicodeDecodeError) as exc:
+            raise AuthenticationFailed(f"SCRAM exchange failed: {exc}", reason="auth") from None
+
+    def final(self, client_final: bytes) -> bytes:
+        """SASLResponse data -> server-final message; raises AuthenticationFailed on a wrong password."""
+        try:
+            self._server.set_client_final(client_final.decode())
+            result = str(self._server.get_server_final()).encode()
+        except (ScramException, UnicodeDecodeError):
+            raise AuthenticationFailed("password authentication failed", reason="auth") from None
+        if not self._known:
+            raise AuthenticationFailed("password authentication failed", reason="auth")
+        return result
+
+
+class UpstreamAuth:
+    """Answers the upstream server's Authentication requests for the configured user.
+
+    Supports SCRAM-SHA-256 (scramp), md5 and cleartext password; AuthenticationOk (0) needs no answer.
+    """
+
+    def __init__(self, user: str, password: str | None) -> None:
+        self.user = user
+        self.password = password
+        self._scram: ScramClient | None = None
+
+    def _need_password(self, method: str) -> str:
+        if self.password is None:
+            raise AuthenticationFailed(
+                f"the upstream asked for {method} authentication but the upstream URL has no password",
+                reason="auth",
+            )
+        return self.password
+
+    def respond(self, code: int, data: bytes) -> bytes | None:
+        """One Authentication request -> the message to send back (or None)."""
+        if code == 0:
+            return None
+        if code == 3:
+            return protocol.password_message(self._need_password("password").encode() + b"\x00")
+        if code == 5:
+            password = self._need_password("md5")
+            inner = hashlib.md5((password + self.user).encode(), usedforsecurity=False).hexdigest()
+            outer = hashlib.md5(inner.encode() + data[:4], usedforsecurity=False).hexdigest()
+            return protocol.password_message(b"md5" + outer.encode() + b"\x00")
+        if code == 10:
+            mechanisms = protocol.parse_sasl_mechanisms(data)
+            if SCRAM not in mechanisms:
+                raise AuthenticationFailed(
+                    f"the upstream offers SASL mechanisms {mechanisms}; the sidecar supports {SCRAM}",
+                    reason="auth",
+                )
+            self._scram = ScramClient([SCRAM], self.user, self._need_password("SCRAM-SHA-256"))
+            return protocol.sasl_initial_response(SCRAM, self._scram.get_client_first().encode())
+        if code == 11:
+            if self._scram is None:
+                raise ProtocolError("upstream sent SASLContinue before SASL")
+            try:
+                self._scram.set_server_first(data.decode())
+                return protocol.password_message(self._scram.get_client_final().encode())
+            except ScramException as exc:
+                raise AuthenticationFailed(f"upstream SCRAM exchange failed: {exc}", reason="auth") from None
+        if code == 12:
+            if self._scram is None:
+                raise ProtocolError("upstream sent SASLFinal before SASL")
+            try:
+                self._scram.set_server_final(data.decode())
+            except ScramException:
+                raise AuthenticationFailed(
+                    "the upstream server's SCRAM signature is wrong: it does not know the password",
+                    reason="auth",
+                ) from None
+            return None
+        raise AuthenticationFailed(
+            f"the upstream asked for an authentication method the sidecar does not support (code {code}); "
+            "use scram-sha-256 or md5 in pg_hba.conf",
+            reason="auth",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """How to reach the upstream: ``context`` is None for plain text; ``server_hostname`` for SNI/checks."""
+
+    mode: str
+    context: ssl.SSLContext | None
+    server_hostname: str | None
+
+
+def upstream_tls(dsn: Dsn, sslrootcert: Path | None) -> UpstreamTls:
+    """Build the TLS client context from the URL's ``sslmode`` (default ``require``) and CA file."""
+    mode = dsn.query.get("sslmode", "require")
+    if mode in ("disable", "allow") or dsn.is_unix_socket:
+        return UpstreamTls("disable", None, None)
+    rootcert = dsn.query.get("sslrootcert") or (str(sslrootcert) if sslrootcert else None)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if mode in ("verify-ca", "verify-full"):
+        if rootcert and rootcert != "system":
+            try:
+                ctx.load_verify_locations(cafile=rootcert)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"sslrootcert {rootcert}: cannot load the CA file ({exc})") from None
+        ctx.check_hostname = mode == "verify-full"
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        # require/prefer: encrypt without verifying the certificate, as libpq does.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return UpstreamTls(mode, ctx, dsn.host)
+
+
+def client_tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """The server-side TLS context for clients connecting to the sidecar."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_cert_file/tls_key_file: cannot load the certificate ({exc})") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx

@@ -1,0 +1,334 @@
+"""The sidecar's settings (pydantic-settings): env ``POOLKIT_SIDECAR_*``, an optional TOML file, flags."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from poolkit.dsn import Dsn
+from poolkit.errors import ConfigError
+from poolkit.settings import DIRECT_URL_ENV, POOLED_URL_ENV
+from poolkit.sidecar.protocol import PG_MAX_MESSAGE_SIZE
+
+ENV_PREFIX = "POOLKIT_SIDECAR_"
+AuthType = Literal["auto", "scram-sha-256", "trust"]
+ClientTls = Literal["disable", "allow", "require"]
+Upstream = Literal["auto", "pooled", "direct"]
+
+# Settings that SIGHUP can change in place; the others need a restart.
+RELOADABLE = frozenset(
+    {
+        "pooled_url",
+        "direct_url",
+        "upstream",
+        "sslrootcert",
+        "max_size",
+        "query_wait_timeout",
+        "idle_transaction_timeout",
+        "server_idle_timeout",
+        "server_lifetime",
+        "connect_timeout",
+        "client_login_timeout",
+        "shutdown_timeout",
+        "slow_query_seconds",
+        "auth_type",
+        "users",
+        "auth_file",
+        "server_reset_query",
+        "max_client_conn",
+    }
+)
+
+
+class SidecarSettings(BaseSettings):
+    """Every knob of ``poolkit sidecar``; each is read from ``POOLKIT_SIDECAR_<NAME>``.
+
+    The upstream URLs use the library's names (``POOLKIT_POOLED_URL``, ``DATABASE_URL``,
+    ``POSTGRES_PRISMA_URL``; ``POOLKIT_DIRECT_URL``, ``DIRECT_DATABASE_URL``,
+    ``POSTGRES_URL_NON_POOLING``) and the CA file ``POOLKIT_SSLROOTCERT``. Timeouts are seconds;
+    0 disables a timeout.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
+        validate_default=True,
+    )
+    config_file: ClassVar[Path | None] = None
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 6432
+    unix_socket_dir: Path | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 9930
+    http_enabled: bool = True
+
+    pooled_url: SecretStr | None = Field(None, validation_alias=AliasChoices("pooled_url", *POOLED_URL_ENV))
+    direct_url: SecretStr | None = Field(None, validation_alias=AliasChoices("direct_url", *DIRECT_URL_ENV))
+    upstream: Upstream = "auto"
+    sslrootcert: Path | None = Field(
+        None, validation_alias=AliasChoices("sslrootcert", f"{ENV_PREFIX}SSLROOTCERT", "POOLKIT_SSLROOTCERT")
+    )
+    pool_name: str | None = None
+    application_name: str = "poolkit-sidecar"
+
+    max_size: int = 3
+    max_client_conn: int = 10_000
+    query_wait_timeout: float = 30.0
+    idle_transaction_timeout: float = 300.0
+    server_idle_timeout: float = 20.0
+    server_lifetime: float = 3600.0
+    connect_timeout: float = 10.0
+    client_login_timeout: float = 60.0
+    shutdown_timeout: float = 30.0
+    slow_query_seconds: float = 1.0
+    # The sidecar streams message bodies and never buffers a claimed length, so this limit only
+    # rejects garbage early; PostgreSQL's own limit (1 GiB - 1) lets every message it accepts pass.
+    max_message_size: int = PG_MAX_MESSAGE_SIZE
+    server_reset_query: str = "DISCARD ALL"
+
+    auth_type: AuthType = "auto"
+    users: dict[str, SecretStr] = Field(default_factory=dict)
+    auth_file: Path | None = None
+    admin_database: str = "poolkit"
+    client_tls: ClientTls | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: flags/keywords > environment > config file > defaults.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
+        return tuple(sources)
+
+    @field_validator("listen_port", "http_port")
+    @classmethod
+    def _check_port(cls, value: int) -> int:
+        if not 0 <= value <= 65535:
+            raise ValueError("must be a TCP port from 1 to 65535 (0 picks a free port)")
+        return value
+
+    @field_validator("max_size", "max_client_conn")
+    @classmethod
+    def _check_count(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator(
+        "query_wait_timeout",
+        "idle_transaction_timeout",
+        "server_idle_timeout",
+        "server_lifetime",
+        "connect_timeout",
+        "client_login_timeout",
+        "shutdown_timeout",
+        "slow_query_seconds",
+    )
+    @classmethod
+    def _check_seconds(cls, value: float) -> float:
+        if not value >= 0 or value == float("inf"):
+            raise ValueError("must be a number of seconds, 0 or more (0 disables it)")
+        return value
+
+    @field_validator("max_message_size")
+    @classmethod
+    def _check_message_size(cls, value: int) -> int:
+        if not 1024 <= value <= PG_MAX_MESSAGE_SIZE:
+            raise ValueError(f"must be between 1024 and {PG_MAX_MESSAGE_SIZE} bytes (PostgreSQL's own limit)")
+        return value
+
+    @field_validator("sslrootcert", "auth_file", "tls_cert_file", "tls_key_file")
+    @classmethod
+    def _check_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> SidecarSettings:
+        if self.pooled_url is None and self.direct_url is None:
+            raise _FieldError(
+                "pooled_url",
+                "no upstream URL: set POOLKIT_POOLED_URL (or DATABASE_URL) to the database the sidecar "
+                "forwards to; `poolkit dev` starts a local stack and prints one",
+            )
+        dsn = self.upstream_dsn()
+        mode = dsn.query.get("sslmode", "require")
+        if mode in ("allow", "prefer"):
+            raise _FieldError(
+                self.upstream_field(),
+                f"has sslmode={mode}, which silently falls back to plain text; "
+                "use sslmode=require or verify-full",
+            )
+        if mode == "disable" and not dsn.is_loopback:
+            raise _FieldError(
+                self.upstream_field(),
+                f"asks for sslmode=disable on host {dsn.host!r}; plain text is only allowed to a loopback "
+                "host or Unix socket",
+            )
+        if (
+            mode in ("verify-ca", "verify-full")
+            and self.sslrootcert is None
+            and "sslrootcert" not in dsn.query
+        ):
+            raise _FieldError("sslrootcert", f"sslmode={mode} needs the CA file: set POOLKIT_SSLROOTCERT")
+        if self.effective_auth_type == "scram-sha-256" and not self.users and self.auth_file is None:
+            raise _FieldError(
+                "auth_type",
+                "is scram-sha-256 but no users are configured: set POOLKIT_SIDECAR_USERS "
+                '(JSON, e.g. {"app": "secret"}) or POOLKIT_SIDECAR_AUTH_FILE (PgBouncer userlist.txt)',
+            )
+        if self.effective_client_tls != "disable" and (
+            self.tls_cert_file is None or self.tls_key_file is None
+        ):
+            raise _FieldError(
+                "client_tls",
+                f"is {self.client_tls} but tls_cert_file and tls_key_file are not both set",
+            )
+        if self.effective_auth_type == "trust" and not _is_loopback_host(self.listen_host):
+            raise _FieldError(
+                "auth_type",
+                "trust only applies to loopback and Unix-socket clients, but "
+                f"listen_host={self.listen_host!r} accepts remote ones: configure users (scram-sha-256) "
+                "or listen on 127.0.0.1",
+            )
+        for name in self.users:
+            if not name or "\x00" in name:
+                raise _FieldError("users", "user names must be non-empty and contain no NUL")
+        return self
+
+    # ------------------------------------------------------------- derived values
+
+    @property
+    def effective_auth_type(self) -> Literal["scram-sha-256", "trust"]:
+        """``auto`` means scram-sha-256 when users are configured, else trust (loopback only)."""
+        if self.auth_type == "auto":
+            return "scram-sha-256" if (self.users or self.auth_file is not None) else "trust"
+        return self.auth_type
+
+    @property
+    def effective_client_tls(self) -> ClientTls:
+        if self.client_tls is not None:
+            return self.client_tls
+        return "allow" if self.tls_cert_file is not None and self.tls_key_file is not None else "disable"
+
+    def upstream_field(self) -> str:
+        use_direct = self.upstream == "direct" or (self.upstream == "auto" and self.pooled_url is None)
+        return "direct_url" if use_direct else "pooled_url"
+
+    @property
+    def route(self) -> Literal["pooled", "direct"]:
+        """Which configured URL the sidecar forwards to (a metric label)."""
+        return "direct" if self.upstream_field() == "direct_url" else "pooled"
+
+    def upstream_dsn(self) -> Dsn:
+        """The URL the sidecar forwards to: the pooled URL, else the direct one (``upstream`` can force)."""
+        field = self.upstream_field()
+        secret: SecretStr | None = getattr(self, field)
+        if secret is None:
+            raise _FieldError(field, f"upstream={self.upstream} but {field} is not set")
+        return Dsn.parse(secret.get_secret_value(), setting=_env_label(field))
+
+    @property
+    def effective_pool_name(self) -> str:
+        return self.pool_name or self.upstream_dsn().database
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name in ("pooled_url", "direct_url") and isinstance(value, SecretStr):
+                yield name, Dsn.parse(value.get_secret_value()).redacted()
+            else:
+                yield name, value
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _env_label(field: str) -> str:
+    if field == "pooled_url":
+        names: tuple[str, ...] = POOLED_URL_ENV
+    elif field == "direct_url":
+        names = DIRECT_URL_ENV
+    elif field == "sslrootcert":
+        names = (f"{ENV_PREFIX}SSLROOTCERT", "POOLKIT_SSLROOTCERT")
+    else:
+        names = (f"{ENV_PREFIX}{field.upper()}",)
+    for name in names:
+        if os.environ.get(name):
+            return f"{name} ({field})"
+    return f"{field} (env {names[0]})"
+
+
+def load_sidecar_settings(config_file: Path | str | None = None, **overrides: Any) -> SidecarSettings:
+    """Read settings from flags (``overrides``, ``None`` values ignored), env and ``config_file`` (TOML).
+
+    Raises :class:`ConfigError` naming each bad setting and how to fix it.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(overrides) - set(SidecarSettings.model_fields))
+    if unknown:
+        raise ConfigError(f"unknown sidecar setting {unknown[0]!r}")
+    cls: type[SidecarSettings] = SidecarSettings
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (--config / POOLKIT_SIDECAR_CONFIG)")
+        cls = type("SidecarSettingsFromFile", (SidecarSettings,), {"config_file": path})
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, overrides)) from None
+    except ConfigError as exc:
+        raise ConfigError(f"invalid sidecar settings: {exc}") from None
+
+
+def _explain(exc: ValidationError, overrides: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, _FieldError):
+            field, msg = inner.field, str(inner)
+        elif isinstance(inner, ConfigError):
+            lines.append(str(inner))
+            continue
+        else:
+            field = str(err["loc"][0]) if err["loc"] else "settings"
+            msg = err["msg"].removeprefix("Value error, ")
+        label = f"{field} (flag)" if field in overrides else _env_label(field)
+        lines.append(f"{label}: {msg}")
+    return "invalid sidecar settings: " + "; ".join(lines)

@@ -1,0 +1,369 @@
+"""The upstream pool: idle server connections, the FIFO of waiting clients, opening and closing servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SSLError
+from poolkit.log import get_logger
+from poolkit.sidecar.auth import upstream_tls
+from poolkit.sidecar.metrics import SidecarStats
+from poolkit.sidecar.pooling import connections_to_open, pool_exhausted_message, server_expired
+from poolkit.sidecar.protocol import IDLE
+from poolkit.sidecar.server import ServerConnection
+from poolkit.sqlnorm import normalize
+
+if TYPE_CHECKING:
+    from poolkit.sidecar.client import ClientConnection
+    from poolkit.sidecar.config import SidecarSettings
+
+log = get_logger("sidecar")
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, SSLError):
+        return "tls"
+    if isinstance(exc, AuthenticationFailed):
+        return "auth"
+    if isinstance(exc, ProtocolError):
+        return "protocol"
+    return "connect"
+
+
+class UpstreamPool:
+    """At most ``max_size`` server connections to one upstream URL, handed out per transaction.
+
+    Every method is synchronous and runs on the event loop: a free server goes to a client in the
+    same callback that freed it, without a task switch.
+    """
+
+    def __init__(self, settings: SidecarSettings, stats: SidecarStats | None = None) -> None:
+        self.stats = stats or SidecarStats()
+        self.idle: list[ServerConnection] = []  # LIFO: the warmest connection is reused first
+        self.servers: set[ServerConnection] = set()
+        self.clients: set[ClientConnection] = set()
+        self.waiters: deque[ClientConnection] = deque()
+        self.connecting = 0
+        self.generation = 0
+        self.draining = False
+        self.welcome: list[tuple[str, str]] | None = None
+        self.last_error: str | None = None
+        self._welcome_waiters: list[asyncio.Future[None]] = []
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self._next_ident = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.settings = settings
+        self.configure(settings)
+
+    def configure(self, settings: SidecarSettings) -> None:
+        """Apply (re)loaded settings. A new upstream URL retires the old connections as they free up."""
+        dsn = settings.upstream_dsn()
+        old = getattr(self, "dsn", None)
+        if old is not None and (
+            old.to_url() != dsn.to_url() or settings.sslrootcert != self.settings.sslrootcert
+        ):
+            self.generation += 1
+            self.welcome = None
+            for server in list(self.idle):
+                self._close_idle(server, "reload")
+        self.settings = settings
+        self.dsn = dsn
+        self.tls = upstream_tls(dsn, settings.sslrootcert)
+        self.name = settings.effective_pool_name
+        self.route = settings.route
+        self.max_size = settings.max_size
+        self.query_wait_timeout = settings.query_wait_timeout
+        self.slow_query_seconds = settings.slow_query_seconds
+        self.max_message_size = settings.max_message_size
+        self.reset_query = settings.server_reset_query.strip()
+        self.startup = {
+            "user": dsn.user,
+            "database": dsn.database,
+            "application_name": settings.application_name,
+        }
+        while len(self.servers) > self.max_size and self.idle:
+            self._close_idle(self.idle[0], "reload")
+
+    # ------------------------------------------------------------- counts (metrics, admin)
+
+    def client_counts(self) -> dict[str, int]:
+        active = sum(1 for c in self.clients if c.server is not None)
+        waiting = len(self.waiters)
+        return {"active": active, "waiting": waiting, "idle": max(0, len(self.clients) - active - waiting)}
+
+    def server_counts(self) -> dict[str, int]:
+        idle = len(self.idle)
+        return {
+            "active": len(self.servers) - idle - self.connecting,
+            "idle": idle,
+            "connecting": self.connecting,
+        }
+
+    # ------------------------------------------------------------- hand-out and give-back
+
+    def acquire(self, client: ClientConnection, now: float) -> ServerConnection | None:
+        """A server for ``client`` now, or ``None`` after queueing it (it is attached when one frees up)."""
+        idle = self.idle
+        while idle:
+            server = idle.pop()
+            if server.state == "idle":
+                server.state = "active"
+                return server
+        self.waiters.append(client)
+        client.wait_started = now
+        if self._wait_timer is None and self.query_wait_timeout > 0:
+            self._arm_wait_timer(now)
+        self._fill()
+        return None
+
+    def release(self, server: ServerConnection, now: float) -> None:
+        """``server`` finished a transaction: give it to the next waiting client or put it back."""
+        server.client = None
+        if server.state == "closed":
+            return
+        if (
+            server.generation != self.generation
+            or len(self.servers) > self.max_size
+            or server.scanner.status != IDLE
+            or server.transport is None
+            or server.transport.is_closing()
+            or (
+                self.settings.server_lifetime > 0 and now - server.created_at >= self.settings.server_lifetime
+            )
+        ):
+            server.state = "closed"
+            self.servers.discard(server)
+            server.close("lifetime" if server.generation == self.generation else "reload")
+            self._fill()
+            return
+        waiters = self.waiters
+        while waiters:
+            client = waiters.popleft()
+            if not client.closed:
+                server.state = "active"
+                client.attach(server, now)
+                return
+        server.state = "idle"
+        server.idle_since = now
+        self.idle.append(server)
+
+    def forget_waiter(self, client: ClientConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(client)
+
+    # ------------------------------------------------------------- losing servers
+
+    def server_lost(self, server: ServerConnection, exc: BaseException | None) -> None:
+        """The transport closed (upstream restart, pg_terminate_backend, network)."""
+        if server.state == "connecting":
+            return  # the connect coroutine reports it
+        was_closed = server.state == "closed"
+        server.state = "closed"
+        self.servers.discard(server)
+        if server in self.idle:
+            self.idle.remove(server)
+        client = server.client
+        server.client = None
+        if client is not None:
+            if not was_closed:
+                self.stats.upstream_errors["terminated"] += 1
+            detail = f": {exc}" if exc else ""
+            client.server_lost(f"the server connection of pool {self.name!r} was lost{detail}")
+        elif not was_closed and not server.close_reason:
+            self.stats.upstream_errors["terminated"] += 1
+            log.info("server_closed", pool=self.name, server=server.describe(), reason="closed by upstream")
+        self._fill()
+
+    def server_broken(self, server: ServerConnection, message: str) -> None:
+        """The upstream sent something the codec rejects: drop that connection (and its client)."""
+        log.warning("server_protocol_error", pool=self.name, server=server.describe(), error=message)
+        server.abort("protocol")
+
+    def _close_idle(self, server: ServerConnection, reason: str) -> None:
+        if server in self.idle:
+            self.idle.remove(server)
+        server.state = "closed"
+        self.servers.discard(server)
+        server.close(reason)
+
+    def close_expired(self, now: float) -> int:
+        """Close idle servers past server_idle_timeout or server_lifetime; return how many."""
+        closed = 0
+        for server in list(self.idle):
+            reason = server_expired(
+                now=now,
+                created_at=server.created_at,
+                idle_since=server.idle_since,
+                idle_timeout=self.settings.server_idle_timeout,
+                lifetime=self.settings.server_lifetime,
+            )
+            if reason is not None:
+                self._close_idle(server, reason)
+                closed += 1
+        return closed
+
+    def close_all(self, reason: str) -> None:
+        for server in list(self.servers):
+            server.state = "closed"
+            server.close(reason)
+        self.servers.clear()
+        self.idle.clear()
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+        for task in list(self._tasks):
+            task.cancel()
+
+    # ------------------------------------------------------------- waiting clients
+
+    def _arm_wait_timer(self, now: float) -> None:
+        # One timer for the whole FIFO, armed for its head: far cheaper than a timer per wait.
+        if not self.waiters:
+            return
+        head = self.waiters[0].wait_started
+        delay = max(0.0, head + self.query_wait_timeout - now)
+        self._wait_timer = asyncio.get_running_loop().call_later(delay, self._on_wait_timer)
+
+    def _on_wait_timer(self) -> None:
+        self._wait_timer = None
+        now = time.monotonic()
+        timeout = self.query_wait_timeout
+        waiters = self.waiters
+        while waiters and (timeout <= 0 or now - waiters[0].wait_started >= timeout - 0.001):
+            client = waiters.popleft()
+            if client.closed:
+                continue
+            if timeout <= 0:
+                waiters.appendleft(client)
+                break
+            self.stats.query_wait_timeouts += 1
+            waited = now - client.wait_started
+            text = pool_exhausted_message(
+                pool=self.name, max_size=self.max_size, waited=waited, waiting=len(waiters)
+            )
+            log.warning(
+                "pool_exhausted",
+                pool=self.name,
+                max_size=self.max_size,
+                waited=round(waited, 3),
+                waiting=len(waiters),
+                client=client.describe(),
+            )
+            client.wait_timed_out(text)
+        if waiters and timeout > 0:
+            self._arm_wait_timer(now)
+
+    # ------------------------------------------------------------- opening servers
+
+    def _fill(self) -> None:
+        if self.draining and not self.waiters:
+            return
+        count = connections_to_open(
+            waiting=len(self.waiters),
+            connecting=self.connecting,
+            total=len(self.servers),
+            max_size=self.max_size,
+        )
+        for _ in range(count):
+            self._spawn(self._open_one())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open_one(self) -> None:
+        self._next_ident += 1
+        server = ServerConnection(self, self._next_ident, self.generation)
+        self.servers.add(server)
+        self.connecting += 1
+        began = time.monotonic()
+        try:
+            timeout = self.settings.connect_timeout or None
+            async with asyncio.timeout(timeout):
+                await server.connect(self.dsn, self.tls, self.startup)
+        except (Exception, asyncio.CancelledError) as exc:
+            self.connecting -= 1
+            self.servers.discard(server)
+            server.state = "closed"
+            server.abort("connect failed")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self._connect_failed(exc, time.monotonic() - began)
+            return
+        self.connecting -= 1
+        self.last_error = None
+        if (
+            server.state == "connecting"
+            and server.transport is not None
+            and not server.transport.is_closing()
+        ):
+            server.state = "active"
+            if self.welcome is None:
+                self.welcome = list(server.reported)
+            self._wake_welcome(None)
+            self.release(server, time.monotonic())
+        else:
+            self.servers.discard(server)
+            self._fill()
+
+    def _connect_failed(self, exc: BaseException, elapsed: float) -> None:
+        if isinstance(exc, TimeoutError) and not isinstance(exc, ConnectError):
+            message = (
+                f"connecting to the upstream {self.dsn.redacted()} took more than connect_timeout="
+                f"{self.settings.connect_timeout:g}s"
+            )
+        else:
+            message = str(exc)
+        kind = _error_kind(exc)
+        self.stats.upstream_errors[kind] += 1
+        self.last_error = message
+        log.warning(
+            "upstream_connect_failed", pool=self.name, kind=kind, error=message, seconds=round(elapsed, 3)
+        )
+        error = ConnectError(message, reason=kind)
+        self._wake_welcome(error)
+        # With no live server, nobody would serve the waiting clients: tell them now instead of
+        # letting them sit until query_wait_timeout.
+        if not self.servers:
+            while self.waiters:
+                client = self.waiters.popleft()
+                if not client.closed:
+                    client.upstream_failed(message)
+
+    # ------------------------------------------------------------- welcome parameters
+
+    async def ensure_welcome(self) -> list[tuple[str, str]]:
+        """The ParameterStatus list new clients get; connects a first server if none has logged in."""
+        while self.welcome is None:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._welcome_waiters.append(future)
+            if not self.servers:
+                self._spawn(self._open_one())
+            await future
+        return self.welcome
+
+    def _wake_welcome(self, error: BaseException | None) -> None:
+        waiters, self._welcome_waiters = self._welcome_waiters, []
+        for future in waiters:
+            if not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+    # ------------------------------------------------------------- logging
+
+    def slow_query(self, client: ClientConnection, elapsed: float) -> None:
+        self.stats.slow_queries += 1
+        log.warning(
+            "slow_query",
+            pool=self.name,
+            seconds=round(elapsed, 3),
+            sql=normalize(client.scanner.last_sql()),
+            client=client.describe(),
+        )

@@ -1,0 +1,154 @@
+"""Pure pooling decisions: release or keep, reset or close, how many to open, which settings to sync."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from enum import Enum
+from typing import Final
+
+from poolkit.sidecar.protocol import IDLE
+
+
+def should_release(*, status: int, pending: int, unsynced: bool, client_at_boundary: bool) -> bool:
+    """After a ReadyForQuery: give the server connection back to the pool?
+
+    As in PgBouncer's transaction mode, ReadyForQuery's status decides: ``I`` releases, ``T``/``E``
+    keep the server for the client. A pipelining client may still be owed ReadyForQuery answers
+    (``pending``), may have sent part of an extended batch without Sync (``unsynced``) or part of a
+    message (not at a boundary): all of those keep the server too, or its answers would go to the
+    wrong client.
+    """
+    return status == IDLE and pending <= 0 and not unsynced and client_at_boundary
+
+
+class ClientGone(Enum):
+    """What to do with a server connection whose client disconnected while holding it."""
+
+    RELEASE = "release"  # idle, nothing owed: give it back as is
+    ROLLBACK = "rollback"  # in a transaction but quiet: ROLLBACK (+ reset query), then give it back
+    CLOSE = "close"  # mid-message or mid-query: its state is unknown, close it
+
+
+def on_client_gone(
+    *, status: int, pending: int, unsynced: bool, client_at_boundary: bool, server_at_boundary: bool
+) -> ClientGone:
+    """Decide how to clean up after a client that disconnected while holding a server.
+
+    A query still running (``pending``) or a half-forwarded message means the server's state is
+    unknown: closing is the only safe answer (PostgreSQL then aborts the transaction itself).
+    An extended batch without Sync is closed too: sending the Sync it lacks would *commit* its
+    implicit transaction. A quiet transaction is rolled back and the connection kept warm.
+    """
+    if pending > 0 or unsynced or not client_at_boundary or not server_at_boundary:
+        return ClientGone.CLOSE
+    if status != IDLE:
+        return ClientGone.ROLLBACK
+    return ClientGone.RELEASE
+
+
+def connections_to_open(*, waiting: int, connecting: int, total: int, max_size: int) -> int:
+    """How many new server connections to start now.
+
+    ``total`` counts every server connection including those still connecting. Each connection
+    being opened will serve one waiting client, so only the shortfall is opened, capped by the room
+    left under ``max_size``.
+    """
+    return max(0, min(waiting - connecting, max_size - total))
+
+
+def server_expired(
+    *, now: float, created_at: float, idle_since: float, idle_timeout: float, lifetime: float
+) -> str | None:
+    """Why an *idle* server connection should be closed now (``"lifetime"``/``"idle"``), or ``None``.
+
+    A timeout of 0 disables that check.
+    """
+    if lifetime > 0 and now - created_at >= lifetime:
+        return "lifetime"
+    if idle_timeout > 0 and now - idle_since >= idle_timeout:
+        return "idle"
+    return None
+
+
+def pool_exhausted_message(*, pool: str, max_size: int, waited: float, waiting: int) -> str:
+    """The ErrorResponse text a client gets when no server connection freed up in time."""
+    return (
+        f'pool "{pool}" is exhausted: all {max_size} server connections stayed busy for {waited:.1f}s '
+        f"(query_wait_timeout); {waiting} other clients are waiting"
+    )
+
+
+POOL_EXHAUSTED_HINT: Final = (
+    "Raise max_size (the upstream must allow it), shorten transactions, or raise query_wait_timeout."
+)
+
+# ---------------------------------------------------------------- session parameters
+
+# Startup parameters that are not session settings and are never synced.
+NOT_SETTINGS: Final = frozenset({"user", "database", "replication", "options"})
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,62}$")
+
+
+def valid_setting_name(name: str) -> bool:
+    """Is ``name`` usable as a GUC name in a generated ``SET`` (letters, digits, ``_``, ``.``)?"""
+    return bool(_SETTING_NAME.match(name))
+
+
+def _canonical(name: str, value: str) -> str:
+    text = value.strip().casefold().replace(" ", "")
+    if name == "client_encoding":
+        text = text.replace("-", "").replace("_", "")
+        return "utf8" if text == "unicode" else text
+    return text
+
+
+def same_setting(name: str, a: str | None, b: str | None) -> bool:
+    """Do two spellings of setting ``name`` mean the same (``utf-8`` = ``UTF8``, ``ISO, MDY`` = ``iso,mdy``)?
+
+    Comparing spellings avoids a ``SET`` round trip per transaction for a client that asked for
+    ``utf8`` while the server reports ``UTF8``.
+    """
+    if a is None or b is None:
+        return a is b
+    return a == b or _canonical(name, a) == _canonical(name, b)
+
+
+def parameter_changes(
+    wanted: Mapping[str, str], current: Mapping[str, str], defaults: Mapping[str, str]
+) -> list[tuple[str, str | None]]:
+    """What to ``SET`` (value) or ``RESET`` (``None``) so a server session matches what a client expects.
+
+    ``wanted`` is the client's view (its startup parameters, updated by ParameterStatus while it held
+    a server), ``current`` what the server session has now, ``defaults`` what it had at login. A
+    setting a previous client changed and this one never asked for goes back to its default, so
+    one client's ``SET TimeZone`` does not leak into the next client's transactions. Keys are
+    lower-case setting names.
+    """
+    changes: list[tuple[str, str | None]] = []
+    for name, value in wanted.items():
+        if not same_setting(name, current.get(name), value):
+            changes.append((name, value))
+    for name, value in current.items():
+        if name not in wanted and name in defaults and not same_setting(name, value, defaults[name]):
+            changes.append((name, None))
+    return changes
+
+
+def quote_literal(value: str) -> str:
+    """A SQL string literal (standard_conforming_strings style; NUL is not representable)."""
+    if "\x00" in value:
+        raise ValueError("a setting value cannot contain a NUL character")
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def set_statements(changes: list[tuple[str, str | None]]) -> str:
+    """One simple-query string applying ``changes`` (names already validated)."""
+    parts = []
+    for name, value in changes:
+        if not valid_setting_name(name):
+            raise ValueError(f"invalid setting name {name!r}")
+        parts.append(f"RESET {name}" if value is None else f"SET {name} TO {quote_literal(value)}")
+    return "; ".join(parts)

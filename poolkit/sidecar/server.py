@@ -1,0 +1,299 @@
+"""One upstream server connection: TLS + login handshake, internal queries, and the relay's server side."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from poolkit.dsn import Dsn
+from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SSLError
+from poolkit.sidecar import protocol
+from poolkit.sidecar.auth import UpstreamAuth, UpstreamTls
+from poolkit.sidecar.pooling import should_release
+from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader
+
+if TYPE_CHECKING:
+    from poolkit.sidecar.client import ClientConnection
+    from poolkit.sidecar.pool import UpstreamPool
+
+# Parameters PostgreSQL reports with ParameterStatus that a client may change and expects to keep
+# across transactions (PgBouncer's "varcache" set).
+TRACKED_PARAMETERS = frozenset(
+    {
+        "client_encoding",
+        "datestyle",
+        "timezone",
+        "intervalstyle",
+        "standard_conforming_strings",
+        "application_name",
+    }
+)
+
+
+class ServerConnection(asyncio.Protocol):
+    """An upstream connection. ``client`` is the client it serves now (``None`` while idle).
+
+    Handshake and internal queries (``SET`` sync, ``ROLLBACK``) read whole messages; once ``relay``
+    is on, received chunks are scanned for ReadyForQuery and written to the client unchanged.
+    ``prepared`` is where a per-server prepared-statement cache will live (a later issue).
+    """
+
+    def __init__(self, pool: UpstreamPool, ident: int, generation: int) -> None:
+        self.pool = pool
+        self.ident = ident
+        self.generation = generation
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientConnection | None = None
+        self.relay = False
+        self.state = "connecting"  # connecting | idle | active | closed
+        self.scanner = BackendScanner(pool.max_message_size)
+        self.backend_pid = 0
+        self.backend_key = 0
+        self.reported: list[tuple[str, str]] = []  # ParameterStatus at login, original spelling
+        self.defaults: dict[str, str] = {}  # lower-case name -> value at login
+        self.current: dict[str, str] = {}  # lower-case name -> value now
+        self.prepared: dict[bytes, bytes] = {}
+        now = time.monotonic()
+        self.created_at = now
+        self.idle_since = now
+        self.assigned_at = now
+        self.query_started = now
+        self.last_ready = now
+        self.close_reason = ""
+        self.write_paused = False
+        self.peer = ""
+        self._reader = MessageReader(side="server", max_message_size=protocol.MAX_INSPECTED_SIZE)
+        self._inbox: deque[tuple[bytes, bytes]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ssl_byte: asyncio.Future[bytes] | None = None
+        self._lost: BaseException | None = None
+        self._lost_flag = False
+
+    # ------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.relay:
+            self._handshake_data(data)
+            return
+        client = self.client
+        try:
+            ready = self.scanner.feed(data)
+        except ProtocolError as exc:
+            self.pool.stats.upstream_errors["protocol"] += 1
+            self.pool.server_broken(self, f"upstream protocol error: {exc}")
+            return
+        if self.scanner.parameters is not None:
+            self._parameters_changed(client)
+        if client is None:
+            return  # an idle server's notice or notification: nobody to tell
+        client.transport.write(data)
+        stats = self.pool.stats
+        stats.sent_bytes += len(data)
+        if ready:
+            now = time.monotonic()
+            elapsed = now - self.query_started
+            self.query_started = now
+            self.last_ready = now
+            stats.queries += ready
+            stats.query_duration.observe(elapsed)
+            stats.query_time_total += elapsed
+            if elapsed >= self.pool.slow_query_seconds > 0:
+                self.pool.slow_query(client, elapsed)
+            client.pending -= ready
+            cscan = client.scanner
+            if should_release(
+                status=self.scanner.status,
+                pending=client.pending,
+                unsynced=cscan.unsynced,
+                client_at_boundary=cscan.at_boundary,
+            ):
+                client.release_server(now)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost_flag = True
+        self._lost = exc
+        self._wake()
+        if self._ssl_byte is not None and not self._ssl_byte.done():
+            self._ssl_byte.set_exception(ConnectError("the upstream closed the connection during TLS setup"))
+        self.pool.server_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        client = self.client
+        if client is not None and self.relay:
+            client.pause_input()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        client = self.client
+        if client is not None:
+            client.resume_input()
+
+    # ------------------------------------------------------------- relay helpers
+
+    def _parameters_changed(self, client: ClientConnection | None) -> None:
+        params = self.scanner.parameters or []
+        self.scanner.parameters = None
+        for name, value in params:
+            key = name.lower()
+            self.current[key] = value
+            if client is not None and key in TRACKED_PARAMETERS:
+                # The client changed it itself (SET): it expects it in its next transactions too.
+                client.wanted[key] = value
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def close(self, reason: str) -> None:
+        """Close the connection politely (Terminate) and remember why."""
+        if not self.close_reason:
+            self.close_reason = reason
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if self.relay and self.scanner.at_boundary:
+                transport.write(protocol.terminate())
+            transport.close()
+
+    def abort(self, reason: str) -> None:
+        if not self.close_reason:
+            self.close_reason = reason
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------- handshake / internal queries
+
+    def _handshake_data(self, data: bytes) -> None:
+        if self._ssl_byte is not None and not self._ssl_byte.done():
+            self._ssl_byte.set_result(data[:1])
+            data = data[1:]
+            if not data:
+                return
+        try:
+            self._inbox.extend(self._reader.feed(data))
+        except ProtocolError as exc:
+            self._lost = exc
+            self._lost_flag = True
+            if self.transport is not None:
+                self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _next_message(self) -> tuple[bytes, bytes]:
+        while not self._inbox:
+            if self._lost_flag:
+                if isinstance(self._lost, ProtocolError):
+                    raise self._lost
+                raise ConnectionResetError("the upstream closed the connection")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._inbox.popleft()
+
+    async def connect(self, dsn: Dsn, tls: UpstreamTls, startup: dict[str, str]) -> None:
+        """Open the socket, negotiate TLS as ``tls`` says, log in, and switch to relay mode."""
+        loop = asyncio.get_running_loop()
+        try:
+            if dsn.is_unix_socket:
+                await loop.create_unix_connection(lambda: self, f"{dsn.host}/.s.PGSQL.{dsn.port}")
+            else:
+                await loop.create_connection(lambda: self, dsn.host, dsn.port)
+        except OSError as exc:
+            raise ConnectError(
+                f"cannot reach the upstream {dsn.redacted()}: {exc.strerror or exc}", reason="connect"
+            ) from None
+        assert self.transport is not None
+        if tls.context is not None:
+            self._ssl_byte = loop.create_future()
+            self.transport.write(protocol.ssl_request())
+            answer = await self._ssl_byte
+            if answer != b"S":
+                raise SSLError(
+                    f"the upstream {dsn.redacted()} does not accept TLS but sslmode={tls.mode}: "
+                    "enable ssl on the server or use sslmode=disable for a loopback upstream",
+                    reason="tls",
+                )
+            try:
+                new_transport = await loop.start_tls(
+                    self.transport, self, tls.context, server_hostname=tls.server_hostname
+                )
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise SSLError(f"TLS to the upstream {dsn.redacted()} failed: {exc}", reason="tls") from None
+            if new_transport is None:
+                raise SSLError("TLS to the upstream failed: connection closed", reason="tls")
+            self.transport = new_transport
+            self.peer = "tls"
+        self.transport.write(protocol.startup_message(startup))
+        auth = UpstreamAuth(dsn.user, dsn.password)
+        while True:
+            kind, body = await self._next_message()
+            if kind == b"R":
+                code, data = protocol.parse_auth_request(body)
+                reply = auth.respond(code, data)
+                if reply is not None:
+                    self.transport.write(reply)
+            elif kind == b"S":
+                name, value = protocol.parse_parameter_status(body)
+                self.reported.append((name, value))
+                self.defaults[name.lower()] = value
+            elif kind == b"K":
+                self.backend_pid, self.backend_key = protocol.parse_backend_key_data(body)
+            elif kind == b"Z":
+                break
+            elif kind == b"E":
+                fields = protocol.parse_error_fields(body)
+                reason = fields.get("M", "unknown error")
+                text = f"the upstream refused the login: {reason} (SQLSTATE {fields.get('C')})"
+                if fields.get("C", "").startswith("28"):
+                    raise AuthenticationFailed(text, reason="auth")
+                raise ConnectError(text, reason="refused")
+            # NoticeResponse, NegotiateProtocolVersion: nothing to do
+        self.current = dict(self.defaults)
+        for name, value in startup.items():
+            self.current.setdefault(name.lower(), value)
+            self.defaults.setdefault(name.lower(), value)
+        self._reader = MessageReader(side="server", max_message_size=protocol.MAX_INSPECTED_SIZE)
+        self.relay = True
+
+    async def run_internal(self, sql: str) -> dict[str, str] | None:
+        """Run ``sql`` as a simple query the client never sees; return the first error's fields, if any.
+
+        ParameterStatus changes are recorded in ``current``. The server must be at ReadyForQuery.
+        """
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the upstream connection is closed")
+        self.relay = False
+        self.transport.write(protocol.query(sql))
+        error: dict[str, str] | None = None
+        while True:
+            kind, body = await self._next_message()
+            if kind == b"E" and error is None:
+                error = protocol.parse_error_fields(body)
+            elif kind == b"S":
+                name, value = protocol.parse_parameter_status(body)
+                self.current[name.lower()] = value
+            elif kind == b"Z":
+                self.scanner.status = body[0] if body else IDLE
+                break
+        # Anything after ReadyForQuery is an asynchronous notice for nobody.
+        self._inbox.clear()
+        rest = self._reader.take_rest()
+        if rest:
+            self.scanner.feed(rest)  # keep the header walk in step with the byte stream
+        self.relay = True
+        return error
+
+    def describe(self) -> str:
+        return f"server #{self.ident} (backend pid {self.backend_pid})"

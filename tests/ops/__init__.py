@@ -1,0 +1,1 @@
+"""Ops files (grafana/, deploy/, Dockerfile) checked with the real tools, and the Prometheus harness."""
