@@ -472,8 +472,9 @@ class Pool:
             if binding.loop.is_closed() or binding.closed:
                 # The loop died without asyncio.run()'s clean-up: its transports cannot be closed through it,
                 # so close the sockets themselves; the server sees EOF and ends the backends.
-                for fd in binding.sockets() if not binding.closed else []:
-                    _close_fd(fd)
+                if not binding.closed:
+                    for fd in binding.sockets():
+                        _neutralise_fd(fd)
                 del self._bindings[key]
 
     def _forget_after_fork(self) -> None:

@@ -222,11 +222,13 @@ class SyncPool:
                 self.waiting += 1
             try:
                 got = self._sem.acquire(timeout=limit)
+                # Built before the finally: like the async pool, `waiting` still counts this caller.
+                timed_out = None if got else self._timeout_error(limit)
             finally:
                 with self._lock:
                     self.waiting -= 1
-            if not got:
-                error = self._timeout_error(limit)
+            if timed_out is not None:
+                error = timed_out
                 self.observer.exhausted(
                     error,
                     in_use=self.in_use,
