@@ -568,11 +568,34 @@ def _stop_all_at_exit() -> None:
 
 
 def _forget_after_fork() -> None:
-    # A forked child must never stop its parent's servers from its own atexit.
+    # A forked child must never stop its parent's servers (or remove its templates) at exit.
     _LIVE.clear()
+    _TEMPLATES.clear()
 
 
-atexit.register(_stop_all_at_exit)
+# One initdb per process and server binaries, copied for each stack: initdb is most of
+# the start time, a copy of its output is ~10x faster and gives the same cluster.
+_TEMPLATE_PREFIX = "poolkit-initdb-"
+_TEMPLATES: dict[tuple[str, int | None], pathlib.Path] = {}
+_TEMPLATE_LOCK = threading.Lock()
+
+
+def _remove_templates() -> None:
+    for template in _TEMPLATES.values():
+        shutil.rmtree(template.parent, ignore_errors=True)
+    _TEMPLATES.clear()
+
+
+def _remove_stale_templates() -> None:
+    """Templates of processes that died without atexit (SIGKILL) are plain files; drop them."""
+    for holder in pathlib.Path(tempfile.gettempdir()).glob(f"{_TEMPLATE_PREFIX}*-*"):
+        pid = holder.name.removeprefix(_TEMPLATE_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(holder, ignore_errors=True)
+
+
+atexit.register(_remove_templates)
+atexit.register(_stop_all_at_exit)  # runs first (atexit is last-in, first-out)
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
@@ -736,9 +759,9 @@ class DevStack:
             port = self.pgbouncer_port
         else:
             raise ConfigError(f"via={via!r}: use 'direct' or 'pgbouncer'")
-        return self._build_url(
-            port, user=user, password=password, database=database, sslmode=sslmode, params=params
-        )
+        if not port:
+            raise DevStackError("the DevStack has no ports yet: call start() before asking for URLs")
+        return self._build_url(port, user=user, password=password, database=database, sslmode=sslmode, params=params)
 
     @property
     def direct_url(self) -> str:
@@ -756,9 +779,13 @@ class DevStack:
         return self.url(via="direct", user=self.superuser)
 
     def env(self) -> dict[str, str]:
-        """The environment poolkit reads: pooled URL, direct URL and the CA file."""
+        """The environment poolkit reads: pooled URL, direct URL and the CA file.
+
+        The pooled URL carries ``pgbouncer=true`` (as Prisma's do): PgBouncer listens on a free port here,
+        not on Supabase's 6543, and the marker is how poolkit knows it is a transaction pooler.
+        """
         return {
-            "POOLKIT_POOLED_URL": self.pooled_url,
+            "POOLKIT_POOLED_URL": self.url(via="pgbouncer", pgbouncer="true"),
             "POOLKIT_DIRECT_URL": self.direct_url,
             "POOLKIT_SSLROOTCERT": str(self.ca_file),
         }
@@ -787,6 +814,11 @@ class DevStack:
             find_pg_binary("psql", self._pg_bindir_arg)
             self._run_as = _RunAs(switch=os.geteuid() == 0)
             self.ipv6 = _has_ipv6_loopback()
+            # Busy fixed ports fail here, before any directory or process exists.
+            if self._fixed_pg_port:
+                _check_port_free(self._fixed_pg_port, "pg_port", ipv6=self.ipv6)
+            if self._fixed_bouncer_port:
+                _check_port_free(self._fixed_bouncer_port, "pgbouncer_port", ipv6=False)
             self._make_dir()
             self._state = "starting"
             with _LIVE_LOCK:
@@ -897,9 +929,7 @@ class DevStack:
         try:
             import trustme  # noqa: PLC0415 - a dev-only dependency, needed only when a stack starts
         except ImportError:
-            raise DevStackError(
-                "the dev stack needs trustme for its certificates: `pip install trustme`"
-            ) from None
+            raise DevStackError("the dev stack needs trustme for its certificates: `pip install trustme`") from None
 
         self.tls_dir.mkdir(mode=0o755)
         ca = trustme.CA(organization_name="poolkit devstack")
@@ -944,11 +974,37 @@ class DevStack:
         return str(self.pg_bindir / name)
 
     def _initdb(self) -> None:
+        """Copy this process's initdb output (made once, ~1 s) into the data dir (~0.1 s)."""
+        template = self._initdb_template()
+        self._server_run(
+            ["cp", "-a", "--reflink=auto", str(template), str(self.data_dir)], "copying the initdb template"
+        )
+        self._configure_cluster()
+
+    def _initdb_template(self) -> pathlib.Path:
+        key = (str(self.pg_bindir), self._run_as.uid)
+        with _TEMPLATE_LOCK:
+            template = _TEMPLATES.get(key)
+            if template is not None and (template / "PG_VERSION").is_file():
+                return template
+            _remove_stale_templates()
+            holder = pathlib.Path(tempfile.mkdtemp(prefix=f"{_TEMPLATE_PREFIX}{os.getpid()}-"))
+            self._run_as.chown(holder)
+            template = holder / "data"
+            try:
+                self._run_initdb(template)
+            except BaseException:
+                shutil.rmtree(holder, ignore_errors=True)
+                raise
+            _TEMPLATES[key] = template
+            return template
+
+    def _run_initdb(self, data_dir: pathlib.Path) -> None:
         self._server_run(
             [
                 self._bin("initdb"),
                 "--pgdata",
-                str(self.data_dir),
+                str(data_dir),
                 "--username",
                 self.superuser,
                 "--auth",
@@ -957,9 +1013,12 @@ class DevStack:
                 "UTF8",
                 "--no-locale",
                 "--no-sync",
+                "--wal-segsize=1",  # 1 MB WAL segments: a 16 MB smaller template to copy
             ],
             "initdb",
         )
+
+    def _configure_cluster(self) -> None:
         hba = self.data_dir / "pg_hba.conf"
         lines = [
             "# poolkit devstack: Unix socket = admin (trust); TCP only over TLS with SCRAM.",
@@ -1009,8 +1068,6 @@ class DevStack:
         self._server_run([*argv, *extra, action], f"pg_ctl {action}", timeout=_READY_TIMEOUT + 30)
 
     def _start_postgres_first(self) -> None:
-        if self._fixed_pg_port:
-            _check_port_free(self._fixed_pg_port, "pg_port", ipv6=self.ipv6)
         attempts = 1 if self._fixed_pg_port else 5
         for attempt in range(attempts):
             if not self._fixed_pg_port:
@@ -1152,18 +1209,20 @@ class DevStack:
                 return
             self._state = "stopping"
             errors: list[str] = []
-            for bouncer in list(self._bouncers):
-                try:
-                    bouncer.stop()
-                except Exception as exc:
-                    errors.append(f"pgbouncer {bouncer.name}: {exc}")
-            self._stop_postmaster(errors)
-            if not self.keep:
-                self._remove_dir()
-            self._release_watchdog()
-            self._state = "stopped"
-            with _LIVE_LOCK:
-                _LIVE.discard(self)
+            try:
+                for bouncer in list(self._bouncers):
+                    try:
+                        bouncer.stop()
+                    except Exception as exc:
+                        errors.append(f"pgbouncer {bouncer.name}: {exc}")
+                self._stop_postmaster(errors)
+                if not self.keep:
+                    self._remove_dir()
+            finally:
+                self._release_watchdog()
+                self._state = "stopped"
+                with _LIVE_LOCK:
+                    _LIVE.discard(self)
             if errors:
                 raise DevStackError("DevStack stopped with errors: " + "; ".join(errors))
 

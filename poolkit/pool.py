@@ -650,13 +650,6 @@ class _Acquire:
             await binding.release(conn, exc)
 
 
-def _close_fd(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
 def _neutralise_fd(fd: int) -> None:
     # Point the child's copy of the descriptor at /dev/null: whatever the child's copies of the driver
     # objects write later (libpq's Terminate, a TLS close_notify) cannot reach the parent's session.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -80,7 +81,7 @@ class Settings(BaseSettings):
     @field_validator("idle_timeout", "connect_timeout", "acquire_timeout", "max_lifetime", "slow_query_seconds")
     @classmethod
     def _check_positive(cls, value: float) -> float:
-        if not value > 0 or value != value or value == float("inf"):
+        if not math.isfinite(value) or value <= 0:
             raise ValueError("must be a number of seconds greater than 0")
         return value
 
@@ -155,9 +156,7 @@ class Settings(BaseSettings):
 
     def key(self) -> tuple[Any, ...]:
         """What identifies a pool: two Settings with the same key can share one."""
-        return tuple(
-            v.get_secret_value() if isinstance(v, SecretStr) else v for v in self.model_dump().values()
-        )
+        return tuple(v.get_secret_value() if isinstance(v, SecretStr) else v for v in self.model_dump().values())
 
     def __repr_args__(self) -> Any:
         # SecretStr already hides the URLs; show the host so a repr is still useful for debugging.
@@ -196,9 +195,7 @@ def load_settings(**overrides: Any) -> Settings:
     """Read the settings from the environment, with keyword overrides; raise ConfigError naming what is wrong."""
     unknown = sorted(set(overrides) - set(Settings.model_fields))
     if unknown:
-        raise ConfigError(
-            f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(Settings.model_fields))}"
-        )
+        raise ConfigError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(Settings.model_fields))}")
     for field in ("pooled_url", "direct_url"):
         value = overrides.get(field)
         if value is not None:

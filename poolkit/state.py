@@ -28,7 +28,7 @@ def get_state() -> ProcessState:
     module = sys.modules.get(_KEY)
     if module is None:
         module = types.ModuleType(_KEY, "poolkit's process-wide state (not reloadable on purpose)")
-        module.state = ProcessState()  # type: ignore[attr-defined]
+        module.state = ProcessState()
         sys.modules[_KEY] = module
     state: ProcessState = module.state  # type: ignore[attr-defined]
     return state

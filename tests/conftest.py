@@ -70,7 +70,7 @@ def pooled_url(stack: DevStack) -> str:
 
 def backend_pids(stack: DevStack, application_name: str) -> set[int]:
     """PIDs of the server backends a given application_name holds, as pg_stat_activity shows them."""
-    import psycopg  # noqa: PLC0415
+    import psycopg
 
     with psycopg.connect(stack.superuser_url, autocommit=True) as conn:
         rows = conn.execute(

@@ -59,11 +59,26 @@ DSN = Dsn.parse("postgresql://app:hunter2@db.example.com:5432/postgres")
         (TimeoutError(), ConnectTimeout, "timeout", "connect_timeout=10s"),
         (socket.gaierror(-2, "Name or service not known"), None, "dns", "DNS"),
         (_Err("sorry, too many clients already", "53300"), None, "too_many_connections", "53300"),
-        (_Err('password authentication failed for user "app"', "28P01"), AuthenticationFailed, "auth", "password"),
-        (_Err('no pg_hba.conf entry for host "1.2.3.4", no encryption', "28000"), SSLError, "ssl_required", "TLS"),
+        (
+            _Err('password authentication failed for user "app"', "28P01"),
+            AuthenticationFailed,
+            "auth",
+            "password",
+        ),
+        (
+            _Err('no pg_hba.conf entry for host "1.2.3.4", no encryption', "28000"),
+            SSLError,
+            "ssl_required",
+            "TLS",
+        ),
         (ConnectionError("rejected SSL upgrade"), SSLError, "ssl_unavailable", "does not offer TLS"),
         (OSError(errno.ENETUNREACH, "Network is unreachable"), None, "unreachable", "IPv6"),
-        (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), None, "refused", "nothing listens"),
+        (
+            ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+            None,
+            "refused",
+            "nothing listens",
+        ),
     ],
 )
 def test_connect_errors_say_what_to_do(exc: BaseException, cls: type | None, reason: str, fragment: str) -> None:

@@ -133,9 +133,7 @@ def test_wrong_password_is_refused_by_scram(stack: DevStack) -> None:
 
 def test_superuser_url(stack: DevStack) -> None:
     with psycopg.connect(stack.superuser_url) as conn:
-        row = conn.execute(
-            "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
-        ).fetchone()
+        row = conn.execute("SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
         assert row == ("postgres", True)
 
 
@@ -206,9 +204,7 @@ def test_transaction_mode_shares_one_server_between_idle_clients(stack: DevStack
     which is what exhausts max_connections behind a serverless fleet.
     """
     assert stack.pgbouncer is not None
-    assert {p["pool_mode"] for p in stack.pgbouncer.admin("SHOW POOLS") if p["database"] == "app"} == {
-        "transaction"
-    }
+    assert {p["pool_mode"] for p in stack.pgbouncer.admin("SHOW POOLS") if p["database"] == "app"} == {"transaction"}
     pids: dict[str, tuple[int, int]] = {}
     for mode in ("transaction", "session"):
         bouncer = stack.start_pgbouncer(pool_mode=mode, pool_size=2)
@@ -436,6 +432,8 @@ def test_bad_arguments_name_the_setting() -> None:
         DevStack(max_connections=1)
     with pytest.raises(ConfigError, match="via"):
         DevStack().url(via="replica")
+    with pytest.raises(DevStackError, match=r"call start\(\)"):
+        _ = DevStack().pooled_url
 
 
 # --------------------------------------------------------------------------- poolkit dev
@@ -486,3 +484,16 @@ def test_run_dev_prints_urls_and_stops_on_sigterm(server_tmp: pathlib.Path) -> N
     assert "stopped" in stderr
     password = exports["POOLKIT_DIRECT_URL"].split(":")[2].split("@")[0]
     assert password not in stderr  # only the export lines carry it
+
+
+def test_stack_env_fixture_sets_poolkit_urls_and_clears_others(
+    monkeypatch: pytest.MonkeyPatch, stack: DevStack, request: pytest.FixtureRequest
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://someone:else@example.invalid/db")
+    monkeypatch.setenv("PGPASSWORD", "not-ours")
+    request.getfixturevalue("stack_env")
+    assert "DATABASE_URL" not in os.environ
+    assert "PGPASSWORD" not in os.environ
+    assert os.environ["POOLKIT_POOLED_URL"] == stack.pooled_url
+    assert os.environ["POOLKIT_DIRECT_URL"] == stack.direct_url
+    assert pathlib.Path(os.environ["POOLKIT_SSLROOTCERT"]).read_text().startswith("-----BEGIN CERTIFICATE")

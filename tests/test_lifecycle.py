@@ -18,12 +18,11 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
+from conftest import backend_pids  # type: ignore[import-not-found]
 
 import poolkit
 from poolkit.devstack import DevStack
 from poolkit.registry import forget_pools
-
-from conftest import backend_pids  # type: ignore[import-not-found]
 
 
 def _app_name() -> str:
@@ -125,7 +124,13 @@ async def test_exhaustion_raises_pool_timeout_naming_the_pool(stack: DevStack, d
         assert 0.45 <= elapsed < 2.0, elapsed
         err = info.value
         assert (err.pool, err.max_size, err.waiting, err.timeout) == ("tiny", 1, 1, 0.5)
-        for fragment in ("'tiny'", "all 1 connection", "0.5s", "1 caller(s) waited", "POOLKIT_ACQUIRE_TIMEOUT"):
+        for fragment in (
+            "'tiny'",
+            "all 1 connection",
+            "0.5s",
+            "1 caller(s) waited",
+            "POOLKIT_ACQUIRE_TIMEOUT",
+        ):
             assert fragment in str(err)
         assert await pool.fetchval("SELECT 2") == 2  # the pool serves again once the holder is back
     finally:
@@ -137,7 +142,7 @@ def test_sync_exhaustion(stack: DevStack) -> None:
     try:
         with pool.acquire():
             started = time.monotonic()
-            with pytest.raises(poolkit.PoolTimeout, match="'tiny-sync'.*all 1 connection"):
+            with pytest.raises(poolkit.PoolTimeout, match=r"'tiny-sync'.*all 1 connection"):
                 pool.fetchval("SELECT 1")
             assert 0.45 <= time.monotonic() - started < 2.0
         assert pool.fetchval("SELECT 3") == 3
@@ -163,9 +168,7 @@ pool = poolkit.get_pool()
 """
 
 
-async def test_get_pool_survives_100_reloads(
-    stack: DevStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_get_pool_survives_100_reloads(stack: DevStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     app = _app_name()
     monkeypatch.setenv("POOLKIT_POOLED_URL", stack.direct_url)
     monkeypatch.setenv("POOLKIT_APPLICATION_NAME", app)
@@ -218,7 +221,7 @@ def test_twenty_asyncio_runs_leave_no_backend_behind(stack: DevStack, monkeypatc
         return int(await raw[0].fetchval("SELECT 1"))
 
     asyncio.run(raw_handler())
-    with pytest.raises(Exception, match="different loop|Event loop is closed|another operation|attached"):
+    with pytest.raises(Exception, match=r"different loop|Event loop is closed|another operation|attached"):
         asyncio.run(raw_handler())
 
     pids: set[int] = set()
@@ -284,7 +287,7 @@ async def test_forked_child_with_async_pool(stack: DevStack) -> None:
         finally:
             os._exit(0)
     os.close(write_fd)
-    _, status = await asyncio.to_thread(os.waitpid, child, 0)
+    await asyncio.to_thread(os.waitpid, child, 0)
     child_pid = int(os.read(read_fd, 32) or b"0")
     os.close(read_fd)
     assert child_pid not in (0, parent_pid)
@@ -316,8 +319,10 @@ async def test_connect_errors_are_translated(stack: DevStack) -> None:
     with pytest.raises(poolkit.ConnectError) as dns:
         await poolkit.create_pool(pooled_url="postgresql://app:pw@no-such-host.invalid:5432/app")
     assert dns.value.reason == "dns"
-    stack.psql("DROP ROLE IF EXISTS limited; CREATE ROLE limited LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 1;"
-               "GRANT CONNECT ON DATABASE app TO limited;")
+    stack.psql(
+        "DROP ROLE IF EXISTS limited; CREATE ROLE limited LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 1;"
+        "GRANT CONNECT ON DATABASE app TO limited;"
+    )
     url = stack.url(via="direct", user="limited", password="limited-pw")
     holder = await asyncpg.connect(url)
     try:

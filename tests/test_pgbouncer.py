@@ -22,14 +22,16 @@ PER_TASK = 50  # 20 x 50 = 1,000 statements
 
 def _table(stack: DevStack) -> str:
     name = f"items_{uuid.uuid4().hex[:8]}"
-    stack.psql(f"CREATE TABLE {name} (id bigserial PRIMARY KEY, k int NOT NULL, v text NOT NULL);"
-               f"GRANT ALL ON {name} TO app; GRANT ALL ON SEQUENCE {name}_id_seq TO app;")
+    stack.psql(
+        f"CREATE TABLE {name} (id bigserial PRIMARY KEY, k int NOT NULL, v text NOT NULL);"
+        f"GRANT ALL ON {name} TO app; GRANT ALL ON SEQUENCE {name}_id_seq TO app;"
+    )
     return name
 
 
 def _statements(table: str, task: int, ph: str) -> list[tuple[str, tuple[Any, ...]]]:
     """Mixed parameterised statements; the same texts repeat, which is what makes drivers prepare them."""
-    p1, p2 = (("$1", "$2") if ph == "$" else ("%s", "%s"))
+    p1, p2 = ("$1", "$2") if ph == "$" else ("%s", "%s")
     out: list[tuple[str, tuple[Any, ...]]] = []
     for i in range(PER_TASK):
         kind = i % 5

@@ -102,8 +102,14 @@ def test_serverless_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"DATABASE_URL": "postgresql://u:pw@h:notaport/db"}, ["DATABASE_URL", "port"]),
         ({"DATABASE_URL": "postgresql://u:pw@/db"}, ["DATABASE_URL", "no host"]),
         ({"DATABASE_URL": "postgresql://db.example.com/db"}, ["DATABASE_URL", "no user"]),
-        ({"DATABASE_URL": "postgresql://u:pw@db.example.com/db?sslmode=disable"}, ["DATABASE_URL", "loopback"]),
-        ({"DATABASE_URL": "postgresql://u:pw@db.example.com/db?sslmode=prefer"}, ["DATABASE_URL", "sslmode=require"]),
+        (
+            {"DATABASE_URL": "postgresql://u:pw@db.example.com/db?sslmode=disable"},
+            ["DATABASE_URL", "loopback"],
+        ),
+        (
+            {"DATABASE_URL": "postgresql://u:pw@db.example.com/db?sslmode=prefer"},
+            ["DATABASE_URL", "sslmode=require"],
+        ),
         ({"DATABASE_URL": "postgresql://u:pw@db.example.com/db?sslmode=maybe"}, ["DATABASE_URL", "sslmode"]),
         ({"DIRECT_DATABASE_URL": "http://u:pw@h/db"}, ["DIRECT_DATABASE_URL", "scheme"]),
     ],
@@ -144,7 +150,7 @@ def test_plain_text_is_allowed_for_loopback_only() -> None:
 
 
 def test_no_url_at_all_says_what_to_set() -> None:
-    with pytest.raises(ConfigError, match="POOLKIT_POOLED_URL.*DATABASE_URL.*poolkit dev"):
+    with pytest.raises(ConfigError, match=r"POOLKIT_POOLED_URL.*DATABASE_URL.*poolkit dev"):
         load_settings().pooled_dsn()
 
 

@@ -44,8 +44,8 @@ async def test_require_refuses_a_server_without_tls(stack: DevStack, plain_bounc
 
 
 def test_sync_require_refuses_a_server_without_tls(plain_bouncer) -> None:  # type: ignore[no-untyped-def]
+    url = poolkit.Dsn.parse(plain_bouncer.url()).without_params("sslmode").to_url()
     with pytest.raises(poolkit.SSLError, match="does not offer TLS"):
-        url = poolkit.Dsn.parse(plain_bouncer.url()).without_params("sslmode").to_url()
         poolkit.create_sync_pool(pooled_url=url, pool_mode="transaction")
 
 

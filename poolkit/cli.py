@@ -1,0 +1,77 @@
+"""The ``poolkit`` command: ``dev``, ``demo``, ``sidecar``, ``health``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when the URL answers 200 (the container HEALTHCHECK and probes use this)."""
+    try:
+        with urllib.request.urlopen(args.url, timeout=args.timeout) as response:  # noqa: S310 - http(s) only, checked below
+            ok = response.status == 200
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"unhealthy: {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print("ok" if ok else "unhealthy")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poolkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="start a local PostgreSQL (TLS, SCRAM) + PgBouncer stack and print its URLs")
+    dev.add_argument("--pg-port", type=int)
+    dev.add_argument("--pgbouncer-port", type=int)
+    dev.add_argument("--dir", help="directory for the cluster (default: a new temporary one)")
+    dev.add_argument("--keep", action="store_true", help="keep the directory when stopping")
+
+    demo = sub.add_parser("demo", help="run a workload through poolkit pools against the local stack")
+    demo.add_argument("--queries", type=int, default=1000, help="statements per driver (default 1000)")
+    demo.add_argument("--tasks", type=int, default=20, help="concurrent tasks (default 20)")
+
+    sidecar = sub.add_parser("sidecar", help="run the transaction-pooling PostgreSQL proxy")
+    from poolkit.sidecar.cli import add_arguments  # noqa: PLC0415 - keep `poolkit dev` light
+
+    add_arguments(sidecar)
+
+    health = sub.add_parser("health", help="exit 0 if a health URL answers 200 (container health checks)")
+    health.add_argument("--url", default="http://127.0.0.1:9930/readyz")
+    health.add_argument("--timeout", type=float, default=3.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    if args.command == "dev":
+        from poolkit.devstack import run_dev  # noqa: PLC0415
+
+        forwarded: list[str] = []
+        for flag, value in (
+            ("--pg-port", args.pg_port),
+            ("--pgbouncer-port", args.pgbouncer_port),
+            ("--dir", args.dir),
+        ):
+            if value is not None:
+                forwarded += [flag, str(value)]
+        if args.keep:
+            forwarded.append("--keep")
+        return run_dev(forwarded)
+    if args.command == "demo":
+        from poolkit.demo import run_demo  # noqa: PLC0415
+
+        return run_demo(queries=args.queries, tasks=args.tasks)
+    if args.command == "sidecar":
+        from poolkit.sidecar.cli import run  # noqa: PLC0415
+
+        return run(args)
+    return _health(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""The ``poolkit`` command as a user runs it: ``demo``, ``dev`` and ``health``, in real subprocesses."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from poolkit.settings import DIRECT_URL_ENV, POOLED_URL_ENV
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (*POOLED_URL_ENV, *DIRECT_URL_ENV)}
+    return {k: v for k, v in env.items() if not k.startswith("POOLKIT_")}
+
+
+def test_demo_on_a_machine_with_no_database_configured() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "poolkit", "demo", "--queries", "400"],
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "starting the local stack" in out
+    for driver in ("asyncpg", "psycopg"):
+        assert f"[{driver}] detected transaction" in out
+        assert f"[{driver}] 400 statements from 20 concurrent tasks" in out
+    assert out.count(", 0 errors") == 2
+    assert ":***@" in out  # the URL it shows is redacted
+
+
+def test_dev_prints_working_urls_and_stops_cleanly() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poolkit", "dev"],
+        env=_clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        exports: dict[str, str] = {}
+        assert proc.stdout is not None
+        while len(exports) < 3:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else ""
+            if line.startswith("export "):
+                name, _, value = line[len("export ") :].strip().partition("=")
+                exports[name] = value.strip("'")
+        assert set(exports) == {"POOLKIT_POOLED_URL", "POOLKIT_DIRECT_URL", "POOLKIT_SSLROOTCERT"}
+        for key in ("POOLKIT_POOLED_URL", "POOLKIT_DIRECT_URL"):
+            url = exports[key].replace("&pgbouncer=true", "")
+            with psycopg.connect(url, sslrootcert=exports["POOLKIT_SSLROOTCERT"], prepare_threshold=None) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+@pytest.fixture
+def health_server() -> Iterator[int]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/readyz" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_health_command_exit_codes(health_server: int) -> None:
+    def health(path: str) -> int:
+        url = f"http://127.0.0.1:{health_server}{path}"
+        return subprocess.run([sys.executable, "-m", "poolkit", "health", "--url", url], check=False).returncode
+
+    assert health("/readyz") == 0
+    assert health("/broken") == 1
+    assert (
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "poolkit",
+                "health",
+                "--url",
+                "http://127.0.0.1:1/readyz",
+                "--timeout",
+                "1",
+            ],
+            check=False,
+        ).returncode
+        == 1
+    )
