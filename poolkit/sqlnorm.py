@@ -14,21 +14,25 @@ TRUNCATION_MARKER = " ...(truncated)"
 # must keep placeholders as written, and runs where pglast (an optional extra) may be absent.
 #
 # One search regex finds the next token that needs attention; everything between two such
-# tokens (keywords, identifiers, operators, placeholders) is copied unchanged. The lookbehinds
-# stop a match from starting inside an identifier (`t1`, `name'x'` is `name` then a string,
-# `a$1`), which is what PostgreSQL's lexer does too.
+# tokens (keywords, identifiers, operators, placeholders) is copied unchanged. The leading
+# lookahead lets the regex engine skip ordinary characters cheaply (it halved the time per
+# statement); string prefixes (E'', U&'', B'', X'', N'') are found by looking back from the quote.
+# The lookbehinds stop a match from starting inside an identifier (`t1`, `a$1`), as PostgreSQL's
+# lexer does.
 _NEXT = re.compile(
     r"""
+    (?=[-/"'$.\d])
+    (?:
       (?P<line>--)                                     # comment to end of line
     | (?P<block>/\*)                                   # block comment, nests in PostgreSQL
     | (?P<qident>")                                    # quoted identifier: a name, kept
-    | (?<![\w$])(?P<estr>[eE]')                        # E'' string: backslash escapes
-    | (?P<pstr>(?:(?<![\w$])(?:[uU]&|[bBxXnN]))?')     # '', U&'', B'', X'', N'' strings
+    | (?P<str>')                                       # string (prefix checked separately)
     | (?<![^\W\d]|\$)(?P<dollar>\$(?:[^\W\d]\w*)?\$)  # $tag$ … $tag$ ($1 is a placeholder)
     | (?<![\w$])(?P<num>
           0[xX][0-9a-fA-F_]* | 0[oO][0-7_]* | 0[bB][01_]*
         | (?:\d[\d_]*(?:\.(?!\.)[\d_]*)? | \.\d[\d_]*)(?:[eE][+-]?\d+)?
       )
+    )
     """,
     re.VERBOSE,
 )
@@ -39,11 +43,15 @@ _QIDENT_END = re.compile(r'[^"]*(?:""[^"]*)*"')
 _BLOCK_TOKEN = re.compile(r"/\*|\*/")
 
 _ITEM = r"(?:\?|\$\d+|%s|%\(\w+\)s|:\w+|-\s?\?|\.\.\.)"
-# `IN (?, ?, ?)` -> `IN (...)`: the number of values is data too (and splits one query shape in many).
-_IN_LIST = re.compile(rf"\b(IN|in|In|iN)\s?\(\s?{_ITEM}(?:\s?,\s?{_ITEM})*\s?\)")
-_ARRAY_LIST = re.compile(rf"\b(ARRAY|array|Array)\s?\[\s?{_ITEM}(?:\s?,\s?{_ITEM})*\s?\]")
+# `IN (?, ?, ?)` -> `IN (...)`: the number of values is data too (and splits one query shape in
+# many). Each pattern starts with its bracket, a literal the regex engine finds quickly; the
+# keyword before it is checked by a lookbehind.
+_IN_LIST = re.compile(rf"\((?:(?<=\b[Ii][Nn]\()|(?<=\b[Ii][Nn] \())\s?{_ITEM}(?:\s?,\s?{_ITEM})*\s?\)")
+_ARRAY_LIST = re.compile(rf"\[(?<=\b[Aa][Rr][Rr][Aa][Yy]\[)\s?{_ITEM}(?:\s?,\s?{_ITEM})*\s?\]")
 # `VALUES (?, ?), (?, ?), ...` -> `VALUES (?, ?), ...` (rows identical after normalisation).
-_VALUES_ROWS = re.compile(r"\b((?:VALUES|values|Values)\s?(\([^()]*\)))(?:\s?,\s?\2)+")
+_VALUES_ROWS = re.compile(
+    r"\((?:(?<=\b[Vv][Aa][Ll][Uu][Ee][Ss]\()|(?<=\b[Vv][Aa][Ll][Uu][Ee][Ss] \())([^()]*\))(?:\s?,\s?\(\1)+"
+)
 
 
 def _skip_block_comment(sql: str, pos: int) -> int:
@@ -61,6 +69,29 @@ def _skip_block_comment(sql: str, pos: int) -> int:
 def _end_of(pattern: re.Pattern[str], sql: str, pos: int) -> int:
     m = pattern.match(sql, pos)
     return len(sql) if m is None else m.end()  # unterminated: runs to the end
+
+
+def _starts_token(sql: str, i: int, floor: int) -> bool:
+    """Whether the character at ``i`` starts a token (is not the tail of a longer word)."""
+    if i < floor:
+        return False
+    return i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] in "_$")
+
+
+def _string_start(sql: str, quote: int, floor: int) -> tuple[bool, int]:
+    """(is an E'' string, index of its first character) for the quote at ``quote``.
+
+    ``floor`` is where unconsumed text starts. A prefix letter counts only when it is a word of
+    its own: ``name'x'`` is the word ``name`` and a plain string, for PostgreSQL too.
+    """
+    before = sql[quote - 1] if quote > floor else ""
+    if before in ("e", "E") and _starts_token(sql, quote - 1, floor):
+        return True, quote - 1
+    if before and before in "bBxXnN" and _starts_token(sql, quote - 1, floor):
+        return False, quote - 1
+    if before == "&" and quote - 2 >= floor and sql[quote - 2] in "uU" and _starts_token(sql, quote - 2, floor):
+        return False, quote - 2
+    return False, quote
 
 
 def normalize(sql: str, *, max_length: int = 1024) -> str:
@@ -84,9 +115,16 @@ def normalize(sql: str, *, max_length: int = 1024) -> str:
         if m is None:
             out.append(sql[pos:])
             break
-        out.append(sql[pos : m.start()])
         kind = m.lastgroup
+        start = m.start()
         end = m.end()
+        if kind == "str":
+            escapes, start = _string_start(sql, start, pos)
+            out.append(sql[pos:start])
+            pos = _end_of(_E_STRING_END if escapes else _STD_STRING_END, sql, end)
+            out.append("?")
+            continue
+        out.append(sql[pos:start])
         if kind == "line":
             nl = sql.find("\n", end)
             pos = n if nl < 0 else nl + 1
@@ -101,13 +139,7 @@ def normalize(sql: str, *, max_length: int = 1024) -> str:
                 out.append('"?')
             else:
                 pos = q.end()
-                out.append(sql[m.start() : pos])
-        elif kind == "estr":
-            pos = _end_of(_E_STRING_END, sql, end)
-            out.append("?")
-        elif kind == "pstr":
-            pos = _end_of(_STD_STRING_END, sql, end)
-            out.append("?")
+                out.append(sql[start:pos])
         elif kind == "dollar":
             close = sql.find(m.group(), end)
             pos = n if close < 0 else close + len(m.group())
@@ -116,10 +148,10 @@ def normalize(sql: str, *, max_length: int = 1024) -> str:
             pos = end
             out.append("?")
     text = " ".join("".join(out).split())
-    if "?" in text or "$" in text or "%" in text or ":" in text:
-        text = _IN_LIST.sub(r"\1 (...)", text)
-        text = _ARRAY_LIST.sub(r"\1[...]", text)
-        text = _VALUES_ROWS.sub(r"\1, ...", text)
+    if "(" in text or "[" in text:
+        text = _IN_LIST.sub("(...)", text)
+        text = _ARRAY_LIST.sub("[...]", text)
+        text = _VALUES_ROWS.sub(r"(\1, ...", text)
     if len(text) > max_length:
         keep = max(max_length - len(TRUNCATION_MARKER), 0)
         text = (text[:keep].rstrip() + TRUNCATION_MARKER)[-max_length:] if max_length > 0 else ""

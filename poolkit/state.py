@@ -28,7 +28,7 @@ def get_state() -> ProcessState:
     module = sys.modules.get(_KEY)
     if module is None:
         module = types.ModuleType(_KEY, "poolkit's process-wide state (not reloadable on purpose)")
-        module.state = ProcessState()
+        setattr(module, "state", ProcessState())  # noqa: B010 - a plain ModuleType has no typed attributes
         sys.modules[_KEY] = module
-    state: ProcessState = module.state  # type: ignore[attr-defined]
+    state: ProcessState = getattr(module, "state")  # noqa: B009
     return state

@@ -34,7 +34,7 @@ CASES = load_corpus()
 
 
 def test_reasons_are_the_fixed_metric_label_set() -> None:
-    assert REASONS == {
+    assert {
         "ddl",
         "catalog",
         "session_set",
@@ -45,7 +45,7 @@ def test_reasons_are_the_fixed_metric_label_set() -> None:
         "hold_cursor",
         "temp_table",
         "copy",
-    }
+    } == REASONS
     assert all(r.isidentifier() and r == r.lower() for r in REASONS)
 
 
@@ -54,7 +54,7 @@ def test_decision_is_frozen_and_route_is_a_str_enum() -> None:
     assert decision == Decision(Route.DIRECT, "listen")
     assert decision.direct
     assert decision.route == "direct"
-    assert POOLED == Decision(Route.POOLED, "") and not POOLED.direct
+    assert Decision(Route.POOLED, "") == POOLED and not POOLED.direct
     with pytest.raises(dataclasses.FrozenInstanceError):
         decision.reason = "ddl"  # type: ignore[misc]
 
@@ -81,6 +81,12 @@ def test_huge_statements_are_classified_but_not_cached() -> None:
 )
 def test_odd_input_never_raises_and_stays_pooled(sql: str) -> None:
     assert classify(sql) == POOLED
+
+
+def test_deeply_nested_input_never_raises() -> None:
+    assert classify("EXPLAIN " * 5000 + "DROP TABLE t") == Decision(Route.DIRECT, "ddl")
+    assert classify("(" * 20_000 + "SELECT 1") == POOLED
+    assert classify("SELECT " + "/* " * 10_000 + "x") == POOLED
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -255,6 +261,7 @@ _value = st.one_of(
             "pg_notify('ch', 'DROP TABLE x')",
             "'users'::regclass",
             "$1::pg_catalog.int4",
+            "$1::pg_catalog.pg_lsn",
             "CAST($1 AS pg_catalog.text)",
             "nextval('pg_notes_id_seq')",
             "lower($1)",
