@@ -35,9 +35,7 @@ class Dsn:
         parts = urlsplit(url.strip())
         if parts.scheme not in ("postgres", "postgresql"):
             shown = parts.scheme or "(none)"
-            raise ConfigError(
-                f"{setting} has scheme {shown!r}; expected postgresql://user:password@host:port/db"
-            )
+            raise ConfigError(f"{setting} has scheme {shown!r}; expected postgresql://user:password@host:port/db")
         try:
             port = parts.port
         except ValueError:

@@ -107,9 +107,7 @@ def enable_query_log() -> None:
         query.setLevel(logging.INFO)
 
 
-def configure_globally(
-    *, env: str | None = None, level: int | str = logging.INFO, file: TextIO | None = None
-) -> None:
+def configure_globally(*, env: str | None = None, level: int | str = logging.INFO, file: TextIO | None = None) -> None:
     """Configure structlog for the whole app the way poolkit renders its events, and route them through it.
 
     Call once at start-up, instead of your own ``structlog.configure``: JSON lines in production,
@@ -123,9 +121,7 @@ def configure_globally(
     if not isinstance(numeric, int):
         from poolkit.errors import ConfigError  # noqa: PLC0415 - only on this error path
 
-        raise ConfigError(
-            f"configure_globally(level={level!r}): use a logging level such as 'INFO' or 'DEBUG'"
-        )
+        raise ConfigError(f"configure_globally(level={level!r}): use a logging level such as 'INFO' or 'DEBUG'")
     development = is_development(env)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -123,9 +123,7 @@ class _Metrics:
             LABELS,
             registry=registry,
         )
-        self.opened = Counter(
-            "poolkit_connections_opened", "Connections the pool opened", LABELS, registry=registry
-        )
+        self.opened = Counter("poolkit_connections_opened", "Connections the pool opened", LABELS, registry=registry)
         self.closed = Counter(
             "poolkit_connections_closed",
             "Connections the pool closed, by reason",
@@ -243,10 +241,10 @@ class _GaugePusher:
             cls._pushed = {k for k, v in sums.items() if any(v)}
 
     @classmethod
-    def ensure_running(cls) -> None:
+    def ensure_running(cls, *, only_with_pools: bool = False) -> None:
         """Start the pushing thread in this process, once (a fork loses threads, hence the name check)."""
         try:
-            if not multiprocess_mode() or not get_state().live_pools:
+            if not multiprocess_mode() or (only_with_pools and not get_state().live_pools):
                 return
         except ConfigError:
             return  # reported where the metrics are created; an at-fork hook must not raise
@@ -386,4 +384,4 @@ def mark_process_dead(pid: int) -> None:
 
 
 # A worker forked from a process that already had pools (gunicorn --preload) starts its own pusher thread.
-os.register_at_fork(after_in_child=_GaugePusher.ensure_running)
+os.register_at_fork(after_in_child=lambda: _GaugePusher.ensure_running(only_with_pools=True))

@@ -11,6 +11,19 @@ from poolkit.metrics import PoolInstruments
 from poolkit.translate import sqlstate_of
 
 
+def _reset_queries() -> frozenset[str]:
+    # Every reset statement asyncpg's Connection.get_reset_query() can build (one per server-capability
+    # mix): a set lookup on the (hash-cached) string costs less than anything that would ask the connection.
+    parts = ("SELECT pg_advisory_unlock_all();", "CLOSE ALL;", "UNLISTEN *;", "RESET ALL;")
+    found = set()
+    for mask in range(1, 1 << len(parts)):
+        found.add("\n".join(p for i, p in enumerate(parts) if mask >> i & 1))
+    return frozenset(found)
+
+
+_ASYNCPG_RESET_QUERIES = _reset_queries()
+
+
 def _sql_text(query: Any) -> str:
     if isinstance(query, str):
         return query
@@ -115,7 +128,10 @@ class Observer:
 
     def asyncpg_query(self, record: Any) -> None:
         """asyncpg query-logger callback (``LoggedQuery``); its ``args`` are never read."""
-        self.query(record.query, record.elapsed, record.exception)
+        query = record.query
+        if query in _ASYNCPG_RESET_QUERIES:
+            return  # the pool's own reset on every release (direct route), not an app query
+        self.query(query, record.elapsed, record.exception)
 
     def opened(self, elapsed: float) -> None:
         """A connection was opened in ``elapsed`` seconds."""

@@ -125,7 +125,7 @@ def translate_connect_error(exc: BaseException, dsn: Dsn, *, connect_timeout: fl
         )
     if isinstance(exc, ssl.SSLError):
         return SSLError(f"TLS with {target} failed: {text}", reason="ssl")
-    if isinstance(exc, OSError) and exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL) or (
+    if (isinstance(exc, OSError) and exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL)) or (
         "network is unreachable" in low
     ):
         return ConnectError(

@@ -7,6 +7,7 @@ the series of one test never mix with another's (the process-wide registry is sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -325,9 +326,13 @@ async def test_query_errors_are_counted_by_sqlstate_class(target: Target, metric
         ],
     )
     assert states == [None, None, "23505", "22012", "42601", None]
+    async with direct.acquire() if not target.sync else contextlib.nullcontext():
+        pass  # a second checkout: the first one's release reset (asyncpg) and a checkout check (psycopg)
     await asyncio.sleep(0.05)
 
     after = await ascrape(metrics_url)
+    # Exactly the six statements: not the pool's own asyncpg reset or psycopg_pool check on checkout.
+    assert after.value("poolkit_query_duration_seconds_count", **labels) == 6
     assert after.value("poolkit_query_errors_total", sqlstate_class="23", **labels) == 1
     assert after.value("poolkit_query_errors_total", sqlstate_class="22", **labels) == 1
     assert after.value("poolkit_query_errors_total", sqlstate_class="42", **labels) == 1
