@@ -161,9 +161,7 @@ def _layout(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return panels
 
 
-def _dashboard(
-    uid: str, title: str, description: str, metric: str, panels: list[dict[str, Any]]
-) -> dict[str, Any]:
+def _dashboard(uid: str, title: str, description: str, metric: str, panels: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "uid": uid,
         "title": title,
@@ -298,12 +296,23 @@ def pools_dashboard() -> dict[str, Any]:
                 )
             ],
         ),
+        _panel(
+            "Routed statements by reason",
+            "Statements sent through pool.routed(): route taken and why (ddl, catalog, session_set, ...; "
+            "none = stayed pooled). Direct traffic spends the small direct-connection budget.",
+            "ops",
+            [
+                (
+                    _rate("poolkit_routed_statements_total", "pool, route, reason"),
+                    "{{pool}} {{route}} {{reason}}",
+                )
+            ],
+        ),
     ]
     return _dashboard(
         "poolkit-pools",
         "poolkit / library pools",
-        "poolkit library pools (asyncpg, psycopg, psycopg-sync): throughput, latency, saturation, "
-        "exhaustion.",
+        "poolkit library pools (asyncpg, psycopg, psycopg-sync): throughput, latency, saturation, exhaustion.",
         "poolkit_pool_max_connections",
         panels,
     )
@@ -331,8 +340,7 @@ def sidecar_dashboard() -> dict[str, Any]:
         ),
         _panel(
             "Clients: active / waiting / idle",
-            "Client connections by state. Waiting clients have a statement ready but no server "
-            "connection yet.",
+            "Client connections by state. Waiting clients have a statement ready but no server connection yet.",
             "short",
             [(_sum("poolkit_sidecar_clients", "state"), "{{state}}")],
         ),
@@ -428,8 +436,7 @@ def sidecar_dashboard() -> dict[str, Any]:
         ),
         _panel(
             "Upstream errors/s",
-            "Errors talking to PostgreSQL by kind: connect, auth, tls, terminated (backend killed), "
-            "protocol.",
+            "Errors talking to PostgreSQL by kind: connect, auth, tls, terminated (backend killed), protocol.",
             "ops",
             [(_rate("poolkit_sidecar_upstream_errors_total", "kind"), "{{kind}}")],
             thresholds=[("green", None), ("red", 0.001)],

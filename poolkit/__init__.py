@@ -20,6 +20,7 @@ from poolkit.errors import (
     SSLError,
     TooManyConnections,
 )
+from poolkit.migrate import direct, migration_url
 from poolkit.pool import Pool, create_pool
 from poolkit.provider import DatabaseProvider, get_provider
 from poolkit.registry import get_pool, get_sync_pool
@@ -53,8 +54,10 @@ __all__ = [
     "create_pool",
     "create_sync_pool",
     "detect_mode",
+    "direct",
     "get_pool",
     "get_provider",
     "get_sync_pool",
     "load_settings",
+    "migration_url",
 ]

@@ -143,6 +143,12 @@ class _Metrics:
             buckets=CONNECT_BUCKETS,
             registry=registry,
         )
+        self.routed_statements = Counter(
+            "poolkit_routed_statements",
+            "Statements routed by classification (pool.routed()), by route taken and reason ('none' when pooled)",
+            (*LABELS, "reason"),
+            registry=registry,
+        )
         # Only used in multiprocess mode, where a scrape-time collector cannot see other workers' pools.
         self.mp_gauges: dict[str, Gauge] = {}
         if multiprocess_mode():
@@ -289,6 +295,11 @@ def get_metrics(registry: CollectorRegistry | None = None) -> _Metrics:
             state.collector_registered = True
     metrics: _Metrics = state.metrics
     return metrics
+
+
+def count_routed(pool: str, driver: str, route: str, reason: str) -> None:
+    """Count one statement routed by ``pool.routed()`` (``reason`` is from routing.REASONS, or ``""``)."""
+    get_metrics().routed_statements.labels(pool, driver, route, reason or "none").inc()
 
 
 class PoolInstruments:

@@ -14,8 +14,10 @@ from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
 from poolkit import detect
 from poolkit.detect import Detection, Mode
 from poolkit.errors import ConfigError, ConnectTimeout, PoolClosed, PoolTimeout
+from poolkit.metrics import count_routed
 from poolkit.observe import Observer
-from poolkit.pool import Route, _neutralise_fd, exhaustion_hint
+from poolkit.pool import Route, _neutralise_fd, exhaustion_hint, socket_has_data
+from poolkit.routing import classify
 from poolkit.settings import Settings
 from poolkit.state import get_state
 from poolkit.translate import translate_connect_error, translate_query_error
@@ -86,6 +88,12 @@ class _PoolkitConnection(psycopg.Connection[Any]):
                 reason = "idle"
             obs.closed(reason)
         super().close()
+
+
+def _check_if_suspect(conn: Any) -> None:
+    # See pool._check_if_suspect: a poll instead of a round trip per checkout.
+    if conn.closed or socket_has_data(conn.pgconn.socket):
+        ConnectionPool.check_connection(conn)
 
 
 class SyncPool:
@@ -179,7 +187,7 @@ class SyncPool:
                     max_idle=self.settings.idle_timeout,
                     max_lifetime=self.settings.max_lifetime,
                     reconnect_timeout=max(self.settings.connect_timeout * 3, 30.0),
-                    check=ConnectionPool.check_connection,
+                    check=_check_if_suspect,
                 )
                 new.open(wait=self.settings.min_size > 0, timeout=self.settings.connect_timeout)
                 self._pool = new
@@ -304,6 +312,25 @@ class SyncPool:
                 return self
             self._direct = SyncPool(self.settings, route="direct")
         return self._direct
+
+    def routed(self, sql: str) -> SyncPool:
+        """The pool ``sql`` should run on: :meth:`direct` when ``poolkit.routing.classify`` says so, else this one.
+
+        ``pool.routed(sql).execute(sql, *args)``: DDL, catalog reads and session features (``SET``,
+        ``LISTEN``, advisory locks, ...) go to the direct URL, everything else stays pooled. Each call is
+        counted in ``poolkit_routed_statements_total{route,reason}``. Raises ConfigError when ``sql`` needs
+        the direct connection and only a transaction pooler is configured.
+        """
+        decision = classify(sql)
+        target = self.direct() if decision.direct else self
+        count_routed(self.name, self.driver, decision.route.value, decision.reason)
+        return target
+
+    def as_user(self, claims: Any, *, role: str | None = "authenticated") -> Any:
+        """``with pool.as_user(claims) as conn``: a transaction under RLS claims and role (poolkit.rls)."""
+        from poolkit.rls import as_user_sync  # noqa: PLC0415 - poolkit.rls refers back to this module
+
+        return as_user_sync(self, claims, role=role)
 
     def execute(self, query: Any, *args: Any) -> str:
         """Run a statement; return its status tag."""

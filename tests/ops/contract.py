@@ -84,8 +84,7 @@ def violations(expr: str, allowed: Contract) -> list[str]:
     series = allowed.series_names()
     names, labels = scan(expr)
     problems = [
-        f"metric {name!r} is not in ARCHITECTURE.md"
-        for name in sorted(names - set(series) - PROMETHEUS_SERIES)
+        f"metric {name!r} is not in ARCHITECTURE.md" for name in sorted(names - set(series) - PROMETHEUS_SERIES)
     ]
     unknown_labels = labels - allowed.labels - PROMETHEUS_LABELS
     problems += [f"label {label!r} is not in ARCHITECTURE.md" for label in sorted(unknown_labels)]

@@ -168,9 +168,7 @@ class Prometheus:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise PrometheusError(
-                    f"prometheus on {self.address} not ready after {self._ready_timeout:.0f} s"
-                )
+                raise PrometheusError(f"prometheus on {self.address} not ready after {self._ready_timeout:.0f} s")
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -204,9 +202,7 @@ class Prometheus:
         response = self._client.get(f"/api/v1/{path}", params=params)
         body = response.json()
         if body.get("status") != "success":
-            raise PrometheusError(
-                f"{path} {dict(params or {})}: {body.get('errorType')}: {body.get('error')}"
-            )
+            raise PrometheusError(f"{path} {dict(params or {})}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]
 
     def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
@@ -271,10 +267,7 @@ def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 def dashboards() -> dict[str, dict[str, Any]]:
     """Every dashboard under grafana/dashboards, by path relative to the repository."""
-    return {
-        str(path.relative_to(REPO)): json.loads(path.read_text())
-        for path in sorted(DASHBOARDS.glob("*.json"))
-    }
+    return {str(path.relative_to(REPO)): json.loads(path.read_text()) for path in sorted(DASHBOARDS.glob("*.json"))}
 
 
 def alert_rules() -> list[dict[str, Any]]:

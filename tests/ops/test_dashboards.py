@@ -110,18 +110,14 @@ def test_histogram_quantiles_sum_rates_of_buckets_by_le() -> None:
 def test_every_metric_and_label_queried_is_in_architecture_md() -> None:
     allowed = contract()
     problems = [
-        f"{p.source}: {p.name}: {problem}"
-        for p in promql_expressions()
-        for problem in violations(p.expr, allowed)
+        f"{p.source}: {p.name}: {problem}" for p in promql_expressions() for problem in violations(p.expr, allowed)
     ]
     for path, dashboard in dashboards().items():
         for panel in dashboard["panels"]:
             for target in panel["targets"]:
                 for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target["legendFormat"]):
                     if label not in allowed.labels | {"job", "instance"}:
-                        problems.append(
-                            f"{path}: {panel['title']}: legend label {label!r} is not in the contract"
-                        )
+                        problems.append(f"{path}: {panel['title']}: legend label {label!r} is not in the contract")
     assert problems == []
 
 
@@ -160,9 +156,7 @@ def test_provisioning_files_point_grafana_at_the_dashboards() -> None:
     assert entry["type"] == "file"
     mount = entry["options"]["path"]
     text = (REPO / "grafana/provisioning/dashboards/poolkit.yaml").read_text()
-    assert f"grafana/dashboards   -> {mount}" in text, (
-        "the comment documents where to mount grafana/dashboards"
-    )
+    assert f"grafana/dashboards   -> {mount}" in text, "the comment documents where to mount grafana/dashboards"
     datasources = yaml.safe_load((REPO / "grafana/provisioning/datasources/poolkit.yaml").read_text())
     (source,) = datasources["datasources"]
     assert source["type"] == "prometheus"

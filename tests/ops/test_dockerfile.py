@@ -89,11 +89,7 @@ def test_entrypoint_health_and_signal_match_the_sidecar() -> None:
 
 
 def test_dockerignore_sends_only_what_the_wheel_build_needs() -> None:
-    lines = [
-        line
-        for line in (REPO / ".dockerignore").read_text().splitlines()
-        if line and not line.startswith("#")
-    ]
+    lines = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
     assert {"!pyproject.toml", "!README.md", "!poolkit/"} <= set(lines)
     copies = [args for keyword, args in instructions() if keyword == "COPY"]

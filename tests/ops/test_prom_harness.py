@@ -24,9 +24,7 @@ def test_prometheus_scrapes_itself_and_answers_queries() -> None:
         prom.wait_for("prometheus_rule_evaluations_total > 0")
         groups = prom.rules()
         assert {group["name"] for group in groups} == {"poolkit-pools", "poolkit-sidecar"}
-        unhealthy = [
-            (r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] == "err"
-        ]
+        unhealthy = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] == "err"]
         assert unhealthy == []
         # With no sidecar scraped, the absent() rule is the one that goes pending: rules really evaluate.
         pending = prom.wait_for('ALERTS{alertname="PoolkitSidecarNotScraped"}')
