@@ -166,7 +166,8 @@ def test_settings_match_the_supabase_shape(stack: DevStack) -> None:
     assert config["ignore_startup_parameters"] == "extra_float_digits"
     assert stack.host == "127.0.0.1"
     assert stack.env() == {
-        "POOLKIT_POOLED_URL": stack.pooled_url,
+        # marked as Prisma marks a transaction pooler, so poolkit detects it on a non-6543 port
+        "POOLKIT_POOLED_URL": stack.url(via="pgbouncer", pgbouncer="true"),
         "POOLKIT_DIRECT_URL": stack.direct_url,
         "POOLKIT_SSLROOTCERT": str(stack.ca_file),
     }
@@ -462,7 +463,9 @@ def test_run_dev_prints_urls_and_stops_on_sigterm(server_tmp: pathlib.Path) -> N
             name, _, value = line.removeprefix("export ").strip().partition("=")
             exports[name] = value.strip("'")
         assert set(exports) == {"POOLKIT_POOLED_URL", "POOLKIT_DIRECT_URL", "POOLKIT_SSLROOTCERT"}
-        with psycopg.connect(exports["POOLKIT_POOLED_URL"]) as conn:
+        assert exports["POOLKIT_POOLED_URL"].endswith("&pgbouncer=true")
+        # The marker is for poolkit: plain libpq rejects it, which is why poolkit strips it.
+        with psycopg.connect(exports["POOLKIT_POOLED_URL"].removesuffix("&pgbouncer=true")) as conn:
             assert conn.execute("SELECT current_user").fetchone() == ("app",)
         direct = exports["POOLKIT_DIRECT_URL"] + f"&sslrootcert={exports['POOLKIT_SSLROOTCERT']}"
         with psycopg.connect(direct.replace("sslmode=require", "sslmode=verify-full")) as conn:
@@ -494,6 +497,6 @@ def test_stack_env_fixture_sets_poolkit_urls_and_clears_others(
     request.getfixturevalue("stack_env")
     assert "DATABASE_URL" not in os.environ
     assert "PGPASSWORD" not in os.environ
-    assert os.environ["POOLKIT_POOLED_URL"] == stack.pooled_url
+    assert os.environ["POOLKIT_POOLED_URL"] == stack.url(via="pgbouncer", pgbouncer="true")
     assert os.environ["POOLKIT_DIRECT_URL"] == stack.direct_url
     assert pathlib.Path(os.environ["POOLKIT_SSLROOTCERT"]).read_text().startswith("-----BEGIN CERTIFICATE")
