@@ -13,7 +13,6 @@ import yaml
 from .prom import ALERTS, DEPLOY_CONFIG, REPO, alert_rules, binary
 
 RULE_TESTS = REPO / "deploy" / "prometheus" / "alerts.test.yml"
-RUNBOOK = REPO / "deploy" / "RUNBOOK.md"
 README = REPO / "README.md"
 
 
@@ -70,10 +69,9 @@ def _anchors(markdown: str) -> set[str]:
 
 
 def test_every_alert_has_summary_description_severity_and_a_runbook_section() -> None:
-    # The runbook is written in deploy/RUNBOOK.md and merged into the README; once the README has the
-    # section, its anchors are the ones that count.
-    readme = README.read_text() if README.is_file() else ""
-    runbook = readme if "## Runbook" in readme else RUNBOOK.read_text()
+    readme = README.read_text()
+    assert "## Runbook" in readme
+    runbook = readme
     anchors = _anchors(runbook)
     for rule in alert_rules():
         name = rule["alert"]
