@@ -78,3 +78,7 @@ class DevStackError(PoolkitError):
 
 class IdempotencyConflict(PoolkitError):
     """An idempotency key was reused with different arguments."""
+
+
+class CommitOutcomeUnknown(PoolkitError):
+    """The connection was lost during COMMIT and the idempotency key could not be checked afterwards."""
