@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from poolkit.compare import compare
 from poolkit.detect import Mode, detect_mode
 from poolkit.dsn import Dsn
 from poolkit.errors import (
     AuthenticationFailed,
+    CommitOutcomeUnknown,
     ConfigError,
     ConnectError,
     ConnectTimeout,
@@ -31,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationFailed",
+    "CommitOutcomeUnknown",
     "ConfigError",
     "ConnectError",
     "ConnectTimeout",
@@ -51,6 +54,7 @@ __all__ = [
     "SyncPool",
     "TooManyConnections",
     "__version__",
+    "compare",
     "create_pool",
     "create_sync_pool",
     "detect_mode",

@@ -1,4 +1,4 @@
-"""The ``poolkit`` command: ``dev``, ``demo``, ``sidecar``, ``health``."""
+"""The ``poolkit`` command: ``dev``, ``demo``, ``sidecar``, ``check``, ``health``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(sidecar)
 
+    check = sub.add_parser("check", help="diagnose the configured URLs: DNS, TLS, auth, pooler type, budget")
+    from poolkit.check import add_arguments as add_check_arguments  # noqa: PLC0415
+
+    add_check_arguments(check)
+
     health = sub.add_parser("health", help="exit 0 if a health URL answers 200 (container health checks)")
     health.add_argument("--url", default="http://127.0.0.1:9930/readyz")
     health.add_argument("--timeout", type=float, default=3.0)
@@ -66,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from poolkit.demo import run_demo  # noqa: PLC0415
 
         return run_demo(queries=args.queries, tasks=args.tasks)
+    if args.command == "check":
+        from poolkit.check import run as run_check  # noqa: PLC0415
+
+        return run_check(args)
     if args.command == "sidecar":
         from poolkit.sidecar.cli import run  # noqa: PLC0415
 

@@ -258,7 +258,10 @@ class _Binding:
         return conn
 
     def _asyncpg_closed(self, conn: Any) -> None:
-        reason = conn._poolkit_close_reason
+        try:
+            reason = conn._poolkit_close_reason
+        except AttributeError:  # a released pool proxy: its connection is gone, so nobody marked it
+            reason = None
         if reason is None:
             # Nobody here asked for this close: asyncpg's idle deactivation (idle for idle_timeout), or the
             # server or network ended it (in use, or idle for less than that).
@@ -443,6 +446,9 @@ class Pool:
     """
 
     def __init__(self, settings: Settings, *, route: Route = "pooled") -> None:
+        # State first: repr() and close() must work even when the checks below raise.
+        self._closed = False
+        self._bindings: dict[int, _Binding] = {}
         self.settings = settings
         self.name = settings.name
         self.driver: str = settings.driver
@@ -472,9 +478,7 @@ class Pool:
             env=settings.env,
         )
         self.waiting = 0
-        self._bindings: dict[int, _Binding] = {}
         self._opening: dict[int, asyncio.Future[_Binding]] = {}
-        self._closed = False
         self._pid = os.getpid()
         self._direct: Pool | None = None
         self._psycopg_class: type[Any] | None = None

@@ -147,7 +147,7 @@ def test_pooled_url_is_tls_on_both_sides(stack: DevStack) -> None:
         assert all(c["tls"].startswith("TLSv1.") for c in clients)
     assert server_pid is not None
     # PgBouncer -> PostgreSQL runs over TLS too (server_tls_sslmode = require).
-    ssl = stack.psql(f"SELECT ssl FROM pg_stat_ssl WHERE pid = {int(server_pid[0])}").strip()  # noqa: S608
+    ssl = stack.psql(f"SELECT ssl FROM pg_stat_ssl WHERE pid = {int(server_pid[0])}").strip()
     assert ssl == "t"
 
 
@@ -280,7 +280,7 @@ def test_given_password_with_url_and_userlist_special_characters(server_tmp: pat
         assert stack.psql("SELECT 40 + 2").strip() == "42"
         # psql errors echo the failing SQL; the password in it is replaced by ***.
         with pytest.raises(DevStackError, match="psql failed") as info:
-            stack.psql(f"SELECT * FROM no_such_table WHERE x = '{password}'")  # noqa: S608 - on purpose
+            stack.psql(f"SELECT * FROM no_such_table WHERE x = '{password}'")
         assert "no_such_table" in str(info.value)
         assert password not in str(info.value)
 

@@ -96,9 +96,7 @@ class Sidecar:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             try:
-                userver = await loop.create_unix_server(
-                    lambda: ClientConnection(self, unix=True), path, backlog=4096
-                )
+                userver = await loop.create_unix_server(lambda: ClientConnection(self, unix=True), path, backlog=4096)
             except OSError as exc:
                 await self.close()
                 raise SidecarError(
@@ -174,8 +172,10 @@ class Sidecar:
         if self.unix_socket_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_socket_path)
+        current = asyncio.current_task()
         for task in list(self._tasks):
-            task.cancel()
+            if task is not current:  # shutdown() itself runs as one of them
+                task.cancel()
         await asyncio.sleep(0)  # let transports flush their close
         log.info("sidecar_stopped", transactions=self.pool.stats.transactions)
         if self._stopped is not None:
@@ -281,13 +281,9 @@ class Sidecar:
         if cached is not None:
             return cached
         wanted = dict(overrides)
-        body = b"".join(
-            protocol.parameter_status(name, wanted.get(name.lower(), value)) for name, value in params
-        )
+        body = b"".join(protocol.parameter_status(name, wanted.get(name.lower(), value)) for name, value in params)
         known = {name.lower() for name, _ in params}
-        body += b"".join(
-            protocol.parameter_status(name, value) for name, value in overrides if name not in known
-        )
+        body += b"".join(protocol.parameter_status(name, value) for name, value in overrides if name not in known)
         if len(self._welcome_cache) >= _WELCOME_CACHE_SIZE:
             self._welcome_cache.clear()
         self._welcome_cache[key] = body

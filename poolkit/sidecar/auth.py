@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import re
 import secrets
 import ssl
@@ -52,9 +53,7 @@ def read_auth_file(path: Path) -> dict[str, str]:
             continue
         fields = re.findall(r'"((?:[^"]|"")*)"', line)
         if len(fields) < 2:
-            raise ConfigError(
-                f'{path}:{number}: expected "user" "password" (auth_file, PgBouncer userlist format)'
-            )
+            raise ConfigError(f'{path}:{number}: expected "user" "password" (auth_file, PgBouncer userlist format)')
         users[fields[0].replace('""', '"')] = fields[1].replace('""', '"')
     return users
 
@@ -79,30 +78,80 @@ class UserStore:
 
 
 class ScramServerExchange:
-    """One client's SCRAM-SHA-256 exchange, server side (channel binding not offered)."""
+    """One client's SCRAM-SHA-256 exchange, server side (RFC 5802/7677, no channel binding).
+
+    Hand-written rather than scramp's ScramServer: libpq always sends an empty user name
+    (``n=,``, PostgreSQL takes the name from the startup packet), which scramp rejects as
+    malformed, and the client-first message cannot be rewritten because it is signed into the
+    proof. scramp still derives the keys (:func:`auth_info_from_secret`).
+    """
 
     def __init__(self, store: UserStore, user: str) -> None:
         self._known = user in store
-        self._server = _MECHANISM.make_server(lambda _name: store.auth_info(user))
+        self._salt, self._stored_key, self._server_key, self._iterations = store.auth_info(user)
+        self._gs2_header = ""
+        self._client_first_bare = ""
+        self._server_first = ""
+        self._nonce = ""
+
+    @staticmethod
+    def _attributes(text: str) -> dict[str, str]:
+        attrs: dict[str, str] = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or len(key) != 1:
+                raise AuthenticationFailed("malformed SCRAM message", reason="auth")
+            attrs[key] = value
+        return attrs
 
     def first(self, client_first: bytes) -> bytes:
         """SASLInitialResponse data -> server-first message (raises AuthenticationFailed)."""
         try:
-            self._server.set_client_first(client_first.decode())
-            return str(self._server.get_server_first()).encode()
-        except (ScramException, UnicodeDecodeError) as exc:
-            raise AuthenticationFailed(f"SCRAM exchange failed: {exc}", reason="auth") from None
+            text = client_first.decode()
+        except UnicodeDecodeError:
+            raise AuthenticationFailed("malformed SCRAM message", reason="auth") from None
+        flag, _, rest = text.partition(",")
+        authzid, _, bare = rest.partition(",")
+        if flag not in ("n", "y") or authzid or not bare:
+            # "p=..." asks for channel binding, which is only offered as SCRAM-SHA-256-PLUS.
+            raise AuthenticationFailed("unsupported SCRAM channel binding or authzid", reason="auth")
+        client_nonce = self._attributes(bare).get("r", "")
+        if not client_nonce:
+            raise AuthenticationFailed("SCRAM client-first message has no nonce", reason="auth")
+        self._gs2_header = f"{flag},,"
+        self._client_first_bare = bare
+        self._nonce = client_nonce + secrets.token_urlsafe(18)
+        salt = base64.b64encode(self._salt).decode()
+        self._server_first = f"r={self._nonce},s={salt},i={self._iterations}"
+        return self._server_first.encode()
 
     def final(self, client_final: bytes) -> bytes:
         """SASLResponse data -> server-final message; raises AuthenticationFailed on a wrong password."""
+        failed = AuthenticationFailed("password authentication failed", reason="auth")
         try:
-            self._server.set_client_final(client_final.decode())
-            result = str(self._server.get_server_final()).encode()
-        except (ScramException, UnicodeDecodeError):
-            raise AuthenticationFailed("password authentication failed", reason="auth") from None
-        if not self._known:
-            raise AuthenticationFailed("password authentication failed", reason="auth")
-        return result
+            text = client_final.decode()
+        except UnicodeDecodeError:
+            raise failed from None
+        without_proof, sep, proof_b64 = text.rpartition(",p=")
+        if not sep:
+            raise failed
+        attrs = self._attributes(without_proof)
+        expected_binding = base64.b64encode(self._gs2_header.encode()).decode()
+        if attrs.get("c") != expected_binding or attrs.get("r") != self._nonce:
+            raise failed
+        try:
+            proof = base64.b64decode(proof_b64, validate=True)
+        except ValueError:
+            raise failed from None
+        auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
+        signature = hmac.digest(self._stored_key, auth_message, "sha256")
+        if len(proof) != len(signature):
+            raise failed
+        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self._stored_key) or not self._known:
+            raise failed
+        server_signature = hmac.digest(self._server_key, auth_message, "sha256")
+        return b"v=" + base64.b64encode(server_signature)
 
 
 class UpstreamAuth:

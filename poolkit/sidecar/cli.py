@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from poolkit.errors import ConfigError, SidecarError
+from poolkit.log import configure_globally
 from poolkit.sidecar.config import load_sidecar_settings
 
 # flag dest -> setting name
@@ -36,16 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--upstream", choices=["auto", "pooled", "direct"], help="forward to the pooled or the direct URL"
     )
-    parser.add_argument(
-        "--auth-type", choices=["auto", "scram-sha-256", "trust"], help="client authentication"
-    )
+    parser.add_argument("--auth-type", choices=["auto", "scram-sha-256", "trust"], help="client authentication")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {
-        setting: getattr(args, dest)
-        for dest, setting in _FLAGS.items()
-        if getattr(args, dest, None) is not None
+        setting: getattr(args, dest) for dest, setting in _FLAGS.items() if getattr(args, dest, None) is not None
     }
     if getattr(args, "no_http", False):
         overrides["http_enabled"] = False
@@ -56,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the sidecar in the foreground; 0 after a clean SIGTERM drain, 2 for bad settings."""
     from poolkit.sidecar.app import run_sidecar  # noqa: PLC0415 - keep `poolkit --help` fast
 
+    # The sidecar owns its process: its lifecycle events (started, draining, reloaded) are INFO.
+    configure_globally(level=logging.INFO)
     overrides = overrides_from(args)
     config_file = getattr(args, "config", None)
     try:
@@ -73,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="poolkit sidecar", description="PostgreSQL transaction-pooling sidecar"
-    )
+    parser = argparse.ArgumentParser(prog="poolkit sidecar", description="PostgreSQL transaction-pooling sidecar")
     add_arguments(parser)
     return run(parser.parse_args(argv))

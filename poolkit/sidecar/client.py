@@ -38,6 +38,46 @@ _INTERNAL_QUERY_TIMEOUT = 10.0
 class ClientConnection(asyncio.Protocol):
     """A client of the sidecar. While it holds ``server``, bytes flow both ways untouched."""
 
+    # Slots: thousands of idle clients each cost one of these objects.
+    __slots__ = (
+        "_early",
+        "_exchange",
+        "_login_timer",
+        "_reader",
+        "_sasl_started",
+        "_startup",
+        "_wanted_key",
+        "admin",
+        "app",
+        "buffer",
+        "buffered",
+        "close_after_release",
+        "closed",
+        "connect_time",
+        "database",
+        "dirty",
+        "input_paused",
+        "linking",
+        "loopback",
+        "peer",
+        "pending",
+        "pool",
+        "process_id",
+        "request_time",
+        "scanner",
+        "secret_key",
+        "server",
+        "state",
+        "tls",
+        "transport",
+        "unix",
+        "user",
+        "wait_started",
+        "waiting",
+        "wanted",
+        "write_paused",
+    )
+
     def __init__(self, app: Sidecar, *, unix: bool = False) -> None:
         self.app = app
         self.pool = app.pool
@@ -72,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         self._reader: MessageReader | None = None
         self._exchange: ScramServerExchange | None = None
         self._sasl_started = False
+        self._wanted_key: tuple[tuple[str, str], ...] | None = None
         self._early = b""
         self._login_timer: asyncio.TimerHandle | None = None
 
@@ -196,12 +237,25 @@ class ClientConnection(asyncio.Protocol):
         server.client = self
         server.assigned_at = now
         server.query_started = now
-        changes = parameter_changes(self.wanted, server.current, server.defaults)
-        if changes:
-            self.linking = server
-            self.app.spawn(self._sync_then_link(server, changes))
-            return
+        key = self.wanted_key()
+        if server.session_key != key:
+            changes = parameter_changes(self.wanted, server.current, server.defaults)
+            if changes:
+                self.linking = server
+                self.app.spawn(self._sync_then_link(server, changes))
+                return
+            server.session_key = key
         self._link(server)
+
+    def wanted_key(self) -> tuple[tuple[str, str], ...]:
+        """A hashable snapshot of ``wanted`` (call :meth:`set_wanted` to change a setting)."""
+        if self._wanted_key is None:
+            self._wanted_key = tuple(sorted(self.wanted.items()))
+        return self._wanted_key
+
+    def set_wanted(self, name: str, value: str) -> None:
+        self.wanted[name] = value
+        self._wanted_key = None
 
     def _link(self, server: ServerConnection) -> None:
         self.server = server
@@ -236,11 +290,10 @@ class ClientConnection(asyncio.Protocol):
             self.linking = None
             self.pool.server_broken(server, f"session parameter sync failed: {exc!r}")
             if not self.closed:
-                self.fatal(
-                    "08006", f"the server connection of pool {self.pool.name!r} failed while being set up"
-                )
+                self.fatal("08006", f"the server connection of pool {self.pool.name!r} failed while being set up")
             return
         self.linking = None
+        server.session_key = self.wanted_key()
         if self.closed:
             server.client = None
             self.pool.release(server, time.monotonic())
@@ -293,9 +346,7 @@ class ClientConnection(asyncio.Protocol):
         elif action is ClientGone.ROLLBACK:
             self.app.spawn(self._rollback(server))
         else:
-            log.info(
-                "server_closed", pool=self.pool.name, server=server.describe(), reason="client left mid-query"
-            )
+            log.info("server_closed", pool=self.pool.name, server=server.describe(), reason="client left mid-query")
             server.state = "closed"
             self.pool.servers.discard(server)
             server.close("client gone")
@@ -310,6 +361,7 @@ class ClientConnection(asyncio.Protocol):
                     error = await server.run_internal(pool.reset_query)
                     if error is None and pool.reset_query.upper().endswith("ALL"):
                         server.current = dict(server.defaults)
+                        server.session_key = None
         except (Exception, asyncio.CancelledError) as exc:
             error = {"M": repr(exc)}
         if error is not None:
@@ -430,9 +482,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.app.client_tls_context is not None
         loop = asyncio.get_running_loop()
         try:
-            transport = await loop.start_tls(
-                self.transport, self, self.app.client_tls_context, server_side=True
-            )
+            transport = await loop.start_tls(self.transport, self, self.app.client_tls_context, server_side=True)
         except (OSError, ValueError, ConnectionError) as exc:
             log.info("client_tls_failed", client=self.describe(), error=str(exc))
             self.transport.abort()
@@ -457,9 +507,7 @@ class ClientConnection(asyncio.Protocol):
         self.user = user
         self.database = params.get("database") or user
         if app.settings.effective_client_tls == "require" and not self.tls and not self.unix:
-            self._login_failed(
-                "28000", "the sidecar requires TLS (client_tls=require): connect with sslmode=require"
-            )
+            self._login_failed("28000", "the sidecar requires TLS (client_tls=require): connect with sslmode=require")
             return
         if params.get("options", "").strip():
             self._login_failed(
@@ -485,6 +533,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             wanted[name.lower()] = value
         self.wanted = wanted
+        self._wanted_key = None
         if settings.effective_auth_type == "trust":
             if not self.loopback:
                 self._login_failed(

@@ -180,8 +180,7 @@ class SidecarSettings(BaseSettings):
         if mode in ("allow", "prefer"):
             raise _FieldError(
                 self.upstream_field(),
-                f"has sslmode={mode}, which silently falls back to plain text; "
-                "use sslmode=require or verify-full",
+                f"has sslmode={mode}, which silently falls back to plain text; use sslmode=require or verify-full",
             )
         if mode == "disable" and not dsn.is_loopback:
             raise _FieldError(
@@ -189,11 +188,7 @@ class SidecarSettings(BaseSettings):
                 f"asks for sslmode=disable on host {dsn.host!r}; plain text is only allowed to a loopback "
                 "host or Unix socket",
             )
-        if (
-            mode in ("verify-ca", "verify-full")
-            and self.sslrootcert is None
-            and "sslrootcert" not in dsn.query
-        ):
+        if mode in ("verify-ca", "verify-full") and self.sslrootcert is None and "sslrootcert" not in dsn.query:
             raise _FieldError("sslrootcert", f"sslmode={mode} needs the CA file: set POOLKIT_SSLROOTCERT")
         if self.effective_auth_type == "scram-sha-256" and not self.users and self.auth_file is None:
             raise _FieldError(
@@ -201,9 +196,7 @@ class SidecarSettings(BaseSettings):
                 "is scram-sha-256 but no users are configured: set POOLKIT_SIDECAR_USERS "
                 '(JSON, e.g. {"app": "secret"}) or POOLKIT_SIDECAR_AUTH_FILE (PgBouncer userlist.txt)',
             )
-        if self.effective_client_tls != "disable" and (
-            self.tls_cert_file is None or self.tls_key_file is None
-        ):
+        if self.effective_client_tls != "disable" and (self.tls_cert_file is None or self.tls_key_file is None):
             raise _FieldError(
                 "client_tls",
                 f"is {self.client_tls} but tls_cert_file and tls_key_file are not both set",

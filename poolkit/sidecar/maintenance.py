@@ -81,9 +81,7 @@ class IdleTransactionReaper(MaintenanceTask):
                 and client.pending <= 0
                 and now - server.last_ready >= timeout
             ):
-                log.warning(
-                    "idle_transaction_timeout", pool=self.pool.name, client=client.describe(), seconds=timeout
-                )
+                log.warning("idle_transaction_timeout", pool=self.pool.name, client=client.describe(), seconds=timeout)
                 client.fatal(
                     "25P03",
                     f"terminating connection due to idle-in-transaction timeout ({timeout:g}s, "

@@ -118,9 +118,7 @@ class SidecarCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         pools = self._pools()
-        clients = GaugeMetricFamily(
-            "poolkit_sidecar_clients", "Client connections by state.", labels=["pool", "state"]
-        )
+        clients = GaugeMetricFamily("poolkit_sidecar_clients", "Client connections by state.", labels=["pool", "state"])
         servers = GaugeMetricFamily(
             "poolkit_sidecar_servers",
             "Upstream server connections by state.",
@@ -144,9 +142,7 @@ class SidecarCollector(Collector):
             "received_bytes": CounterMetricFamily(
                 "poolkit_sidecar_received_bytes", "Bytes received from clients.", labels=["pool"]
             ),
-            "sent_bytes": CounterMetricFamily(
-                "poolkit_sidecar_sent_bytes", "Bytes sent to clients.", labels=["pool"]
-            ),
+            "sent_bytes": CounterMetricFamily("poolkit_sidecar_sent_bytes", "Bytes sent to clients.", labels=["pool"]),
         }
         upstream_errors = CounterMetricFamily(
             "poolkit_sidecar_upstream_errors", "Upstream connection errors by kind.", labels=["pool", "kind"]

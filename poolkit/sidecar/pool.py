@@ -63,9 +63,7 @@ class UpstreamPool:
         """Apply (re)loaded settings. A new upstream URL retires the old connections as they free up."""
         dsn = settings.upstream_dsn()
         old = getattr(self, "dsn", None)
-        if old is not None and (
-            old.to_url() != dsn.to_url() or settings.sslrootcert != self.settings.sslrootcert
-        ):
+        if old is not None and (old.to_url() != dsn.to_url() or settings.sslrootcert != self.settings.sslrootcert):
             self.generation += 1
             self.welcome = None
             for server in list(self.idle):
@@ -117,7 +115,8 @@ class UpstreamPool:
         client.wait_started = now
         if self._wait_timer is None and self.query_wait_timeout > 0:
             self._arm_wait_timer(now)
-        self._fill()
+        if len(self.servers) < self.max_size:  # at max_size (the busy steady state) nothing to open
+            self._fill()
         return None
 
     def release(self, server: ServerConnection, now: float) -> None:
@@ -131,9 +130,7 @@ class UpstreamPool:
             or server.scanner.status != IDLE
             or server.transport is None
             or server.transport.is_closing()
-            or (
-                self.settings.server_lifetime > 0 and now - server.created_at >= self.settings.server_lifetime
-            )
+            or (self.settings.server_lifetime > 0 and now - server.created_at >= self.settings.server_lifetime)
         ):
             server.state = "closed"
             self.servers.discard(server)
@@ -242,9 +239,7 @@ class UpstreamPool:
                 break
             self.stats.query_wait_timeouts += 1
             waited = now - client.wait_started
-            text = pool_exhausted_message(
-                pool=self.name, max_size=self.max_size, waited=waited, waiting=len(waiters)
-            )
+            text = pool_exhausted_message(pool=self.name, max_size=self.max_size, waited=waited, waiting=len(waiters))
             log.warning(
                 "pool_exhausted",
                 pool=self.name,
@@ -297,11 +292,7 @@ class UpstreamPool:
             return
         self.connecting -= 1
         self.last_error = None
-        if (
-            server.state == "connecting"
-            and server.transport is not None
-            and not server.transport.is_closing()
-        ):
+        if server.state == "connecting" and server.transport is not None and not server.transport.is_closing():
             server.state = "active"
             if self.welcome is None:
                 self.welcome = list(server.reported)
@@ -322,9 +313,7 @@ class UpstreamPool:
         kind = _error_kind(exc)
         self.stats.upstream_errors[kind] += 1
         self.last_error = message
-        log.warning(
-            "upstream_connect_failed", pool=self.name, kind=kind, error=message, seconds=round(elapsed, 3)
-        )
+        log.warning("upstream_connect_failed", pool=self.name, kind=kind, error=message, seconds=round(elapsed, 3))
         error = ConnectError(message, reason=kind)
         self._wake_welcome(error)
         # With no live server, nobody would serve the waiting clients: tell them now instead of

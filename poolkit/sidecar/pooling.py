@@ -10,7 +10,7 @@ from typing import Final
 from poolkit.sidecar.protocol import IDLE
 
 
-def should_release(*, status: int, pending: int, unsynced: bool, client_at_boundary: bool) -> bool:
+def should_release(status: int, pending: int, unsynced: bool, client_at_boundary: bool) -> bool:
     """After a ReadyForQuery: give the server connection back to the pool?
 
     As in PgBouncer's transaction mode, ReadyForQuery's status decides: ``I`` releases, ``T``/``E``
@@ -130,7 +130,10 @@ def parameter_changes(
         if not same_setting(name, current.get(name), value):
             changes.append((name, value))
     for name, value in current.items():
-        if name not in wanted and name in defaults and not same_setting(name, value, defaults[name]):
+        if name in wanted:
+            continue
+        if name not in defaults or not same_setting(name, value, defaults[name]):
+            # Not at its login value (or set by us without a known default): RESET is always right.
             changes.append((name, None))
     return changes
 

@@ -97,8 +97,10 @@ IN_TRANSACTION: Final = ord("T")
 FAILED_TRANSACTION: Final = ord("E")
 
 
-def _bad_header(side: str, type_byte: int, length: int, limit: int) -> ProtocolError:
+def _bad_header(side: str, type_byte: int, length: int, limit: int, *, known: bool = True) -> ProtocolError:
     shown = repr(bytes([type_byte]))
+    if not known:
+        return ProtocolError(f"{side} sent {shown}, which is not a PostgreSQL protocol v3 message type")
     if length > limit:
         return ProtocolError(
             f"{side} message {shown} claims {length} bytes, over the limit of {limit} "
@@ -167,7 +169,7 @@ class FrontendScanner:
             kind = kinds[data[pos]]
             (length,) = unpack(data, pos + 1)
             if kind == F_INVALID or length < 4 or length > limit:
-                raise _bad_header("client", data[pos], length, limit)
+                raise _bad_header("client", data[pos], length, limit, known=kind != F_INVALID)
             if kind == F_EXTENDED:
                 self.unsynced = True
             elif kind == F_SYNC:
@@ -254,13 +256,15 @@ class BackendScanner:
             kind = kinds[data[pos]]
             (length,) = unpack(data, pos + 1)
             if kind == B_INVALID or length < 4 or length > limit:
-                raise _bad_header("server", data[pos], length, limit)
+                raise _bad_header("server", data[pos], length, limit, known=kind != B_INVALID)
             end = pos + 1 + length
             if kind != B_PLAIN:
                 if kind == B_ERROR:
                     self.errors += 1
                 else:
-                    if length > MAX_INSPECTED_SIZE or (kind == B_READY and length != 5):
+                    if kind == B_READY and length != 5:
+                        raise ProtocolError(f"server sent a ReadyForQuery of length {length}; it is always 5")
+                    if length > MAX_INSPECTED_SIZE:
                         raise _bad_header("server", data[pos], length, MAX_INSPECTED_SIZE)
                     if end > n:
                         self._partial = data[pos:]
@@ -542,9 +546,7 @@ def terminate() -> bytes:
 
 
 def negotiate_protocol_version(minor: int, unsupported: list[str]) -> bytes:
-    return message(
-        b"v", _I32.pack(minor) + _I32.pack(len(unsupported)) + b"".join(_cstr(o) for o in unsupported)
-    )
+    return message(b"v", _I32.pack(minor) + _I32.pack(len(unsupported)) + b"".join(_cstr(o) for o in unsupported))
 
 
 def error_response(

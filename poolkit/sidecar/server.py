@@ -55,6 +55,9 @@ class ServerConnection(asyncio.Protocol):
         self.defaults: dict[str, str] = {}  # lower-case name -> value at login
         self.current: dict[str, str] = {}  # lower-case name -> value now
         self.prepared: dict[bytes, bytes] = {}
+        # The settings key of the last client this session was aligned for: when the next client
+        # has the same key, comparing settings is skipped (the usual case: one app, one key).
+        self.session_key: tuple[tuple[str, str], ...] | None = None
         now = time.monotonic()
         self.created_at = now
         self.idle_since = now
@@ -106,12 +109,8 @@ class ServerConnection(asyncio.Protocol):
                 self.pool.slow_query(client, elapsed)
             client.pending -= ready
             cscan = client.scanner
-            if should_release(
-                status=self.scanner.status,
-                pending=client.pending,
-                unsynced=cscan.unsynced,
-                client_at_boundary=cscan.at_boundary,
-            ):
+            # Positional: this runs once per transaction on the hot path.
+            if should_release(self.scanner.status, client.pending, cscan.unsynced, cscan.at_boundary):
                 client.release_server(now)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -139,12 +138,13 @@ class ServerConnection(asyncio.Protocol):
     def _parameters_changed(self, client: ClientConnection | None) -> None:
         params = self.scanner.parameters or []
         self.scanner.parameters = None
+        self.session_key = None  # the session changed: compare settings again at the next hand-out
         for name, value in params:
             key = name.lower()
             self.current[key] = value
             if client is not None and key in TRACKED_PARAMETERS:
                 # The client changed it itself (SET): it expects it in its next transactions too.
-                client.wanted[key] = value
+                client.set_wanted(key, value)
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -284,6 +284,7 @@ class ServerConnection(asyncio.Protocol):
             elif kind == b"S":
                 name, value = protocol.parse_parameter_status(body)
                 self.current[name.lower()] = value
+                self.session_key = None
             elif kind == b"Z":
                 self.scanner.status = body[0] if body else IDLE
                 break

@@ -1,0 +1,173 @@
+"""Side-by-side pgbench: direct PostgreSQL vs PgBouncer vs the poolkit sidecar; plus idle-client memory.
+
+Usage: .venv/bin/python bench/bench_sidecar.py [--seconds 10] [--pool-size 3] [--idle-clients 5000]
+
+Every target gets the same upstream pool size; PgBouncer and the sidecar both reach PostgreSQL
+over TLS (sslmode=require) and authenticate clients with SCRAM; pgbench talks plain TCP to both
+poolers. Direct PostgreSQL only accepts TLS, so its numbers include TLS on every connection.
+Machines are noisy: compare the columns of one run, never runs on different days.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from poolkit.devstack import DevStack, find_pg_binary
+
+WORKLOADS = [
+    ("-S -c 10", ["-S", "-c", "10"]),
+    ("-S -c 50", ["-S", "-c", "50"]),
+    ("-S -C -c 50", ["-S", "-C", "-c", "50"]),
+]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pgbench(url: str, args: list[str], seconds: int) -> float:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    argv = [str(find_pg_binary("pgbench")), "-n", "-M", "simple", "-j", "2", "-T", str(seconds), *args, url]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=seconds * 4 + 120, check=False)
+    match = re.search(r"tps = ([\d.]+) \(", done.stdout)
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"pgbench failed ({done.returncode}): {done.stderr[-2000:]}")
+    return float(match.group(1))
+
+
+def start_sidecar(stack: DevStack, pool_size: int, port: int, http_port: int) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POOLKIT_") and k != "DATABASE_URL"}
+    env.update(
+        {
+            "POOLKIT_DIRECT_URL": stack.url(via="direct", sslmode="require"),
+            "POOLKIT_SIDECAR_UPSTREAM": "direct",
+            "POOLKIT_SIDECAR_MAX_SIZE": str(pool_size),
+            "POOLKIT_SIDECAR_USERS": json.dumps({stack.app_user: stack.app_password}),
+            "POOLKIT_SIDECAR_MAX_CLIENT_CONN": "20000",
+            "POOLKIT_SIDECAR_QUERY_WAIT_TIMEOUT": "120",
+        }
+    )
+    argv = [sys.executable, "-m", "poolkit.sidecar", "--listen-port", str(port), "--http-port", str(http_port)]
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the sidecar did not start")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def hold_idle_clients(port: int, user: str, password: str, count: int) -> list[object]:
+    import asyncpg  # noqa: PLC0415
+
+    conns: list[object] = []
+    for start in range(0, count, 200):
+        batch = await asyncio.gather(
+            *(
+                asyncpg.connect(
+                    host="127.0.0.1",
+                    port=port,
+                    user=user,
+                    password=password,
+                    database="app",
+                    ssl=False,
+                    statement_cache_size=0,
+                )
+                for _ in range(min(200, count - start))
+            )
+        )
+        conns.extend(batch)
+    return conns
+
+
+def idle_memory(pid: int, port: int, user: str, password: str, count: int) -> tuple[int, int]:
+    async def run() -> tuple[int, int]:
+        before = rss_kib(pid)
+        conns = await hold_idle_clients(port, user, password, count)
+        await asyncio.sleep(1.0)
+        after = rss_kib(pid)
+        await asyncio.gather(*(c.close() for c in conns))  # type: ignore[attr-defined]
+        return before, after
+
+    return asyncio.run(run())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--pool-size", type=int, default=3)
+    parser.add_argument("--idle-clients", type=int, default=5000)
+    args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+    with DevStack(max_connections=100, pgbouncer_max_client_conn=20000) as stack:
+        bouncer = stack.start_pgbouncer(
+            client_tls=False, pool_size=args.pool_size, log_connections="0", log_disconnections="0"
+        )
+        init = subprocess.run(
+            [str(find_pg_binary("pgbench")), "-i", "-q", "-s", "1", stack.url(via="direct")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if init.returncode != 0:
+            raise RuntimeError(init.stderr)
+        port, http_port = free_port(), free_port()
+        sidecar = start_sidecar(stack, args.pool_size, port, http_port)
+        try:
+            targets = {
+                "direct": stack.url(via="direct", sslmode="require"),
+                "pgbouncer": bouncer.url(sslmode="disable"),
+                "sidecar": f"postgresql://{stack.app_user}:{stack.app_password}@127.0.0.1:{port}/app?sslmode=disable",
+            }
+            print(f"pgbench -M simple -j 2 -T {args.seconds}; pool size {args.pool_size} for both poolers")
+            print(f"{'workload':<14}{'direct':>10}{'pgbouncer':>11}{'sidecar':>10}{'sidecar/pgb':>13}")
+            for name, wargs in WORKLOADS:
+                tps = {target: pgbench(url, wargs, args.seconds) for target, url in targets.items()}
+                ratio = tps["sidecar"] / tps["pgbouncer"]
+                print(f"{name:<14}{tps['direct']:>10.0f}{tps['pgbouncer']:>11.0f}{tps['sidecar']:>10.0f}{ratio:>13.2f}")
+            if args.idle_clients:
+                before, after = idle_memory(sidecar.pid, port, stack.app_user, stack.app_password, args.idle_clients)
+                per = (after - before) / args.idle_clients
+                print(
+                    f"sidecar RSS with {args.idle_clients} idle clients: {before} KiB -> {after} KiB "
+                    f"= {per:.1f} KiB per client"
+                )
+        finally:
+            sidecar.send_signal(signal.SIGTERM)
+            try:
+                sidecar.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                sidecar.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    tempfile.tempdir = tempfile.gettempdir()
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Django's command-line utility for the poolkit example project (``python manage.py migrate --database direct``)."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "exampleproject.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)

@@ -1,0 +1,1 @@
+"""Framework fit: FastAPI/Starlette lifespan (``poolkit.integrations.fastapi``) and Django DATABASES (``.django``)."""

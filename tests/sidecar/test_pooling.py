@@ -1,0 +1,121 @@
+"""Pure pooling decisions, without sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from poolkit.sidecar.pooling import (
+    ClientGone,
+    connections_to_open,
+    on_client_gone,
+    parameter_changes,
+    pool_exhausted_message,
+    quote_literal,
+    same_setting,
+    server_expired,
+    set_statements,
+    should_release,
+)
+from poolkit.sidecar.protocol import FAILED_TRANSACTION, IDLE, IN_TRANSACTION
+
+
+@pytest.mark.parametrize(
+    ("status", "pending", "unsynced", "boundary", "release"),
+    [
+        (IDLE, 0, False, True, True),
+        (IN_TRANSACTION, 0, False, True, False),  # BEGIN ... keeps the server
+        (FAILED_TRANSACTION, 0, False, True, False),  # an error inside a transaction keeps it until ROLLBACK
+        (IDLE, 1, False, True, False),  # a pipelined query is still owed its answer
+        (IDLE, 0, True, True, False),  # Parse/Bind sent without Sync
+        (IDLE, 0, False, False, False),  # half a message forwarded
+    ],
+)
+def test_should_release(status: int, pending: int, unsynced: bool, boundary: bool, release: bool) -> None:
+    assert should_release(status, pending, unsynced, boundary) is release
+
+
+@pytest.mark.parametrize(
+    ("status", "pending", "unsynced", "client_ok", "server_ok", "action"),
+    [
+        (IDLE, 0, False, True, True, ClientGone.RELEASE),
+        (IN_TRANSACTION, 0, False, True, True, ClientGone.ROLLBACK),
+        (FAILED_TRANSACTION, 0, False, True, True, ClientGone.ROLLBACK),
+        (IN_TRANSACTION, 1, False, True, True, ClientGone.CLOSE),  # a query still running
+        (IDLE, 0, True, True, True, ClientGone.CLOSE),  # a Sync now would commit the implicit transaction
+        (IN_TRANSACTION, 0, False, False, True, ClientGone.CLOSE),
+        (IN_TRANSACTION, 0, False, True, False, ClientGone.CLOSE),
+    ],
+)
+def test_on_client_gone(  # noqa: PLR0917 - one argument per parametrize column
+    status: int, pending: int, unsynced: bool, client_ok: bool, server_ok: bool, action: ClientGone
+) -> None:
+    got = on_client_gone(
+        status=status,
+        pending=pending,
+        unsynced=unsynced,
+        client_at_boundary=client_ok,
+        server_at_boundary=server_ok,
+    )
+    assert got is action
+
+
+@pytest.mark.parametrize(
+    ("waiting", "connecting", "total", "max_size", "expected"),
+    [
+        (0, 0, 0, 3, 0),
+        (1, 0, 0, 3, 1),
+        (5, 0, 0, 3, 3),  # capped by max_size
+        (5, 1, 2, 3, 1),  # one already on its way
+        (2, 2, 2, 3, 0),  # each connecting server will serve one waiter
+        (10, 0, 3, 3, 0),
+        (3, 0, 5, 3, 0),  # shrunk by a reload: never negative
+    ],
+)
+def test_connections_to_open(waiting: int, connecting: int, total: int, max_size: int, expected: int) -> None:
+    assert connections_to_open(waiting=waiting, connecting=connecting, total=total, max_size=max_size) == expected
+
+
+def test_server_expired() -> None:
+    kwargs = {"created_at": 0.0, "idle_since": 90.0, "idle_timeout": 20.0, "lifetime": 3600.0}
+    assert server_expired(now=100.0, **kwargs) is None
+    assert server_expired(now=111.0, **kwargs) == "idle"
+    assert server_expired(now=3600.0, **kwargs) == "lifetime"
+    assert server_expired(now=10_000.0, created_at=0, idle_since=0, idle_timeout=0, lifetime=0) is None
+
+
+def test_pool_exhausted_message_names_pool_size_and_wait() -> None:
+    text = pool_exhausted_message(pool="app", max_size=3, waited=2.04, waiting=7)
+    assert 'pool "app"' in text
+    assert "all 3 server connections" in text
+    assert "2.0s" in text
+    assert "query_wait_timeout" in text
+    assert "7 other clients" in text
+
+
+def test_same_setting_ignores_spelling() -> None:
+    assert same_setting("client_encoding", "utf-8", "UTF8")
+    assert same_setting("client_encoding", "unicode", "UTF8")
+    assert same_setting("datestyle", "ISO, MDY", "iso,mdy")
+    assert not same_setting("timezone", "UTC", "Europe/Paris")
+    assert not same_setting("timezone", None, "UTC")
+
+
+def test_parameter_changes_sets_what_the_client_wants_and_resets_leftovers() -> None:
+    defaults = {"timezone": "UTC", "application_name": "poolkit-sidecar", "client_encoding": "UTF8"}
+    current = {**defaults, "timezone": "Asia/Tokyo", "extra_float_digits": "3"}
+    wanted = {"application_name": "pgbench", "client_encoding": "utf8"}
+    changes = parameter_changes(wanted, current, defaults)
+    assert ("application_name", "pgbench") in changes
+    assert ("timezone", None) in changes  # a previous client's SET TimeZone does not leak
+    assert ("extra_float_digits", None) in changes  # RESET also covers settings without a known default
+    assert all(name != "client_encoding" for name, _ in changes)  # same encoding, other spelling
+    assert parameter_changes(wanted, {**defaults, **wanted}, defaults) == []
+
+
+def test_set_statements_quote_values_and_refuse_bad_names() -> None:
+    sql = set_statements([("application_name", "it's"), ("search_path", r"a\b"), ("timezone", None)])
+    assert sql == "SET application_name TO 'it''s'; SET search_path TO E'a\\\\b'; RESET timezone"
+    with pytest.raises(ValueError, match="invalid setting name"):
+        set_statements([("x; drop table t", "1")])
+    with pytest.raises(ValueError, match="NUL"):
+        quote_literal("a\x00b")
