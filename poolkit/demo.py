@@ -54,7 +54,49 @@ async def _demo(queries: int, tasks: int) -> int:
             print(f"[{driver}] {pool!r}")
         finally:
             await pool.close()
+    failures += await _through_sidecar(queries, tasks)
     return 1 if failures else 0
+
+
+async def _through_sidecar(queries: int, tasks: int) -> int:
+    """App workload -> sidecar (in this process) -> PostgreSQL: the sidecar does the pooling."""
+    from poolkit.sidecar.app import Sidecar  # noqa: PLC0415 - the library part of the demo does not need it
+    from poolkit.sidecar.config import load_sidecar_settings  # noqa: PLC0415
+
+    base = load_settings()
+    direct = base.direct_dsn() or base.pooled_dsn()
+    sidecar = Sidecar(
+        load_sidecar_settings(
+            None,
+            direct_url=direct.to_url(),
+            upstream="direct",
+            listen_port=0,
+            http_port=0,
+            max_size=3,
+            auth_type="trust",
+        )
+    )
+    await sidecar.start()
+    try:
+        url = f"postgresql://{direct.user}@127.0.0.1:{sidecar.port}/{direct.database}?sslmode=disable"
+        # max_size=3 here is the app's pool; the sidecar multiplexes every app instance over its own 3.
+        pool = Pool(load_settings(pooled_url=url, pool_mode="transaction", max_size=3, name="demo-sidecar"))
+        try:
+            done, errors, seconds = await _workload(pool, queries, tasks)
+        finally:
+            await pool.close()
+        print(
+            f"\n[sidecar] {done} statements from {tasks} tasks through the sidecar on 127.0.0.1:{sidecar.port} "
+            f"in {seconds:.2f}s ({done / seconds:,.0f}/s), {errors} errors"
+        )
+        print(
+            f"[sidecar] metrics: http://127.0.0.1:{sidecar.http_port}/metrics (this demo's sidecar stops now; "
+            "run your own with `poolkit sidecar`)"
+        )
+        return errors
+    finally:
+        await sidecar.shutdown(5.0)
+        await sidecar.close()
 
 
 def run_demo(*, queries: int = 1000, tasks: int = 20) -> int:

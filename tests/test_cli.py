@@ -36,7 +36,9 @@ def test_demo_on_a_machine_with_no_database_configured() -> None:
     for driver in ("asyncpg", "psycopg"):
         assert f"[{driver}] detected transaction" in out
         assert f"[{driver}] 400 statements from 20 concurrent tasks" in out
-    assert out.count(", 0 errors") == 2
+    assert "[sidecar] 400 statements from 20 tasks through the sidecar" in out
+    assert out.count(", 0 errors") == 3
+    assert "/metrics" in out
     assert ":***@" in out  # the URL it shows is redacted
 
 

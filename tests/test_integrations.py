@@ -100,7 +100,11 @@ def manage(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_django_example_migrates_direct_and_serves_pooled(stack_env: DevStack) -> None:
+def test_django_example_migrates_direct_and_serves_pooled(stack_env: DevStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A PgBouncer of its own: the shared one's server connections carry prepared statements that other tests'
+    # raw-driver demonstrations left there on purpose, and this test counts them.
+    bouncer = stack_env.start_pgbouncer()
+    monkeypatch.setenv("POOLKIT_POOLED_URL", bouncer.url(pgbouncer="true"))
     stack_env.psql("DROP TABLE IF EXISTS poolkit_example_note; DROP TABLE IF EXISTS django_migrations CASCADE")
     checked = manage("check", "--database", "default")
     assert checked.returncode == 0, checked.stderr
