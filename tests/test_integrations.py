@@ -118,7 +118,7 @@ def test_django_example_migrates_direct_and_serves_pooled(stack_env: DevStack, m
     assert out["pooled"] is True
     assert out["server_side_cursors"] is False
     assert out["prepared_statements"] == 0
-    assert out["port"] == str(stack_env.pgbouncer_port)
+    assert out["port"] == str(bouncer.port)
 
 
 def test_django_settings_follow_the_detected_mode(stack_env: DevStack) -> None:
