@@ -168,3 +168,14 @@ def test_the_podmonitor_scrapes_the_sidecar_as_the_job_the_alerts_select() -> No
     assert selector.items() <= pod_labels.items()
     alerts = (REPO / "deploy/prometheus/alerts.yml").read_text()
     assert 'up{job="poolkit-sidecar"}' in alerts
+
+
+def test_configmap_sidecar_settings_are_real_settings() -> None:
+    """Every POOLKIT_SIDECAR_* name in the ConfigMap is a sidecar setting (a typo would be ignored silently)."""
+    from poolkit.sidecar.config import SidecarSettings
+
+    data = yaml.safe_load((REPO / "deploy" / "kubernetes" / "configmap.yaml").read_text())["data"]
+    names = [k for k in data if k.startswith("POOLKIT_SIDECAR_")]
+    assert names
+    for name in names:
+        assert name.removeprefix("POOLKIT_SIDECAR_").lower() in SidecarSettings.model_fields, name
