@@ -7,10 +7,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from test_rls import ALICE, BOB, PROBE, SETUP, claims  # type: ignore[import-not-found]
 
 from poolkit import create_pool
 from poolkit.devstack import DevStack
-from test_rls import ALICE, BOB, PROBE, SETUP, claims  # type: ignore[import-not-found]
 
 from .conftest import SidecarThread
 
