@@ -154,5 +154,6 @@ def normalize(sql: str, *, max_length: int = 1024) -> str:
         text = _VALUES_ROWS.sub(r"(\1, ...", text)
     if len(text) > max_length:
         keep = max(max_length - len(TRUNCATION_MARKER), 0)
-        text = (text[:keep].rstrip() + TRUNCATION_MARKER)[-max_length:] if max_length > 0 else ""
+        # With no room left for any SQL, the marker's leading space would be all that separates nothing.
+        text = (text[:keep].rstrip() + TRUNCATION_MARKER)[-max_length:].strip() if max_length > 0 else ""
     return text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from poolkit.sqlnorm import TRUNCATION_MARKER, normalize
@@ -77,6 +77,7 @@ def test_tiny_caps_never_exceed_the_limit() -> None:
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 @given(sql=st.text(), max_length=st.integers(min_value=0, max_value=300))
+@example(sql="0:0:0:0:0:0A0000", max_length=len(TRUNCATION_MARKER))  # found by CI: marker alone, no SQL left
 def test_any_text_never_raises_and_respects_the_cap(sql: str, max_length: int) -> None:
     out = normalize(sql, max_length=max_length)
     assert isinstance(out, str)
