@@ -11,11 +11,19 @@ A missing PostgreSQL/PgBouncer binary fails the session with the install command
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from poolkit.devstack import DevStack
+
+# CI runs a fixed set of generated examples so a red build is reproducible; local runs keep exploring
+# (and what they find goes into the tests as @example).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Variables that would change what poolkit connects to; cleared by ``stack_env``.
 URL_ENV_NAMES = (
