@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from poolkit.dsn import Dsn
+from poolkit.errors import ConfigError
 
 # Ports the transaction poolers listen on: Supavisor/Supabase 6543, PgBouncer's Supabase default 6553.
 TRANSACTION_POOLER_PORTS = frozenset({6543, 6553})
@@ -92,6 +93,39 @@ def tls_config(dsn: Dsn, sslmode: str | None, rootcert: Path | None) -> TlsConfi
     mode = sslmode or dsn.query.get("sslmode") or "require"
     cert = rootcert or (Path(dsn.query["sslrootcert"]) if dsn.query.get("sslrootcert") else None)
     return TlsConfig(mode, cert)
+
+
+def pool_target(pooled: Dsn, direct: Dsn | None, *, route: str, override: str) -> tuple[Dsn, Detection]:
+    """Where a pool on ``route`` connects, and what is there (shared by the async and sync pools)."""
+    if route == "pooled":
+        return pooled, detect_mode(pooled, override)
+    if direct is None:
+        raise ConfigError(
+            "no direct URL is configured: set POOLKIT_DIRECT_URL (or DIRECT_DATABASE_URL / "
+            "POSTGRES_URL_NON_POOLING) to the database's direct address (Supabase: port 5432)"
+        )
+    return direct, Detection(Mode.DIRECT, "the direct URL")
+
+
+def psycopg_connect_kwargs(
+    dsn: Dsn, mode: Mode, tls: TlsConfig, *, application_name: str, connect_timeout: float
+) -> dict[str, Any]:
+    """libpq keywords for psycopg (async and sync pools): the URL's own, TLS, and the statement options."""
+    kwargs: dict[str, Any] = {
+        "host": dsn.host,
+        "port": dsn.port,
+        "user": dsn.user,
+        "dbname": dsn.database,
+        "application_name": application_name,
+        # libpq rounds connect_timeout up to 2 s and takes whole seconds.
+        "connect_timeout": max(2, round(connect_timeout)),
+        **tls.libpq_params(),
+        **dsn.without_params(*TOOL_ONLY_PARAMS).query,
+        **psycopg_statement_options(mode),
+    }
+    if dsn.password is not None:
+        kwargs["password"] = dsn.password
+    return kwargs
 
 
 def prepared_statements_allowed(mode: Mode) -> bool:

@@ -6,7 +6,7 @@ import asyncio
 import os
 import select
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from typing import Any, Literal
 
 import asyncpg
@@ -15,9 +15,9 @@ from psycopg_pool import AsyncConnectionPool
 from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
 
 from poolkit import detect
-from poolkit.detect import Detection, Mode
+from poolkit.detect import Mode
 from poolkit.dsn import Dsn
-from poolkit.errors import ConfigError, ConnectError, ConnectTimeout, PoolClosed, PoolTimeout
+from poolkit.errors import ConnectError, ConnectTimeout, PoolClosed, PoolTimeout
 from poolkit.metrics import count_routed
 from poolkit.observe import Observer
 from poolkit.routing import classify
@@ -54,70 +54,34 @@ class PoolkitAsyncpgConnection(asyncpg.Connection):  # type: ignore[misc]
         self._poolkit_idle_since: float | None = time.monotonic()
         self._poolkit_obs: Observer | None = None
 
-    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+    async def _observed(self, query: str, call: Coroutine[Any, Any, Any]) -> Any:
         obs = self._poolkit_obs
         if obs is None:
-            return await super().execute(query, *args, timeout=timeout)
+            return await call
         t0 = time.perf_counter()
         try:
-            result = await super().execute(query, *args, timeout=timeout)
+            result = await call
         except BaseException as exc:
             obs.query(query, time.perf_counter() - t0, exc)
             raise
         obs.query(query, time.perf_counter() - t0, None)
         return result
 
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self._observed(query, super().execute(query, *args, timeout=timeout))
+
     async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> Any:
-        obs = self._poolkit_obs
-        t0 = time.perf_counter()
-        try:
-            result = await super().executemany(command, args, timeout=timeout)
-        except BaseException as exc:
-            if obs is not None:
-                obs.query(command, time.perf_counter() - t0, exc)
-            raise
-        if obs is not None:
-            obs.query(command, time.perf_counter() - t0, None)
-        return result
+        return await self._observed(command, super().executemany(command, args, timeout=timeout))
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> Any:
-        obs = self._poolkit_obs
-        t0 = time.perf_counter()
-        try:
-            result = await super().fetch(query, *args, timeout=timeout, record_class=record_class)
-        except BaseException as exc:
-            if obs is not None:
-                obs.query(query, time.perf_counter() - t0, exc)
-            raise
-        if obs is not None:
-            obs.query(query, time.perf_counter() - t0, None)
-        return result
+        return await self._observed(query, super().fetch(query, *args, timeout=timeout, record_class=record_class))
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> Any:
-        obs = self._poolkit_obs
-        t0 = time.perf_counter()
-        try:
-            result = await super().fetchrow(query, *args, timeout=timeout, record_class=record_class)
-        except BaseException as exc:
-            if obs is not None:
-                obs.query(query, time.perf_counter() - t0, exc)
-            raise
-        if obs is not None:
-            obs.query(query, time.perf_counter() - t0, None)
-        return result
+        call = super().fetchrow(query, *args, timeout=timeout, record_class=record_class)
+        return await self._observed(query, call)
 
     async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
-        obs = self._poolkit_obs
-        t0 = time.perf_counter()
-        try:
-            result = await super().fetchval(query, *args, column=column, timeout=timeout)
-        except BaseException as exc:
-            if obs is not None:
-                obs.query(query, time.perf_counter() - t0, exc)
-            raise
-        if obs is not None:
-            obs.query(query, time.perf_counter() - t0, None)
-        return result
+        return await self._observed(query, super().fetchval(query, *args, column=column, timeout=timeout))
 
 
 class _ObservedAsyncCursor(psycopg.AsyncCursor[Any]):
@@ -504,18 +468,9 @@ class Pool:
         self.route: Route = route
         self.profile = settings.profile
         self.max_size = settings.max_size
-        if route == "pooled":
-            self.dsn = settings.pooled_dsn()
-            self.detection = detect.detect_mode(self.dsn, settings.pool_mode)
-        else:
-            direct = settings.direct_dsn()
-            if direct is None:
-                raise ConfigError(
-                    "no direct URL is configured: set POOLKIT_DIRECT_URL (or DIRECT_DATABASE_URL / "
-                    "POSTGRES_URL_NON_POOLING) to the database's direct address (Supabase: port 5432)"
-                )
-            self.dsn = direct
-            self.detection = Detection(Mode.DIRECT, "the direct URL")
+        self.dsn, self.detection = detect.pool_target(
+            settings.pooled_dsn(), settings.direct_dsn(), route=route, override=settings.pool_mode
+        )
         self.mode: Mode = self.detection.mode
         self.tls = detect.tls_config(self.dsn, settings.sslmode, settings.sslrootcert)
         self.observer = Observer(
@@ -553,23 +508,14 @@ class Pool:
         }
 
     def psycopg_connect_kwargs(self) -> dict[str, Any]:
-        dsn = self.dsn
-        kwargs: dict[str, Any] = {
-            "host": dsn.host,
-            "port": dsn.port,
-            "user": dsn.user,
-            "dbname": dsn.database,
-            "application_name": self.settings.application_name,
-            # libpq rounds connect_timeout up to 2 s and takes whole seconds.
-            "connect_timeout": max(2, round(self.settings.connect_timeout)),
-            **self.tls.libpq_params(),
-            **dsn.without_params(*detect.TOOL_ONLY_PARAMS).query,
-            **detect.psycopg_statement_options(self.mode),
-        }
-        if dsn.password is not None:
-            kwargs["password"] = dsn.password
-        if self.driver == "psycopg":
-            kwargs["cursor_factory"] = _ObservedAsyncCursor
+        kwargs = detect.psycopg_connect_kwargs(
+            self.dsn,
+            self.mode,
+            self.tls,
+            application_name=self.settings.application_name,
+            connect_timeout=self.settings.connect_timeout,
+        )
+        kwargs["cursor_factory"] = _ObservedAsyncCursor
         return kwargs
 
     def psycopg_connection_class(self) -> type[Any]:

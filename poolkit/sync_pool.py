@@ -12,8 +12,8 @@ from psycopg_pool import ConnectionPool
 from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
 
 from poolkit import detect
-from poolkit.detect import Detection, Mode
-from poolkit.errors import ConfigError, ConnectTimeout, PoolClosed, PoolTimeout
+from poolkit.detect import Mode
+from poolkit.errors import ConnectTimeout, PoolClosed, PoolTimeout
 from poolkit.metrics import count_routed
 from poolkit.observe import Observer
 from poolkit.pool import Route, _neutralise_fd, exhaustion_hint, socket_has_data
@@ -110,18 +110,9 @@ class SyncPool:
         self.route: Route = route
         self.profile = settings.profile
         self.max_size = settings.max_size
-        if route == "pooled":
-            self.dsn = settings.pooled_dsn()
-            self.detection = detect.detect_mode(self.dsn, settings.pool_mode)
-        else:
-            direct = settings.direct_dsn()
-            if direct is None:
-                raise ConfigError(
-                    "no direct URL is configured: set POOLKIT_DIRECT_URL (or DIRECT_DATABASE_URL / "
-                    "POSTGRES_URL_NON_POOLING) to the database's direct address (Supabase: port 5432)"
-                )
-            self.dsn = direct
-            self.detection = Detection(Mode.DIRECT, "the direct URL")
+        self.dsn, self.detection = detect.pool_target(
+            settings.pooled_dsn(), settings.direct_dsn(), route=route, override=settings.pool_mode
+        )
         self.mode: Mode = self.detection.mode
         self.tls = detect.tls_config(self.dsn, settings.sslmode, settings.sslrootcert)
         self.observer = Observer(
@@ -143,21 +134,14 @@ class SyncPool:
         get_state().live_pools.add(self)
 
     def _connect_kwargs(self) -> dict[str, Any]:
-        dsn = self.dsn
-        kwargs: dict[str, Any] = {
-            "host": dsn.host,
-            "port": dsn.port,
-            "user": dsn.user,
-            "dbname": dsn.database,
-            "application_name": self.settings.application_name,
-            "connect_timeout": max(2, round(self.settings.connect_timeout)),
-            "cursor_factory": _ObservedCursor,
-            **self.tls.libpq_params(),
-            **dsn.without_params(*detect.TOOL_ONLY_PARAMS).query,
-            **detect.psycopg_statement_options(self.mode),
-        }
-        if dsn.password is not None:
-            kwargs["password"] = dsn.password
+        kwargs = detect.psycopg_connect_kwargs(
+            self.dsn,
+            self.mode,
+            self.tls,
+            application_name=self.settings.application_name,
+            connect_timeout=self.settings.connect_timeout,
+        )
+        kwargs["cursor_factory"] = _ObservedCursor
         return kwargs
 
     def _driver_pool(self) -> ConnectionPool[Any]:
