@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+
+
+def _shown(url: str) -> str:
+    """The URL without any user:password part (a probe URL may carry basic-auth credentials)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=netloc).geturl()
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -15,7 +23,7 @@ def _health(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(args.url, timeout=args.timeout) as response:  # noqa: S310 - http(s) only, checked below
             ok = response.status == 200
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"unhealthy: {args.url}: {exc}", file=sys.stderr)
+        print(f"unhealthy: {_shown(args.url)}: {exc}", file=sys.stderr)
         return 1
     print("ok" if ok else "unhealthy")
     return 0 if ok else 1

@@ -7,7 +7,7 @@ import os
 import select
 import time
 from collections.abc import AsyncGenerator, Coroutine
-from typing import Any, Literal
+from typing import Any
 
 import asyncpg
 import psycopg
@@ -17,24 +17,12 @@ from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
 from poolkit import detect
 from poolkit.detect import Mode
 from poolkit.dsn import Dsn
-from poolkit.errors import ConnectError, ConnectTimeout, PoolClosed, PoolTimeout
-from poolkit.metrics import count_routed
+from poolkit.errors import ConnectError, ConnectTimeout, PoolClosed
 from poolkit.observe import Observer
-from poolkit.routing import classify
+from poolkit.pool_base import PoolBase, Route
 from poolkit.settings import Settings
 from poolkit.state import get_state
 from poolkit.translate import translate_connect_error, translate_query_error
-
-Route = Literal["pooled", "direct"]
-
-
-def exhaustion_hint(max_size: int, profile: str) -> str:
-    if profile == "serverless":
-        return (
-            "hold connections for less time (no network calls inside a transaction), raise POOLKIT_ACQUIRE_TIMEOUT, "
-            f"or raise POOLKIT_MAX_SIZE (now {max_size}, serverless range 1-3)"
-        )
-    return f"hold connections for less time, raise POOLKIT_ACQUIRE_TIMEOUT, or raise POOLKIT_MAX_SIZE (now {max_size})"
 
 
 class PoolkitAsyncpgConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -250,14 +238,7 @@ class _Binding:
                 async with asyncio.timeout(limit):
                     await sem.acquire()
             except TimeoutError:
-                error = o.timeout_error(limit)
-                o.observer.exhausted(
-                    error,
-                    in_use=self.in_use,
-                    hint=exhaustion_hint(o.max_size, o.profile),
-                    waited=time.perf_counter() - t0,
-                )
-                raise error from None
+                raise o.exhausted(limit, time.perf_counter() - t0) from None
             finally:
                 o.waiting -= 1
         else:
@@ -296,14 +277,7 @@ class _Binding:
                 self.claimed -= 1
                 raise
             self.claimed -= 1
-            error = o.timeout_error(limit)
-            o.observer.exhausted(
-                error,
-                in_use=self.in_use,
-                hint=exhaustion_hint(o.max_size, o.profile),
-                waited=time.perf_counter() - t0,
-            )
-            raise error from None
+            raise o.exhausted(limit, time.perf_counter() - t0) from None
         except BaseException:
             self.claimed -= 1
             raise
@@ -450,7 +424,7 @@ async def _rollback_only(conn: Any) -> None:
     return None
 
 
-class Pool:
+class Pool(PoolBase):
     """An async connection pool for asyncpg or psycopg, configured for where it connects.
 
     Use ``async with pool.acquire() as conn`` for the driver's own connection object, or the
@@ -459,34 +433,11 @@ class Pool:
     """
 
     def __init__(self, settings: Settings, *, route: Route = "pooled") -> None:
-        # State first: repr() and close() must work even when the checks below raise.
-        self._closed = False
         self._bindings: dict[int, _Binding] = {}
-        self.settings = settings
-        self.name = settings.name
-        self.driver: str = settings.driver
-        self.route: Route = route
-        self.profile = settings.profile
-        self.max_size = settings.max_size
-        self.dsn, self.detection = detect.pool_target(
-            settings.pooled_dsn(), settings.direct_dsn(), route=route, override=settings.pool_mode
-        )
-        self.mode: Mode = self.detection.mode
-        self.tls = detect.tls_config(self.dsn, settings.sslmode, settings.sslrootcert)
-        self.observer = Observer(
-            self.name,
-            self.driver,
-            route,
-            slow_query_seconds=settings.slow_query_seconds,
-            query_log=settings.query_log,
-            env=settings.env,
-        )
-        self.waiting = 0
+        super().__init__(settings, route=route, driver=settings.driver)
         self._opening: dict[int, asyncio.Future[_Binding]] = {}
         self._pid = os.getpid()
-        self._direct: Pool | None = None
         self._psycopg_class: type[Any] | None = None
-        get_state().live_pools.add(self)
 
     # -- configuration handed to the drivers ------------------------------------------------------------------
 
@@ -602,29 +553,6 @@ class Pool:
         """``async with pool.acquire() as conn``: a connection, or PoolTimeout after ``acquire_timeout``."""
         return _Acquire(self, timeout)
 
-    def direct(self) -> Pool:
-        """A pool on the direct URL (migrations, introspection, session features), created on first use."""
-        if self.route == "direct":
-            return self
-        if self._direct is None:
-            if self.settings.direct_url is None and self.mode is not Mode.TRANSACTION:
-                return self  # the pooled URL already reaches the server with full sessions
-            self._direct = Pool(self.settings, route="direct")
-        return self._direct
-
-    def routed(self, sql: str) -> Pool:
-        """The pool ``sql`` should run on: :meth:`direct` when ``poolkit.routing.classify`` says so, else this one.
-
-        ``await pool.routed(sql).execute(sql, *args)``: DDL, catalog reads and session features (``SET``,
-        ``LISTEN``, advisory locks, ...) go to the direct URL, everything else stays pooled. Each call is
-        counted in ``poolkit_routed_statements_total{route,reason}``. Raises ConfigError when ``sql`` needs
-        the direct connection and only a transaction pooler is configured.
-        """
-        decision = classify(sql)
-        target = self.direct() if decision.direct else self
-        count_routed(self.name, self.driver, decision.route.value, decision.reason)
-        return target
-
     def as_user(self, claims: Any, *, role: str | None = "authenticated") -> Any:
         """``async with pool.as_user(claims) as conn``: a transaction under RLS claims and role (poolkit.rls)."""
         from poolkit.rls import as_user  # noqa: PLC0415 - poolkit.rls refers back to this module
@@ -689,59 +617,12 @@ class Pool:
             await self._direct.close(timeout)
         get_state().live_pools.discard(self)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    # -- state ------------------------------------------------------------------------------------------------
-
-    @property
-    def metric_labels(self) -> tuple[str, str, str]:
-        return self.observer.inst.labels
-
     def gauge_values(self) -> tuple[int, int, int, int, int]:
         in_use = idle = 0
         for binding in list(self._bindings.values()):
             in_use += binding.in_use
             idle += binding.idle_and_size()[0]
         return in_use, idle, self.max_size, self.settings.min_size, self.waiting
-
-    def stats(self) -> dict[str, Any]:
-        """A snapshot: sizes, connections in use / idle, callers waiting, detected mode."""
-        in_use, idle, max_size, min_size, waiting = self.gauge_values()
-        return {
-            "name": self.name,
-            "driver": self.driver,
-            "route": self.route,
-            "mode": self.mode.value,
-            "max_size": max_size,
-            "min_size": min_size,
-            "in_use": in_use,
-            "idle": idle,
-            "waiting": waiting,
-            "closed": self._closed,
-        }
-
-    def timeout_error(self, limit: float) -> PoolTimeout:
-        in_use = sum(b.in_use for b in self._bindings.values())
-        return PoolTimeout(
-            f"pool {self.name!r} ({self.route}, {self.driver}) is exhausted: all {self.max_size} connection(s) "
-            f"stayed in use for {limit:g}s while {self.waiting} caller(s) waited ({in_use} in use). "
-            + exhaustion_hint(self.max_size, self.profile),
-            pool=self.name,
-            max_size=self.max_size,
-            waiting=self.waiting,
-            timeout=limit,
-        )
-
-    def __repr__(self) -> str:
-        if self._closed:
-            return f"<Pool {self.name} {self.route} {self.driver} closed>"
-        in_use, idle, max_size, _, waiting = self.gauge_values()
-        return (
-            f"<Pool {self.name} {self.route} {self.driver} mode={self.mode.value} max={max_size} "
-            f"in_use={in_use} idle={idle} waiting={waiting}>"
-        )
 
 
 class _Acquire:

@@ -12,12 +12,10 @@ from psycopg_pool import ConnectionPool
 from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
 
 from poolkit import detect
-from poolkit.detect import Mode
-from poolkit.errors import ConnectTimeout, PoolClosed, PoolTimeout
-from poolkit.metrics import count_routed
+from poolkit.errors import ConnectTimeout, PoolClosed
 from poolkit.observe import Observer
-from poolkit.pool import Route, _neutralise_fd, exhaustion_hint, socket_has_data
-from poolkit.routing import classify
+from poolkit.pool import _neutralise_fd, socket_has_data
+from poolkit.pool_base import PoolBase, Route
 from poolkit.settings import Settings
 from poolkit.state import get_state
 from poolkit.translate import translate_connect_error, translate_query_error
@@ -96,7 +94,7 @@ def _check_if_suspect(conn: Any) -> None:
         ConnectionPool.check_connection(conn)
 
 
-class SyncPool:
+class SyncPool(PoolBase):
     """A thread-safe psycopg pool, configured for where it connects.
 
     ``with pool.acquire() as conn`` commits on success and rolls back on error, like
@@ -104,34 +102,12 @@ class SyncPool:
     """
 
     def __init__(self, settings: Settings, *, route: Route = "pooled") -> None:
-        self.settings = settings
-        self.name = settings.name
-        self.driver = "psycopg-sync"
-        self.route: Route = route
-        self.profile = settings.profile
-        self.max_size = settings.max_size
-        self.dsn, self.detection = detect.pool_target(
-            settings.pooled_dsn(), settings.direct_dsn(), route=route, override=settings.pool_mode
-        )
-        self.mode: Mode = self.detection.mode
-        self.tls = detect.tls_config(self.dsn, settings.sslmode, settings.sslrootcert)
-        self.observer = Observer(
-            self.name,
-            self.driver,
-            route,
-            slow_query_seconds=settings.slow_query_seconds,
-            query_log=settings.query_log,
-            env=settings.env,
-        )
-        self.waiting = 0
         self.in_use = 0
+        self._pool: ConnectionPool[Any] | None = None
+        self._pid = os.getpid()
+        super().__init__(settings, route=route, driver="psycopg-sync")
         self._lock = threading.Lock()
         self._sem = threading.BoundedSemaphore(self.max_size)
-        self._pool: ConnectionPool[Any] | None = None
-        self._closed = False
-        self._pid = os.getpid()
-        self._direct: SyncPool | None = None
-        get_state().live_pools.add(self)
 
     def _connect_kwargs(self) -> dict[str, Any]:
         kwargs = detect.psycopg_connect_kwargs(
@@ -215,19 +191,12 @@ class SyncPool:
             try:
                 got = self._sem.acquire(timeout=limit)
                 # Built before the finally: like the async pool, `waiting` still counts this caller.
-                timed_out = None if got else self._timeout_error(limit)
+                timed_out = None if got else self.exhausted(limit, time.perf_counter() - t0)
             finally:
                 with self._lock:
                     self.waiting -= 1
             if timed_out is not None:
-                error = timed_out
-                self.observer.exhausted(
-                    error,
-                    in_use=self.in_use,
-                    hint=exhaustion_hint(self.max_size, self.profile),
-                    waited=time.perf_counter() - t0,
-                )
-                raise error
+                raise timed_out
         try:
             conn = self._getconn(pool)
         except PsycopgPoolTimeout:
@@ -276,40 +245,6 @@ class SyncPool:
                 self.in_use -= 1
             self._sem.release()
 
-    def _timeout_error(self, limit: float) -> PoolTimeout:
-        return PoolTimeout(
-            f"pool {self.name!r} ({self.route}, {self.driver}) is exhausted: all {self.max_size} connection(s) "
-            f"stayed in use for {limit:g}s while {self.waiting} caller(s) waited ({self.in_use} in use). "
-            + exhaustion_hint(self.max_size, self.profile),
-            pool=self.name,
-            max_size=self.max_size,
-            waiting=self.waiting,
-            timeout=limit,
-        )
-
-    def direct(self) -> SyncPool:
-        """A pool on the direct URL (migrations, introspection, session features), created on first use."""
-        if self.route == "direct":
-            return self
-        if self._direct is None:
-            if self.settings.direct_url is None and self.mode is not Mode.TRANSACTION:
-                return self
-            self._direct = SyncPool(self.settings, route="direct")
-        return self._direct
-
-    def routed(self, sql: str) -> SyncPool:
-        """The pool ``sql`` should run on: :meth:`direct` when ``poolkit.routing.classify`` says so, else this one.
-
-        ``pool.routed(sql).execute(sql, *args)``: DDL, catalog reads and session features (``SET``,
-        ``LISTEN``, advisory locks, ...) go to the direct URL, everything else stays pooled. Each call is
-        counted in ``poolkit_routed_statements_total{route,reason}``. Raises ConfigError when ``sql`` needs
-        the direct connection and only a transaction pooler is configured.
-        """
-        decision = classify(sql)
-        target = self.direct() if decision.direct else self
-        count_routed(self.name, self.driver, decision.route.value, decision.reason)
-        return target
-
     def as_user(self, claims: Any, *, role: str | None = "authenticated") -> Any:
         """``with pool.as_user(claims) as conn``: a transaction under RLS claims and role (poolkit.rls)."""
         from poolkit.rls import as_user_sync  # noqa: PLC0415 - poolkit.rls refers back to this module
@@ -348,43 +283,10 @@ class SyncPool:
             self._direct.close(timeout)
         get_state().live_pools.discard(self)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def metric_labels(self) -> tuple[str, str, str]:
-        return self.observer.inst.labels
-
     def gauge_values(self) -> tuple[int, int, int, int, int]:
         pool = self._pool
         idle = pool.get_stats().get("pool_available", 0) if pool is not None and self._pid == os.getpid() else 0
         return self.in_use, idle, self.max_size, self.settings.min_size, self.waiting
-
-    def stats(self) -> dict[str, Any]:
-        """A snapshot: sizes, connections in use / idle, callers waiting, detected mode."""
-        in_use, idle, max_size, min_size, waiting = self.gauge_values()
-        return {
-            "name": self.name,
-            "driver": self.driver,
-            "route": self.route,
-            "mode": self.mode.value,
-            "max_size": max_size,
-            "min_size": min_size,
-            "in_use": in_use,
-            "idle": idle,
-            "waiting": waiting,
-            "closed": self._closed,
-        }
-
-    def __repr__(self) -> str:
-        if self._closed:
-            return f"<SyncPool {self.name} {self.route} {self.driver} closed>"
-        in_use, idle, max_size, _, waiting = self.gauge_values()
-        return (
-            f"<SyncPool {self.name} {self.route} {self.driver} mode={self.mode.value} max={max_size} "
-            f"in_use={in_use} idle={idle} waiting={waiting}>"
-        )
 
 
 class _SyncAcquire:

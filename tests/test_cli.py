@@ -93,19 +93,9 @@ def test_health_command_exit_codes(health_server: int) -> None:
 
     assert health("/readyz") == 0
     assert health("/broken") == 1
-    assert (
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "poolkit",
-                "health",
-                "--url",
-                "http://127.0.0.1:1/readyz",
-                "--timeout",
-                "1",
-            ],
-            check=False,
-        ).returncode
-        == 1
-    )
+    url = "http://probe:Hunter2@127.0.0.1:1/readyz"  # nothing listens on port 1
+    cmd = [sys.executable, "-m", "poolkit", "health", "--url", url, "--timeout", "1"]
+    down = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    assert down.returncode == 1
+    assert "127.0.0.1:1/readyz" in down.stderr
+    assert "Hunter2" not in down.stderr + down.stdout

@@ -116,7 +116,8 @@ async def test_exhaustion_raises_pool_timeout_naming_the_pool(stack: DevStack, d
             assert repr(pool).endswith("max=1 in_use=1 idle=0 waiting=0>")
             started = time.monotonic()
             waiter = asyncio.create_task(pool.fetchval("SELECT 1"))
-            await asyncio.sleep(0.1)
+            while pool.waiting == 0 and not waiter.done():
+                await asyncio.sleep(0)  # let the waiter run up to its wait
             assert "waiting=1" in repr(pool)
             with pytest.raises(poolkit.PoolTimeout) as info:
                 await waiter

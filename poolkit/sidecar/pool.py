@@ -8,6 +8,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from poolkit.dsn import redact
 from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SSLError
 from poolkit.log import get_logger
 from poolkit.sidecar.auth import upstream_tls
@@ -309,7 +310,8 @@ class UpstreamPool:
                 f"{self.settings.connect_timeout:g}s"
             )
         else:
-            message = str(exc)
+            # Driver and TLS messages carry no password today; redact anyway, this text reaches logs and clients.
+            message = redact(str(exc), self.dsn.password)
         kind = _error_kind(exc)
         self.stats.upstream_errors[kind] += 1
         self.last_error = message

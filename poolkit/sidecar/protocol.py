@@ -236,6 +236,8 @@ class BackendScanner:
 
     def feed(self, data: bytes) -> int:
         """Scan one received chunk; return how many ReadyForQuery messages it completes."""
+        # The same header walk as FrontendScanner.feed, kept inline on purpose: a shared walker would cost
+        # a callback per message on the per-chunk hot path, and the per-kind work differs.
         if self._partial:
             data = self._partial + data  # a header (or a small inspected message) was split
             self._partial = b""

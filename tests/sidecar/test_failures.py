@@ -126,7 +126,10 @@ def test_client_killed_mid_query_gets_its_server_closed(sidecar_factory: Factory
     sidecar = sidecar_factory(max_size=1)
     raw = RawClient(sidecar.port)
     raw.sock.sendall(p.query("SELECT pg_sleep(30)"))
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while sidecar.call(lambda app: app.pool.server_counts()["active"]) == 0:  # the query reached a server
+        assert time.monotonic() < deadline, "the query never reached a server"
+        time.sleep(0.02)
     raw.sock.close()
     # The query was still running: the server's state is unknown, so it is closed, and the pool
     # opens a fresh one for the next client at once.

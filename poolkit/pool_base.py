@@ -1,0 +1,136 @@
+"""What the async ``Pool`` and the sync ``SyncPool`` share: target, instruments, routing, stats and repr."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Self
+
+from poolkit import detect
+from poolkit.detect import Mode
+from poolkit.errors import PoolTimeout
+from poolkit.metrics import count_routed
+from poolkit.observe import Observer
+from poolkit.routing import classify
+from poolkit.settings import Settings
+from poolkit.state import get_state
+
+Route = Literal["pooled", "direct"]
+
+
+def exhaustion_hint(max_size: int, profile: str) -> str:
+    if profile == "serverless":
+        return (
+            "hold connections for less time (no network calls inside a transaction), raise POOLKIT_ACQUIRE_TIMEOUT, "
+            f"or raise POOLKIT_MAX_SIZE (now {max_size}, serverless range 1-3)"
+        )
+    return f"hold connections for less time, raise POOLKIT_ACQUIRE_TIMEOUT, or raise POOLKIT_MAX_SIZE (now {max_size})"
+
+
+class PoolBase:
+    """Where a pool connects and what it reports; subclasses own the driver pool and the acquire path."""
+
+    def __init__(self, settings: Settings, *, route: Route = "pooled", driver: str | None = None) -> None:
+        # State first: repr() and close() must work even when the checks below raise.
+        self._closed = False
+        self._direct: Self | None = None
+        self.waiting = 0
+        self.settings = settings
+        self.name = settings.name
+        self.driver = driver or settings.driver
+        self.route: Route = route
+        self.profile = settings.profile
+        self.max_size = settings.max_size
+        self.dsn, self.detection = detect.pool_target(
+            settings.pooled_dsn(), settings.direct_dsn(), route=route, override=settings.pool_mode
+        )
+        self.mode: Mode = self.detection.mode
+        self.tls = detect.tls_config(self.dsn, settings.sslmode, settings.sslrootcert)
+        self.observer = Observer(
+            self.name,
+            self.driver,
+            route,
+            slow_query_seconds=settings.slow_query_seconds,
+            query_log=settings.query_log,
+            env=settings.env,
+        )
+        get_state().live_pools.add(self)
+
+    def direct(self) -> Self:
+        """A pool on the direct URL (migrations, introspection, session features), created on first use."""
+        if self.route == "direct":
+            return self
+        if self._direct is None:
+            if self.settings.direct_url is None and self.mode is not Mode.TRANSACTION:
+                return self  # the pooled URL already reaches the server with full sessions
+            self._direct = type(self)(self.settings, route="direct")
+        return self._direct
+
+    def routed(self, sql: str) -> Self:
+        """The pool ``sql`` should run on: :meth:`direct` when ``poolkit.routing.classify`` says so, else this one.
+
+        ``pool.routed(sql).execute(sql, *args)``: DDL, catalog reads and session features (``SET``,
+        ``LISTEN``, advisory locks, ...) go to the direct URL, everything else stays pooled. Each call is
+        counted in ``poolkit_routed_statements_total{route,reason}``. Raises ConfigError when ``sql`` needs
+        the direct connection and only a transaction pooler is configured.
+        """
+        decision = classify(sql)
+        target = self.direct() if decision.direct else self
+        count_routed(self.name, self.driver, decision.route.value, decision.reason)
+        return target
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def metric_labels(self) -> tuple[str, str, str]:
+        return self.observer.inst.labels
+
+    def gauge_values(self) -> tuple[int, int, int, int, int]:
+        """(in_use, idle, max, min, waiting), read by the metrics collector at scrape time."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot: sizes, connections in use / idle, callers waiting, detected mode."""
+        in_use, idle, max_size, min_size, waiting = self.gauge_values()
+        return {
+            "name": self.name,
+            "driver": self.driver,
+            "route": self.route,
+            "mode": self.mode.value,
+            "max_size": max_size,
+            "min_size": min_size,
+            "in_use": in_use,
+            "idle": idle,
+            "waiting": waiting,
+            "closed": self._closed,
+        }
+
+    def timeout_error(self, limit: float) -> PoolTimeout:
+        """The PoolTimeout for a caller that waited ``limit`` seconds: names the pool, its size, the waiters."""
+        in_use = self.gauge_values()[0]
+        return PoolTimeout(
+            f"pool {self.name!r} ({self.route}, {self.driver}) is exhausted: all {self.max_size} connection(s) "
+            f"stayed in use for {limit:g}s while {self.waiting} caller(s) waited ({in_use} in use). "
+            + exhaustion_hint(self.max_size, self.profile),
+            pool=self.name,
+            max_size=self.max_size,
+            waiting=self.waiting,
+            timeout=limit,
+        )
+
+    def exhausted(self, limit: float, waited: float) -> PoolTimeout:
+        """Count and log a caller giving up after ``limit`` seconds; return the PoolTimeout to raise."""
+        error = self.timeout_error(limit)
+        hint = exhaustion_hint(self.max_size, self.profile)
+        self.observer.exhausted(error, in_use=self.gauge_values()[0], hint=hint, waited=waited)
+        return error
+
+    def __repr__(self) -> str:
+        kind = type(self).__name__
+        if self._closed:
+            return f"<{kind} {self.name} {self.route} {self.driver} closed>"
+        in_use, idle, max_size, _, waiting = self.gauge_values()
+        return (
+            f"<{kind} {self.name} {self.route} {self.driver} mode={self.mode.value} max={max_size} "
+            f"in_use={in_use} idle={idle} waiting={waiting}>"
+        )
