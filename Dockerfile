@@ -2,7 +2,10 @@
 # The poolkit sidecar image: wheels are built in the first stage, the runtime stage installs only those
 # wheels (no compiler, no build tools, no source tree) and runs as a non-root numeric user.
 #   docker build -t poolkit:0.1.0 .
-#   docker run --rm -e POOLKIT_POOLED_URL=... -p 127.0.0.1:6432:6432 -p 127.0.0.1:9930:9930 poolkit:0.1.0
+#   docker run --rm -e POOLKIT_POOLED_URL=... -e POOLKIT_SIDECAR_LISTEN_HOST=0.0.0.0 \
+#     -e POOLKIT_SIDECAR_HTTP_HOST=0.0.0.0 -p 127.0.0.1:6432:6432 -p 127.0.0.1:9930:9930 poolkit:0.1.0
+# (The sidecar listens on loopback by default, which is right in a pod; published ports need 0.0.0.0, and then
+# client passwords: POOLKIT_SIDECAR_USERS='{"app": "..."}', since trust only admits loopback clients.)
 
 ARG PYTHON_IMAGE=python:3.11-slim
 

