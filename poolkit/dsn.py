@@ -32,13 +32,21 @@ class Dsn:
         """Parse ``url``; errors name ``setting`` and never echo the URL (it may hold a password)."""
         if not isinstance(url, str) or not url.strip():
             raise ConfigError(f"{setting} is empty: set it to a postgresql://user:password@host:port/db URL")
-        parts = urlsplit(url.strip())
+        try:
+            parts = urlsplit(url.strip())
+        except ValueError:  # e.g. "Invalid IPv6 URL": an unbalanced "[" in the host
+            raise ConfigError(
+                f"{setting} is not a valid URL (check the brackets around an IPv6 host and percent-encode "
+                "special characters in the password); expected postgresql://user:password@host:port/db"
+            ) from None
         if parts.scheme not in ("postgres", "postgresql"):
             shown = parts.scheme or "(none)"
             raise ConfigError(f"{setting} has scheme {shown!r}; expected postgresql://user:password@host:port/db")
         try:
             port = parts.port
         except ValueError:
+            port = 0
+        if port == 0:
             raise ConfigError(f"{setting} has a port that is not a number from 1 to 65535") from None
         params = tuple(parse_qsl(parts.query, keep_blank_values=True))
         host = unquote(parts.hostname or "")

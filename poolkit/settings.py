@@ -133,6 +133,13 @@ class Settings(BaseSettings):
             )
         if mode in ("verify-ca", "verify-full") and self.sslrootcert is None and "sslrootcert" not in dsn.query:
             raise _field_error(field, f"has sslmode={mode}; set POOLKIT_SSLROOTCERT to the CA's PEM file")
+        rootcert = dsn.query.get("sslrootcert")
+        if rootcert and rootcert != "system" and not Path(rootcert).is_file():  # "system": libpq's own CA store
+            raise _field_error(
+                field,
+                f"has sslrootcert={rootcert}, which is not a file: point it at the PEM file of the CA that signed "
+                "the server certificate (or set POOLKIT_SSLROOTCERT and drop it from the URL)",
+            )
 
     # -- derived values ---------------------------------------------------------------------------------------
 

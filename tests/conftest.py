@@ -6,18 +6,28 @@
 ``stack_env``  ``stack.env()`` in ``os.environ`` for one test, with every other URL variable
                poolkit or common app frameworks read removed, so nothing from the shell leaks in.
 
+Secrets sweep: the session stack's password is ``SESSION_PASSWORD`` (recognisable: ``pk-sweep-...``).
+Every record a ``poolkit.*`` logger emits and every poolkit error created during the session is checked
+for it; a test during which it shows up fails, naming where. tests/reliability/test_secrets.py runs the
+representative workloads at DEBUG level and checks reprs, metrics and the sidecar's own output as well.
+
 A missing PostgreSQL/PgBouncer binary fails the session with the install command; nothing skips.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Iterator
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import settings
 
 from poolkit.devstack import DevStack
+from poolkit.errors import PoolkitError
 
 # CI runs a fixed set of generated examples so a red build is reproducible; local runs keep exploring
 # (and what they find goes into the tests as @example).
@@ -49,10 +59,91 @@ URL_ENV_NAMES = (
 )
 
 
+# ---------------------------------------------------------------- secrets sweep
+
+SESSION_PASSWORD = f"pk-sweep-{secrets.token_hex(8)}"  # URL-safe, so it reads the same quoted or not
+
+
+class SecretSweep:
+    """Records every place a secret shows up in what poolkit produced: its log records and its errors."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.leaks: list[str] = []
+        self.test = "(outside any test)"
+        self._factory: Callable[..., logging.LogRecord] | None = None
+
+    def check(self, where: str, text: str) -> None:
+        if self.secret in text:
+            self.leaks.append(f"{self.test}: {where}: {text.replace(self.secret, '<SESSION_PASSWORD>')[:500]}")
+
+    def install(self) -> None:
+        # A record factory sees each record poolkit emits without adding a handler, so logging behaves exactly
+        # as it would without the sweep (poolkit's stderr fallback only writes when no handler is configured).
+        factory = logging.getLogRecordFactory()
+        self._factory = factory
+
+        def record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            made = factory(*args, **kwargs)
+            if made.name.startswith("poolkit"):
+                with contextlib.suppress(Exception):
+                    self.check(f"log record on {made.name}", made.getMessage())
+            return made
+
+        logging.setLogRecordFactory(record)
+        sweep = self
+
+        # Observes the message of every poolkit error created, raised or caught, in any thread.
+        def init(error: PoolkitError, *args: Any) -> None:
+            super(PoolkitError, error).__init__(*args)  # what runs without the sweep (OSError's for ConnectError)
+            sweep.check(type(error).__name__, " ".join(map(str, args)))
+
+        PoolkitError.__init__ = init  # type: ignore[method-assign,assignment]
+
+    def uninstall(self) -> None:
+        if self._factory is not None:
+            logging.setLogRecordFactory(self._factory)
+        with contextlib.suppress(AttributeError):
+            del PoolkitError.__init__
+
+
+SWEEP = SecretSweep(SESSION_PASSWORD)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    SWEEP.install()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    SWEEP.uninstall()
+    outside = [leak for leak in SWEEP.leaks if leak.startswith("(outside any test)")]
+    if outside:
+        reporter = session.config.pluginmanager.getplugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("the session password appeared outside any test:", red=True)
+            for leak in outside:
+                reporter.write_line(f"  {leak}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _secret_sweep(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test during which poolkit logged or raised the session password."""
+    SWEEP.test = request.node.nodeid
+    seen = len(SWEEP.leaks)
+    yield
+    leaks, SWEEP.test = SWEEP.leaks[seen:], "(outside any test)"
+    if leaks:
+        pytest.fail("poolkit showed the session password:\n" + "\n".join(leaks), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[DevStack]:
-    """A running DevStack shared by the whole session (PostgreSQL with TLS+SCRAM, PgBouncer)."""
-    with DevStack() as started:
+    """A running DevStack shared by the whole session (PostgreSQL with TLS+SCRAM, PgBouncer).
+
+    Its password is ``SESSION_PASSWORD``, which the secrets sweep looks for.
+    """
+    with DevStack(password=SESSION_PASSWORD) as started:
         yield started
 
 

@@ -99,3 +99,16 @@ def test_health_command_exit_codes(health_server: int) -> None:
     assert down.returncode == 1
     assert "127.0.0.1:1/readyz" in down.stderr
     assert "Hunter2" not in down.stderr + down.stdout
+
+
+def test_sidecar_reads_its_config_file_from_the_environment(tmp_path: os.PathLike[str]) -> None:
+    config = os.path.join(tmp_path, "sidecar.toml")
+    with open(config, "w") as fh:
+        fh.write('max_size = "three"\n')
+    env = {**_clean_env(), "POOLKIT_SIDECAR_CONFIG": config, "POOLKIT_DIRECT_URL": "postgresql://app@127.0.0.1/app"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "poolkit", "sidecar"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode != 0
+    # The file's bad value is reported, so the file named by the environment was read.
+    assert "max_size" in proc.stderr and config in proc.stderr, proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,12 @@ _FLAGS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the sidecar's flags to ``parser`` (flags win over env ``POOLKIT_SIDECAR_*`` and the file)."""
-    parser.add_argument("--config", type=Path, help="TOML file with sidecar settings (lowest precedence)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("POOLKIT_SIDECAR_CONFIG") or None,
+        help="TOML file with sidecar settings, lowest precedence (env POOLKIT_SIDECAR_CONFIG)",
+    )
     parser.add_argument("--listen-host", help="address for clients (default 127.0.0.1)")
     parser.add_argument("--listen-port", type=int, help="port for clients (default 6432)")
     parser.add_argument("--unix-socket-dir", type=Path, help="also listen on DIR/.s.PGSQL.<port>")

@@ -1,0 +1,1 @@
+"""Reliability suite: faults (relay, bank invariant, recovery), bad input, TLS, secrets, soak."""
