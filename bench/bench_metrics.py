@@ -4,7 +4,10 @@
 
 Starts a local DevStack (PostgreSQL + PgBouncer) unless POOLKIT_DIRECT_URL / POOLKIT_POOLED_URL are set.
 Each case (driver x route) alternates short rounds of the raw pool and the poolkit pool so both see the
-same machine load, then prints queries/s and the ratio poolkit / raw (goal >= 0.97).
+same machine load, then prints queries/s and the ratio poolkit / raw (goal >= 0.97), plus the median of the
+per-round ratios (each round runs both sides back to back, so bursts of load from other processes on a shared
+machine cancel out better than in the totals) and the client process's CPU time per query of each side (what the
+wrapper itself costs, less sensitive to other processes than queries/s).
 
 Routes: ``direct`` (prepared statements on: asyncpg's statement cache, psycopg's prepare_threshold) and
 ``pgbouncer`` (transaction mode: statement cache off, as poolkit configures it). Workload: ``--tasks``
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -124,18 +128,33 @@ async def case(
         for one, _ in opened.values():  # warm up: connections, statement caches, type codecs
             await run_for(0.3, tasks, one)
         counts = dict.fromkeys(opened, 0)
+        cpu = dict.fromkeys(opened, 0.0)
         per_round = seconds / rounds / len(opened)
+        paired: list[float] = []  # poolkit / raw within one round: both sides saw nearly the same load
         for r in range(rounds):
             order = list(opened) if r % 2 == 0 else list(reversed(opened))  # no side always goes first
+            done = {}
             for name in order:
-                counts[name] += await run_for(per_round, tasks, opened[name][0])
+                c0 = time.process_time()
+                done[name] = await run_for(per_round, tasks, opened[name][0])
+                cpu[name] += time.process_time() - c0
+                counts[name] += done[name]
+            paired.append(done["poolkit"] / max(done["raw"], 1))
         qps = {name: n / (per_round * rounds) for name, n in counts.items()}
     finally:
         for _, close in opened.values():
             with contextlib.suppress(Exception):
                 await close()
     cols = "  ".join(f"{name} {q:8.0f} q/s" for name, q in qps.items())
-    print(f"{label:<22} {cols}  ratio poolkit/raw {qps['poolkit'] / qps['raw']:.3f}", flush=True)
+    paired.sort()
+    spread = f"{paired[len(paired) // 4]:.2f}-{paired[(3 * len(paired)) // 4]:.2f}"
+    us = {name: cpu[name] / max(counts[name], 1) * 1e6 for name in opened}
+    print(
+        f"{label:<22} {cols}  ratio poolkit/raw {qps['poolkit'] / qps['raw']:.3f}"
+        f"  (per-round median {statistics.median(paired):.3f}, middle half {spread})"
+        f"  client CPU µs/query raw {us['raw']:.0f} poolkit {us['poolkit']:.0f}",
+        flush=True,
+    )
     return qps
 
 
@@ -153,31 +172,34 @@ async def main(args: argparse.Namespace) -> None:
             flush=True,
         )
         size, tasks, secs, rounds = args.size, args.tasks, args.seconds, args.rounds
+        wanted = set(args.cases.split(",")) if args.cases else None
         for route, url, mode in (
             ("direct", direct_url, Mode.DIRECT),
             ("pgbouncer", pooled_url, Mode.TRANSACTION),
         ):
-            await case(
-                f"asyncpg {route}",
-                {
-                    "raw": lambda url=url, mode=mode: raw_asyncpg(url, size, mode),
-                    "poolkit": lambda url=url, mode=mode: poolkit_pool("asyncpg", url, size, mode),
-                },
-                secs,
-                tasks,
-                rounds,
-            )
-            await case(
-                f"psycopg {route}",
-                {
-                    "raw": lambda url=url, mode=mode: raw_psycopg(url, size, mode, check=False),
-                    "raw+check": lambda url=url, mode=mode: raw_psycopg(url, size, mode, check=True),
-                    "poolkit": lambda url=url, mode=mode: poolkit_pool("psycopg", url, size, mode),
-                },
-                secs,
-                tasks,
-                rounds,
-            )
+            if wanted is None or f"asyncpg-{route}" in wanted:
+                await case(
+                    f"asyncpg {route}",
+                    {
+                        "raw": lambda url=url, mode=mode: raw_asyncpg(url, size, mode),
+                        "poolkit": lambda url=url, mode=mode: poolkit_pool("asyncpg", url, size, mode),
+                    },
+                    secs,
+                    tasks,
+                    rounds,
+                )
+            if wanted is None or f"psycopg-{route}" in wanted:
+                await case(
+                    f"psycopg {route}",
+                    {
+                        "raw": lambda url=url, mode=mode: raw_psycopg(url, size, mode, check=False),
+                        "raw+check": lambda url=url, mode=mode: raw_psycopg(url, size, mode, check=True),
+                        "poolkit": lambda url=url, mode=mode: poolkit_pool("psycopg", url, size, mode),
+                    },
+                    secs,
+                    tasks,
+                    rounds,
+                )
     finally:
         if stack is not None:
             stack.stop()
@@ -189,4 +211,9 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--size", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per case")
+    parser.add_argument(
+        "--cases",
+        default="",
+        help="comma-separated subset of asyncpg-direct,psycopg-direct,asyncpg-pgbouncer,psycopg-pgbouncer",
+    )
     asyncio.run(main(parser.parse_args()))

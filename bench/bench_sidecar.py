@@ -1,6 +1,10 @@
 """Side-by-side pgbench: direct PostgreSQL vs PgBouncer vs the poolkit sidecar; plus idle-client memory.
 
 Usage: .venv/bin/python bench/bench_sidecar.py [--seconds 10] [--pool-size 3] [--idle-clients 5000]
+       [--only simple|prepared]
+
+The prepared case is what the sidecar's named prepared statements buy: pgbench -S -M prepared through
+the sidecar beside -S -M simple through PgBouncer (1.18 cannot run -M prepared in transaction mode).
 
 Every target gets the same upstream pool size; PgBouncer and the sidecar both reach PostgreSQL
 over TLS (sslmode=require) and authenticate clients with SCRAM; pgbench talks plain TCP to both
@@ -31,6 +35,10 @@ WORKLOADS = [
     ("-S -c 50", ["-S", "-c", "50"]),
     ("-S -C -c 50", ["-S", "-C", "-c", "50"]),
 ]
+PREPARED_WORKLOADS = [
+    ("-S -c 10", ["-S", "-c", "10"]),
+    ("-S -c 50", ["-S", "-c", "50"]),
+]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -40,9 +48,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def pgbench(url: str, args: list[str], seconds: int) -> float:
+def pgbench(url: str, args: list[str], seconds: int, mode: str = "simple") -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    argv = [str(find_pg_binary("pgbench")), "-n", "-M", "simple", "-j", "2", "-T", str(seconds), *args, url]
+    argv = [str(find_pg_binary("pgbench")), "-n", "-M", mode, "-j", "2", "-T", str(seconds), *args, url]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=seconds * 4 + 120, check=False)
     match = re.search(r"tps = ([\d.]+) \(", done.stdout)
     if done.returncode != 0 or match is None:
@@ -122,6 +130,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--pool-size", type=int, default=3)
     parser.add_argument("--idle-clients", type=int, default=5000)
+    parser.add_argument("--only", choices=["simple", "prepared"], help="run one of the two tables only")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
@@ -146,12 +155,25 @@ def main() -> int:
                 "pgbouncer": bouncer.url(sslmode="disable"),
                 "sidecar": f"postgresql://{stack.app_user}:{stack.app_password}@127.0.0.1:{port}/app?sslmode=disable",
             }
-            print(f"pgbench -M simple -j 2 -T {args.seconds}; pool size {args.pool_size} for both poolers")
-            print(f"{'workload':<14}{'direct':>10}{'pgbouncer':>11}{'sidecar':>10}{'sidecar/pgb':>13}")
-            for name, wargs in WORKLOADS:
-                tps = {target: pgbench(url, wargs, args.seconds) for target, url in targets.items()}
-                ratio = tps["sidecar"] / tps["pgbouncer"]
-                print(f"{name:<14}{tps['direct']:>10.0f}{tps['pgbouncer']:>11.0f}{tps['sidecar']:>10.0f}{ratio:>13.2f}")
+            if args.only != "prepared":
+                print(f"pgbench -M simple -j 2 -T {args.seconds}; pool size {args.pool_size} for both poolers")
+                print(f"{'workload':<14}{'direct':>10}{'pgbouncer':>11}{'sidecar':>10}{'sidecar/pgb':>13}")
+                for name, wargs in WORKLOADS:
+                    tps = {target: pgbench(url, wargs, args.seconds) for target, url in targets.items()}
+                    ratio = tps["sidecar"] / tps["pgbouncer"]
+                    print(
+                        f"{name:<14}{tps['direct']:>10.0f}{tps['pgbouncer']:>11.0f}{tps['sidecar']:>10.0f}{ratio:>13.2f}"
+                    )
+            if args.only != "simple":
+                print(
+                    f"\nnamed prepared statements: pgbench -S -M prepared through the sidecar vs -M simple through "
+                    f"PgBouncer (-j 2 -T {args.seconds}, pool size {args.pool_size}; goal: ratio >= 1.25)"
+                )
+                print(f"{'workload':<14}{'pgb simple':>11}{'sidecar prep':>14}{'ratio':>8}")
+                for name, wargs in PREPARED_WORKLOADS:
+                    bouncer_tps = pgbench(targets["pgbouncer"], wargs, args.seconds, "simple")
+                    sidecar_tps = pgbench(targets["sidecar"], wargs, args.seconds, "prepared")
+                    print(f"{name:<14}{bouncer_tps:>11.0f}{sidecar_tps:>14.0f}{sidecar_tps / bouncer_tps:>8.2f}")
             if args.idle_clients:
                 before, after = idle_memory(sidecar.pid, port, stack.app_user, stack.app_password, args.idle_clients)
                 per = (after - before) / args.idle_clients

@@ -60,6 +60,17 @@ class TooManyConnections(ConnectError):
     """The server refused the connection: it is at ``max_connections`` (SQLSTATE 53300)."""
 
 
+class SessionStateError(PoolkitError):
+    """A statement would leave session state on a transaction pooler's shared server connection.
+
+    ``reason`` is the :func:`poolkit.routing.classify` reason (``set_role``, ``session_set``, ...).
+    """
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class PreparedStatementError(PoolkitError):
     """A prepared statement went missing or collided: the connection goes through a transaction pooler."""
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics for library pools: events observed in place, pool gauges built at scrape time."""
+"""Prometheus metrics for library pools: rare events counted in place, hot paths and gauges built at scrape time."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -21,8 +22,9 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from poolkit.errors import ConfigError
 from poolkit.state import get_state
@@ -81,17 +83,125 @@ def multiprocess_mode() -> bool:
     return False
 
 
+_QUERY_DURATION_DOC = "Time a query took, from the driver's call to its result"
+_ACQUIRE_DURATION_DOC = "Time a caller waited for a connection from the pool"
+_ACQUIRE_WAITS_DOC = "Acquisitions that found every connection in use and had to wait (saturation)"
+
+
+class Tally:
+    """One pool's hot-path events on one thread, added up by :class:`PoolCollector` at scrape time.
+
+    prometheus-client's ``Histogram.observe`` takes a lock for the sum and one for the bucket and walks the
+    bounds in Python: about 2 µs on the CI machine, twice per query (statement and acquire). Here an
+    observation is a C bisect and two additions. A Tally has one writer (an async pool's binding is one
+    event loop, so one thread; the sync pool writes under its own lock), so it needs no lock; the scraping
+    thread reads a snapshot that may miss the latest event, and ``_count`` is the sum of the buckets, so the
+    exposition is always self-consistent.
+    """
+
+    __slots__ = ("acquire_buckets", "acquire_sum", "query_buckets", "query_sum", "waits")
+
+    def __init__(self) -> None:
+        self.query_buckets = [0] * (len(QUERY_BUCKETS) + 1)  # the last one is +Inf
+        self.query_sum = 0.0
+        self.acquire_buckets = [0] * (len(ACQUIRE_BUCKETS) + 1)
+        self.acquire_sum = 0.0
+        self.waits = 0
+
+    def query(self, elapsed: float) -> None:
+        """A statement took ``elapsed`` seconds."""
+        # bisect_left: the first bound >= elapsed, which is Prometheus' inclusive `le`.
+        self.query_buckets[bisect_left(QUERY_BUCKETS, elapsed)] += 1
+        self.query_sum += elapsed
+
+    def acquired(self, waited: float) -> None:
+        """A caller waited ``waited`` seconds for a connection (served or timed out)."""
+        self.acquire_buckets[bisect_left(ACQUIRE_BUCKETS, waited)] += 1
+        self.acquire_sum += waited
+
+    def waited(self) -> None:
+        """An acquisition found the pool at max and had to wait."""
+        self.waits += 1
+
+    def add(self, other: Tally) -> None:
+        """Fold ``other`` into this one (a retired binding's counts)."""
+        for i, n in enumerate(other.query_buckets):
+            self.query_buckets[i] += n
+        for i, n in enumerate(other.acquire_buckets):
+            self.acquire_buckets[i] += n
+        self.query_sum += other.query_sum
+        self.acquire_sum += other.acquire_sum
+        self.waits += other.waits
+
+
+class _ChildTally(Tally):
+    """Multiprocess mode: the same calls, written through prometheus-client's file-backed children."""
+
+    __slots__ = ("_acquire", "_query", "_waits")
+
+    def __init__(self, query: Any, acquire: Any, waits: Any) -> None:
+        super().__init__()
+        self._query, self._acquire, self._waits = query, acquire, waits
+
+    def query(self, elapsed: float) -> None:
+        self._query.observe(elapsed)
+
+    def acquired(self, waited: float) -> None:
+        self._acquire.observe(waited)
+
+    def waited(self) -> None:
+        self._waits.inc()
+
+
+class TallySeries:
+    """Every Tally of one label set: the live ones, plus the sum of those retired (ended loops, closed pools).
+
+    Kept for the life of the process, like a prometheus-client child, so a counter never goes backwards
+    when a pool closes or a serverless invocation's event loop ends.
+    """
+
+    __slots__ = ("live", "retired")
+
+    def __init__(self) -> None:
+        self.live: list[Tally] = []
+        self.retired = Tally()
+
+    def total(self) -> Tally:
+        out = Tally()
+        out.add(self.retired)
+        for tally in list(self.live):
+            out.add(tally)
+        return out
+
+
 class _Metrics:
     """The metric objects, created once per process (see poolkit.state) and shared by every pool."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.query_duration = Histogram(
-            "poolkit_query_duration_seconds",
-            "Time a query took, from the driver's call to its result",
-            LABELS,
-            buckets=QUERY_BUCKETS,
-            registry=registry,
-        )
+        # The hot-path series (query and acquire durations, acquire waits) are Tallies read by PoolCollector
+        # at scrape time; only multiprocess mode, where the collector cannot see other workers, needs
+        # prometheus-client's file-backed objects for them.
+        self.tallies: dict[tuple[str, str, str], TallySeries] = {}
+        self.tally_lock = threading.Lock()
+        self.query_duration: Histogram | None = None
+        self.acquire_duration: Histogram | None = None
+        self.acquire_waits: Counter | None = None
+        if multiprocess_mode():
+            self.query_duration = Histogram(
+                "poolkit_query_duration_seconds",
+                _QUERY_DURATION_DOC,
+                LABELS,
+                buckets=QUERY_BUCKETS,
+                registry=registry,
+            )
+            self.acquire_duration = Histogram(
+                "poolkit_pool_acquire_duration_seconds",
+                _ACQUIRE_DURATION_DOC,
+                LABELS,
+                buckets=ACQUIRE_BUCKETS,
+                registry=registry,
+            )
+            self.acquire_waits = Counter("poolkit_pool_acquire_waits", _ACQUIRE_WAITS_DOC, LABELS, registry=registry)
         self.slow_queries = Counter(
             "poolkit_slow_queries",
             "Queries slower than POOLKIT_SLOW_QUERY_SECONDS",
@@ -104,22 +214,9 @@ class _Metrics:
             (*LABELS, "sqlstate_class"),
             registry=registry,
         )
-        self.acquire_duration = Histogram(
-            "poolkit_pool_acquire_duration_seconds",
-            "Time a caller waited for a connection from the pool",
-            LABELS,
-            buckets=ACQUIRE_BUCKETS,
-            registry=registry,
-        )
         self.acquire_timeouts = Counter(
             "poolkit_pool_acquire_timeouts",
             "Callers that gave up waiting for a connection (pool exhaustion)",
-            LABELS,
-            registry=registry,
-        )
-        self.acquire_waits = Counter(
-            "poolkit_pool_acquire_waits",
-            "Acquisitions that found every connection in use and had to wait (saturation)",
             LABELS,
             registry=registry,
         )
@@ -211,9 +308,35 @@ class PoolCollector(Collector):
             min_.add_metric(list(labels), mn)
             waiting.add_metric(list(labels), wait)
         yield from (conns, max_, min_, waiting)
+        yield from tally_families()
 
     def describe(self) -> Iterable[Metric]:
         return []
+
+
+def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, n in zip((*bounds, float("inf")), counts, strict=True):
+        running += n
+        out.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+    return out
+
+
+def tally_families() -> Iterator[Metric]:
+    """The hot-path series of every pool this process ever had, summed per label set."""
+    m = get_metrics()
+    query = HistogramMetricFamily("poolkit_query_duration_seconds", _QUERY_DURATION_DOC, labels=list(LABELS))
+    acquire = HistogramMetricFamily("poolkit_pool_acquire_duration_seconds", _ACQUIRE_DURATION_DOC, labels=list(LABELS))
+    waits = CounterMetricFamily("poolkit_pool_acquire_waits", _ACQUIRE_WAITS_DOC, labels=list(LABELS))
+    with m.tally_lock:
+        series = list(m.tallies.items())
+        totals = [(labels, s.total()) for labels, s in series]
+    for labels, t in totals:
+        query.add_metric(list(labels), _buckets(QUERY_BUCKETS, t.query_buckets), t.query_sum)
+        acquire.add_metric(list(labels), _buckets(ACQUIRE_BUCKETS, t.acquire_buckets), t.acquire_sum)
+        waits.add_metric(list(labels), t.waits)
+    yield from (query, acquire, waits)
 
 
 class _GaugePusher:
@@ -309,14 +432,11 @@ class PoolInstruments:
         "_closed",
         "_errors",
         "_metrics",
-        "acquire_duration",
         "acquire_timeouts",
-        "acquire_waits",
         "connect_duration",
         "connect_errors",
         "labels",
         "opened",
-        "query_duration",
         "slow_queries",
     )
 
@@ -326,11 +446,10 @@ class PoolInstruments:
         self.labels = (pool, driver, route)
         # Every series below exists (at zero) from the pool's creation: rate() and increase() need a
         # first sample before the first event, and a dashboard shows 0 rather than "no data".
-        self.query_duration = m.query_duration.labels(*self.labels)
         self.slow_queries = m.slow_queries.labels(*self.labels)
-        self.acquire_duration = m.acquire_duration.labels(*self.labels)
         self.acquire_timeouts = m.acquire_timeouts.labels(*self.labels)
-        self.acquire_waits = m.acquire_waits.labels(*self.labels)
+        with m.tally_lock:
+            m.tallies.setdefault(self.labels, TallySeries())
         self.opened = m.opened.labels(*self.labels)
         self.connect_duration = m.connect_duration.labels(*self.labels)
         self._errors = {c: m.query_errors.labels(*self.labels, c) for c in COMMON_SQLSTATE_CLASSES}
@@ -338,6 +457,29 @@ class PoolInstruments:
         self.connect_errors = {r: m.connect_errors.labels(*self.labels, r) for r in CONNECT_ERROR_REASONS}
         if m.mp_gauges:
             _GaugePusher.ensure_running()
+
+    def new_tally(self) -> Tally:
+        """A Tally for one writer (a binding's event loop, or the sync pool), counted until :meth:`retire`."""
+        m = self._metrics
+        if m.query_duration is not None and m.acquire_duration is not None and m.acquire_waits is not None:
+            return _ChildTally(
+                m.query_duration.labels(*self.labels),
+                m.acquire_duration.labels(*self.labels),
+                m.acquire_waits.labels(*self.labels),
+            )
+        tally = Tally()
+        with m.tally_lock:
+            m.tallies[self.labels].live.append(tally)
+        return tally
+
+    def retire(self, tally: Tally) -> None:
+        """Its writer is gone: fold the counts into the series' total and stop tracking the object."""
+        m = self._metrics
+        with m.tally_lock:
+            series = m.tallies.get(self.labels)
+            if series is not None and any(t is tally for t in series.live):
+                series.live = [t for t in series.live if t is not tally]
+                series.retired.add(tally)
 
     def query_error(self, sqlstate: str | None) -> None:
         """Count a failed statement under its SQLSTATE class (``none`` without one)."""
@@ -394,5 +536,13 @@ def mark_process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
-# A worker forked from a process that already had pools (gunicorn --preload) starts its own pusher thread.
-os.register_at_fork(after_in_child=lambda: _GaugePusher.ensure_running(only_with_pools=True))
+def _after_fork_in_child() -> None:
+    metrics = get_state().metrics
+    if metrics is not None:
+        # The parent may have held it at the moment of fork(); the child has no thread to release it.
+        metrics.tally_lock = threading.Lock()
+    # A worker forked from a process that already had pools (gunicorn --preload) starts its own pusher thread.
+    _GaugePusher.ensure_running(only_with_pools=True)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

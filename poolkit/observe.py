@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from bisect import bisect_left
 from typing import Any
 
 from poolkit.errors import ConnectError, PoolTimeout
 from poolkit.log import enable_query_log, get_logger, is_development
-from poolkit.metrics import PoolInstruments
+from poolkit.metrics import QUERY_BUCKETS, PoolInstruments, Tally
 from poolkit.translate import sqlstate_of
-
-
-def _reset_queries() -> frozenset[str]:
-    # Every reset statement asyncpg's Connection.get_reset_query() can build (one per server-capability
-    # mix): a set lookup on the (hash-cached) string costs less than anything that would ask the connection.
-    parts = ("SELECT pg_advisory_unlock_all();", "CLOSE ALL;", "UNLISTEN *;", "RESET ALL;")
-    found = set()
-    for mask in range(1, 1 << len(parts)):
-        found.add("\n".join(p for i, p in enumerate(parts) if mask >> i & 1))
-    return frozenset(found)
-
-
-_ASYNCPG_RESET_QUERIES = _reset_queries()
 
 
 def _sql_text(query: Any) -> str:
@@ -30,6 +19,50 @@ def _sql_text(query: Any) -> str:
     if isinstance(query, bytes):
         return query.decode("utf-8", "replace")
     return type(query).__name__  # psycopg sql.Composed: rendering it needs a connection; the type is enough
+
+
+class Recorder:
+    """The per-statement path of one pool on one thread: timings into a Tally, anything rare to the Observer.
+
+    An async pool has one per event loop (its binding), so the Tally has a single writer and no lock.
+    """
+
+    __slots__ = ("buckets", "obs", "slow", "tally", "verbose")
+
+    def __init__(self, obs: Observer, tally: Tally) -> None:
+        self.obs = obs
+        self.tally = tally
+        # Tally.query inline (one call less per statement), unless the tally writes elsewhere (multiprocess).
+        self.buckets = tally.query_buckets if type(tally) is Tally else None
+        self.slow = obs.slow
+        self.verbose = obs.query_log
+
+    def query(self, query: Any, elapsed: float, exc: BaseException | None) -> None:
+        """Record one statement; called by the driver hooks after it finished. Parameters are never passed."""
+        buckets = self.buckets
+        if buckets is not None:
+            buckets[bisect_left(QUERY_BUCKETS, elapsed)] += 1
+            self.tally.query_sum += elapsed
+        else:
+            self.tally.query(elapsed)
+        if exc is not None or elapsed >= self.slow or self.verbose:
+            self.obs.query_event(query, elapsed, exc)
+
+
+class LockedRecorder(Recorder):
+    """A Recorder shared by threads (the sync pool): the Tally is written under a lock."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, obs: Observer, tally: Tally) -> None:
+        super().__init__(obs, tally)
+        self.lock = threading.Lock()
+
+    def query(self, query: Any, elapsed: float, exc: BaseException | None) -> None:
+        with self.lock:
+            self.tally.query(elapsed)
+        if exc is not None or elapsed >= self.slow or self.verbose:
+            self.obs.query_event(query, elapsed, exc)
 
 
 def normalized(query: Any) -> str:
@@ -50,7 +83,6 @@ class Observer:
 
     __slots__ = (
         "_log",
-        "_observe",
         "_qlog",
         "closing",
         "development",
@@ -80,7 +112,6 @@ class Observer:
         self.slow = slow_query_seconds
         self.development = is_development(env)
         self.inst = PoolInstruments(name, driver, route)
-        self._observe = self.inst.query_duration.observe
         self._log = get_logger("pool", development=self.development)
         self._qlog = get_logger("query", development=self.development)
         self.query_log = query_log and self.development
@@ -97,11 +128,17 @@ class Observer:
         self.last_connect_error: ConnectError | None = None
         self.last_connect_error_at = 0.0
 
-    def query(self, query: Any, elapsed: float, exc: BaseException | None) -> None:
-        """Record one statement; called by the driver hooks after it finished. Parameters are never passed."""
-        if query == "":
-            return  # psycopg_pool's check_connection ping on every checkout: the pool's, not the app's
-        self._observe(elapsed)
+    def recorder(self, *, locked: bool = False) -> Recorder:
+        """A new Recorder with its own Tally, for one writer thread (``locked`` when threads share it)."""
+        tally = self.inst.new_tally()
+        return LockedRecorder(self, tally) if locked else Recorder(self, tally)
+
+    def retire(self, recorder: Recorder) -> None:
+        """The recorder's writer is gone (loop ended, pool closed, forked child): keep its counts."""
+        self.inst.retire(recorder.tally)
+
+    def query_event(self, query: Any, elapsed: float, exc: BaseException | None) -> None:
+        """A statement that failed, was slow, or is logged in development: count and log it."""
         if exc is not None:
             self.inst.query_error(sqlstate_of(exc))
         if elapsed >= self.slow:
@@ -126,13 +163,6 @@ class Observer:
                 error=None if exc is None else type(exc).__name__,
             )
 
-    def asyncpg_query(self, record: Any) -> None:
-        """asyncpg query-logger callback (``LoggedQuery``); its ``args`` are never read."""
-        query = record.query
-        if query in _ASYNCPG_RESET_QUERIES:
-            return  # the pool's own reset on every release (direct route), not an app query
-        self.query(query, record.elapsed, record.exception)
-
     def opened(self, elapsed: float) -> None:
         """A connection was opened in ``elapsed`` seconds."""
         self.inst.opened.inc()
@@ -154,11 +184,8 @@ class Observer:
         """A connection was closed; every close after the pool's ``close()`` began counts as ``shutdown``."""
         self.inst.closed("shutdown" if self.closing else reason)
 
-    def exhausted(self, error: PoolTimeout, *, in_use: int, hint: str, waited: float | None = None) -> None:
-        """A caller gave up waiting: count it, record its wait, and log ``pool_exhausted``."""
-        # The wait of a caller who gave up is a wait too: leaving it out would hide the worst ones from the
-        # acquire-duration histogram exactly when the pool is exhausted.
-        self.inst.acquire_duration.observe(error.timeout if waited is None else waited)
+    def exhausted(self, error: PoolTimeout, *, in_use: int, hint: str) -> None:
+        """A caller gave up waiting: count it and log ``pool_exhausted`` (the pool records the wait itself)."""
         self.inst.acquire_timeouts.inc()
         self._log.warning(
             "pool_exhausted",

@@ -1,19 +1,91 @@
-"""What the async ``Pool`` and the sync ``SyncPool`` share: target, instruments, routing, stats and repr."""
+"""What the async ``Pool`` and the sync ``SyncPool`` share: target, instruments, routing, session guard, stats."""
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any, Literal, Self
 
 from poolkit import detect
 from poolkit.detect import Mode
-from poolkit.errors import PoolTimeout
+from poolkit.errors import PoolTimeout, SessionStateError
 from poolkit.metrics import count_routed
-from poolkit.observe import Observer
+from poolkit.observe import Observer, normalized
 from poolkit.routing import classify
 from poolkit.settings import Settings
 from poolkit.state import get_state
 
 Route = Literal["pooled", "direct"]
+
+#: Classifier reasons for state that outlives a transaction on the server connection.
+SESSION_REASONS = frozenset(
+    {"session_set", "set_role", "advisory_lock", "listen", "prepare", "hold_cursor", "temp_table"}
+)
+# Statements that only take session state away, or keep it inside the transaction: harmless on a pooler.
+_UNDOES_STATE = re.compile(
+    r"\s*(?:(?:reset|discard|unlisten|deallocate)\b|select\s+pg_advisory_unlock)|.*\bon\s+commit\s+drop\b",
+    re.IGNORECASE | re.DOTALL,
+)
+# Distinct statement texts remembered as harmless per pool; beyond that they are classified each time
+# (cached by poolkit.routing too), which bounds memory for apps that build SQL with literals in it.
+_CLEAN_MAX = 4096
+
+
+def _after_fork_in_child() -> None:
+    # Runs in the child right after fork(), before any of the parent's pool objects can be finalised.
+    for pool in list(get_state().live_pools):
+        forget = getattr(pool, "_forget_after_fork", None)
+        if forget is not None:
+            forget()
+
+
+def install_fork_hook() -> None:
+    """Make every pool forget its parent's connections in a forked child (once per process)."""
+    state = get_state()
+    if not state.fork_hook_installed:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        state.fork_hook_installed = True
+
+
+class SessionGuard:
+    """Screens what a pool's connections run for session state (``poolkit.routing.classify``).
+
+    On a transaction pooler such state (``SET``, ``SET ROLE``, ``set_config(..., false)``, temp tables,
+    session advisory locks, ``PREPARE``, ``LISTEN``, ``WITH HOLD`` cursors) stays on a server connection
+    the pooler hands to other clients next: :meth:`dirty` refuses it with SessionStateError before it is
+    sent. With full sessions (direct, session pooler) it is allowed, and the connection is marked for the
+    full reset on release. Each distinct harmless text is classified once.
+    """
+
+    __slots__ = ("clean", "driver", "name", "pooler", "route")
+
+    def __init__(self, name: str, route: str, driver: str, *, pooler: bool) -> None:
+        self.name = name
+        self.route = route
+        self.driver = driver
+        self.pooler = pooler
+        self.clean: set[Any] = set()
+
+    def dirty(self, query: Any, text: str) -> bool:
+        """True if ``text`` leaves session state on the connection; raises SessionStateError on a pooler."""
+        decision = classify(text)
+        reason = decision.reason
+        if reason in SESSION_REASONS or (reason == "ddl" and not self.pooler):
+            # DDL includes DO blocks, which can SET anything: with full sessions, reset after it.
+            if not self.pooler:
+                return True
+            if not (_UNDOES_STATE.match(text) and ";" not in text.strip().rstrip(";")):
+                raise SessionStateError(
+                    f"pool {self.name!r} ({self.route}, {self.driver}) goes through a transaction pooler, and "
+                    f"this statement ({reason}: {normalized(text)}) would leave session state on a server "
+                    "connection the pooler hands to other clients next. Run it on pool.direct() or "
+                    "pool.routed(sql), or use the transaction-local form: SET LOCAL, set_config(..., true), "
+                    "pg_advisory_xact_lock(), CREATE TEMP TABLE ... ON COMMIT DROP",
+                    reason=reason,
+                )
+        if type(query) is str and len(self.clean) < _CLEAN_MAX:
+            self.clean.add(query)
+        return False
 
 
 def exhaustion_hint(max_size: int, profile: str) -> str:
@@ -44,6 +116,7 @@ class PoolBase:
         )
         self.mode: Mode = self.detection.mode
         self.tls = detect.tls_config(self.dsn, settings.sslmode, settings.sslrootcert)
+        self.guard = SessionGuard(self.name, route, self.driver, pooler=self.mode is Mode.TRANSACTION)
         self.observer = Observer(
             self.name,
             self.driver,
@@ -53,6 +126,7 @@ class PoolBase:
             env=settings.env,
         )
         get_state().live_pools.add(self)
+        install_fork_hook()
 
     def direct(self) -> Self:
         """A pool on the direct URL (migrations, introspection, session features), created on first use."""
@@ -118,11 +192,15 @@ class PoolBase:
             timeout=limit,
         )
 
-    def exhausted(self, limit: float, waited: float) -> PoolTimeout:
-        """Count and log a caller giving up after ``limit`` seconds; return the PoolTimeout to raise."""
+    def exhausted(self, limit: float) -> PoolTimeout:
+        """Count and log a caller giving up after ``limit`` seconds; return the PoolTimeout to raise.
+
+        The caller records its wait in the acquire-duration histogram itself: the wait of a caller who gave
+        up is a wait too, and leaving it out would hide the worst ones exactly when the pool is exhausted.
+        """
         error = self.timeout_error(limit)
         hint = exhaustion_hint(self.max_size, self.profile)
-        self.observer.exhausted(error, in_use=self.gauge_values()[0], hint=hint, waited=waited)
+        self.observer.exhausted(error, in_use=self.gauge_values()[0], hint=hint)
         return error
 
     def __repr__(self) -> str:

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from typing import Any
 
 from poolkit.pool import Pool
+from poolkit.pool_base import install_fork_hook
 from poolkit.settings import load_settings
 from poolkit.state import get_state
 from poolkit.sync_pool import SyncPool
 
 _lock = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    # Runs in the child right after fork(), before any of the parent's pool objects can be finalised.
-    for pool in list(get_state().live_pools):
-        forget = getattr(pool, "_forget_after_fork", None)
-        if forget is not None:
-            forget()
-
-
-def install_fork_hook() -> None:
-    state = get_state()
-    if not state.fork_hook_installed:
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-        state.fork_hook_installed = True
 
 
 def _retire(pool: Pool | SyncPool) -> None:
@@ -46,6 +31,7 @@ def _retire(pool: Pool | SyncPool) -> None:
         task.add_done_callback(state.inherited.remove)
     else:
         pool._closed = True
+        pool._hot = None
         pool._drop_dead_bindings()
 
 

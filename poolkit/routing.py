@@ -71,7 +71,10 @@ __all__ = [
     "REASONS",
     "Decision",
     "Route",
+    "Token",
     "classify",
+    "statement_reason",
+    "statements",
 ]
 
 
@@ -277,7 +280,8 @@ _BLOCK_TOKEN = re.compile(r"/\*|\*/")
 
 # Token kinds: "w" word (lower-cased), "q" quoted identifier, "s" string (its text), "n" number,
 # "p" placeholder, "o" operator or punctuation.
-_Token = tuple[str, str]
+Token = tuple[str, str]
+_Token = Token
 
 
 def _skip_block_comment(sql: str, pos: int) -> int:
@@ -604,6 +608,20 @@ def _lex_statement(tokens: list[_Token]) -> str:
                 break
         return _lex_dml(tokens)
     return ""
+
+
+def statements(sql: str) -> list[list[Token]]:
+    """``sql`` split into statements of lexer tokens (``(kind, text)``; words are lower-cased, kind ``"w"``).
+
+    For callers that refine a decision per statement (the sidecar's pinning) on the same reading of
+    SQL as :func:`classify`.
+    """
+    return _split(_tokenize(sql))
+
+
+def statement_reason(tokens: list[Token]) -> str:
+    """Why one statement from :func:`statements` needs the direct connection (a ``REASONS`` key, or ``""``)."""
+    return _lex_statement(tokens)
 
 
 def _classify_lexer(sql: str) -> Decision:

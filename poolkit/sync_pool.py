@@ -8,53 +8,66 @@ import time
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
 
 from poolkit import detect
 from poolkit.errors import ConnectTimeout, PoolClosed
-from poolkit.observe import Observer
-from poolkit.pool import _neutralise_fd, socket_has_data
-from poolkit.pool_base import PoolBase, Route
+from poolkit.observe import Observer, Recorder
+from poolkit.pool import _neutralise_fd, _sql, socket_has_data
+from poolkit.pool_base import PoolBase, Route, SessionGuard
 from poolkit.settings import Settings
 from poolkit.state import get_state
 from poolkit.translate import translate_connect_error, translate_query_error
 
 
 class _ObservedCursor(psycopg.Cursor[Any]):
-    """psycopg cursor that times each statement for the pool's Observer."""
+    """psycopg cursor that screens and times each statement for the pool's Recorder."""
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        obs: Observer | None = getattr(self.connection, "poolkit_observer", None)
-        if obs is None:
+        conn: Any = self._conn
+        rec: Recorder | None = conn._poolkit_rec
+        if rec is None or query == "":  # "" is psycopg_pool's check_connection ping: the pool's, not the app's
             return super().execute(query, params, **kwargs)
+        guard: SessionGuard = conn._poolkit_guard
+        if (type(query) is not str or query not in guard.clean) and guard.dirty(query, _sql(query, conn)):
+            conn._poolkit_dirty = True
         t0 = time.perf_counter()
         try:
             result = super().execute(query, params, **kwargs)
         except BaseException as exc:
-            obs.query(query, time.perf_counter() - t0, exc)
+            rec.query(query, time.perf_counter() - t0, exc)
             raise
-        obs.query(query, time.perf_counter() - t0, None)
+        rec.query(query, time.perf_counter() - t0, None)
         return result
 
     def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
-        obs: Observer | None = getattr(self.connection, "poolkit_observer", None)
+        conn: Any = self._conn
+        rec: Recorder | None = conn._poolkit_rec
+        if rec is None:
+            super().executemany(query, params_seq, **kwargs)
+            return
+        guard: SessionGuard = conn._poolkit_guard
+        if (type(query) is not str or query not in guard.clean) and guard.dirty(query, _sql(query, conn)):
+            conn._poolkit_dirty = True
         t0 = time.perf_counter()
         try:
             super().executemany(query, params_seq, **kwargs)
         except BaseException as exc:
-            if obs is not None:
-                obs.query(query, time.perf_counter() - t0, exc)
+            rec.query(query, time.perf_counter() - t0, exc)
             raise
-        if obs is not None:
-            obs.query(query, time.perf_counter() - t0, None)
+        rec.query(query, time.perf_counter() - t0, None)
 
 
 class _PoolkitConnection(psycopg.Connection[Any]):
-    """psycopg connection bound to one pool's Observer (set on a per-pool subclass)."""
+    """psycopg connection bound to one pool's Observer, Recorder and guard (set on a per-pool subclass)."""
 
     poolkit_observer: Observer | None = None
     poolkit_pool: SyncPool | None = None
+    _poolkit_rec: Recorder | None = None
+    _poolkit_guard: SessionGuard | None = None
+    _poolkit_dirty = False
 
     @classmethod
     def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
@@ -87,11 +100,34 @@ class _PoolkitConnection(psycopg.Connection[Any]):
             obs.closed(reason)
         super().close()
 
+    def poolkit_lost(self) -> None:
+        """Count this connection closed by ``error`` once: psycopg_pool drops a broken one without close()."""
+        obs = self.poolkit_observer
+        if obs is not None and not getattr(self, "_poolkit_counted", False):
+            self._poolkit_counted = True
+            obs.closed("error")
+
 
 def _check_if_suspect(conn: Any) -> None:
     # See pool._check_if_suspect: a poll instead of a round trip per checkout.
     if conn.closed or socket_has_data(conn.pgconn.socket):
-        ConnectionPool.check_connection(conn)
+        try:
+            ConnectionPool.check_connection(conn)
+        except Exception:
+            conn.poolkit_lost()
+            raise
+
+
+def _reset(conn: Any) -> None:
+    # See pool._reset_psycopg: DISCARD ALL after a statement the session guard flagged.
+    conn._poolkit_dirty = False
+    try:
+        autocommit = conn.autocommit
+        conn.autocommit = True
+        psycopg.Cursor(conn).execute("DISCARD ALL")
+        conn.autocommit = autocommit
+    except Exception:
+        conn.close()
 
 
 class SyncPool(PoolBase):
@@ -108,6 +144,9 @@ class SyncPool(PoolBase):
         super().__init__(settings, route=route, driver="psycopg-sync")
         self._lock = threading.Lock()
         self._sem = threading.BoundedSemaphore(self.max_size)
+        # One Tally for every thread: written under self._lock (acquire path) or the recorder's lock (queries).
+        self._recorder = self.observer.recorder(locked=True)
+        self._tally = self._recorder.tally
 
     def _connect_kwargs(self) -> dict[str, Any]:
         kwargs = detect.psycopg_connect_kwargs(
@@ -133,7 +172,12 @@ class SyncPool(PoolBase):
                 cls = type(
                     "PoolkitConnection",
                     (_PoolkitConnection,),
-                    {"poolkit_observer": self.observer, "poolkit_pool": self},
+                    {
+                        "poolkit_observer": self.observer,
+                        "poolkit_pool": self,
+                        "_poolkit_rec": self._recorder,
+                        "_poolkit_guard": self.guard,
+                    },
                 )
                 new: ConnectionPool[Any] = ConnectionPool(
                     conninfo="",
@@ -164,6 +208,10 @@ class SyncPool(PoolBase):
         self._pool = None
         self._lock = threading.Lock()
         self._sem = threading.BoundedSemaphore(self.max_size)
+        # The parent's counts were copied into this process: keep them, and write to a fresh Tally from here.
+        self.observer.retire(self._recorder)
+        self._recorder = self.observer.recorder(locked=True)
+        self._tally = self._recorder.tally
         self.waiting = self.in_use = 0
         self._pid = os.getpid()
         if self._direct is not None:
@@ -181,20 +229,22 @@ class SyncPool(PoolBase):
 
     def _get(self, timeout: float | None) -> Any:
         pool = self._driver_pool()
-        inst = self.observer.inst
         t0 = time.perf_counter()
         if not self._sem.acquire(blocking=False):
-            inst.acquire_waits.inc()
             limit = self.settings.acquire_timeout if timeout is None else timeout
             with self._lock:
                 self.waiting += 1
+                self._tally.waited()
+            timed_out = None
             try:
                 got = self._sem.acquire(timeout=limit)
                 # Built before the finally: like the async pool, `waiting` still counts this caller.
-                timed_out = None if got else self.exhausted(limit, time.perf_counter() - t0)
+                timed_out = None if got else self.exhausted(limit)
             finally:
                 with self._lock:
                     self.waiting -= 1
+                    if timed_out is not None:
+                        self._tally.acquired(time.perf_counter() - t0)
             if timed_out is not None:
                 raise timed_out
         try:
@@ -212,7 +262,7 @@ class SyncPool(PoolBase):
             raise
         with self._lock:
             self.in_use += 1
-        inst.acquire_duration.observe(time.perf_counter() - t0)
+            self._tally.acquired(time.perf_counter() - t0)
         return conn
 
     def _getconn(self, pool: ConnectionPool[Any]) -> Any:
@@ -232,14 +282,22 @@ class SyncPool(PoolBase):
 
     def _put(self, conn: Any, exc: BaseException | None) -> None:
         try:
-            if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                if exc is None:
-                    conn.commit()
-                else:
-                    conn.rollback()
-            pool = self._pool
-            if pool is not None:
-                pool.putconn(conn)
+            try:
+                if not conn.closed:
+                    if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                        if exc is None:
+                            conn.commit()
+                        else:
+                            conn.rollback()
+                    if conn._poolkit_dirty:
+                        _reset(conn)
+            finally:
+                # See Pool: a connection is always given back, even when COMMIT failed.
+                if conn.pgconn.transaction_status == TransactionStatus.UNKNOWN:
+                    conn.poolkit_lost()
+                pool = self._pool
+                if pool is not None:
+                    pool.putconn(conn)
         finally:
             with self._lock:
                 self.in_use -= 1
@@ -279,6 +337,7 @@ class SyncPool(PoolBase):
         pool, self._pool = self._pool, None
         if pool is not None and self._pid == os.getpid():
             pool.close(timeout=timeout)
+        self.observer.retire(self._recorder)
         if self._direct is not None:
             self._direct.close(timeout)
         get_state().live_pools.discard(self)

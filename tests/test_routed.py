@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import asyncpg
 import psycopg
 import pytest
 import sqlalchemy as sa
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import poolkit
 from poolkit.devstack import DevStack
-from poolkit.errors import ConfigError
+from poolkit.errors import ConfigError, SessionStateError
 from poolkit.registry import forget_pools
 
 
@@ -121,8 +122,16 @@ async def test_session_set_through_the_pooler_is_lost_and_leaks_but_routed_it_ho
     marker = uuid.uuid4().hex
     set_sql = f"/* {marker} */ SET search_path TO {schema}"
 
-    # Without routing, one acquired connection: the SET runs on some PgBouncer server backend ...
-    async with pool.acquire() as conn:
+    # poolkit's pooled pool refuses the SET before sending it: it would leak to other clients of the pooler.
+    with pytest.raises(SessionStateError, match=r"pool\.direct"):
+        async with pool.acquire() as conn:
+            await conn.execute(set_sql)
+    assert _pids_that_ran(stack, marker) == set()
+
+    # What it prevents, on a plain asyncpg connection through the pooler: the SET runs on some PgBouncer
+    # server backend ...
+    conn = await asyncpg.connect(stack.pooled_url, statement_cache_size=0)
+    try:
         await conn.execute(set_sql)
         (set_pid,) = _pids_that_ran(stack, marker)
         holder, others = await _hold_server(stack, set_pid)
@@ -140,6 +149,8 @@ async def test_session_set_through_the_pooler_is_lost_and_leaks_but_routed_it_ho
             for other in (holder, *others):
                 await other.close()
             stack.psql("DROP TABLE IF EXISTS public.lost_set;")
+    finally:
+        await conn.close()
 
     # The same code on the routed pool: the SET holds for the connection, and is reset when it goes back.
     async with pool.routed(set_sql).acquire() as conn:

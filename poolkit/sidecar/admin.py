@@ -1,4 +1,4 @@
-"""The admin console on the virtual ``poolkit`` database: PgBouncer-style SHOW POOLS/STATS/CLIENTS/SERVERS."""
+"""The admin console on the virtual ``poolkit`` database: PgBouncer-style SHOW commands, plus PINS and ROUTES."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from poolkit.sidecar import protocol
+from poolkit.sidecar.protocol import IDLE
 
 if TYPE_CHECKING:
     from poolkit.sidecar.app import Sidecar
     from poolkit.sidecar.client import ClientConnection
+    from poolkit.sidecar.pool import UpstreamPool
     from poolkit.sidecar.server import ServerConnection
 
 Rows = tuple[list[str], list[list[str | None]]]
@@ -71,6 +73,21 @@ CONNECTION_COLUMNS = [
     "remote_pid",
     "tls",
     "application_name",
+    "pinned",  # poolkit: why the client keeps its server connection across transactions ("" = it does not)
+]
+PINS_COLUMNS = [
+    "pid",
+    "user",
+    "addr",
+    "port",
+    "reason",
+    "reasons",
+    "pinned_since",
+    "pinned_seconds",
+    "route",
+    "server_pid",
+    "state",
+    "application_name",
 ]
 
 
@@ -85,14 +102,12 @@ def _split_addr(peer: str) -> tuple[str, str]:
     return host, port
 
 
-def show_pools(app: Sidecar) -> Rows:
-    pool = app.pool
-    clients = pool.client_counts()
+def _pool_row(pool: UpstreamPool, clients: dict[str, int], database: str) -> list[str | None]:
     servers = pool.server_counts()
     now = time.monotonic()
     maxwait = max((now - c.wait_started for c in pool.waiters), default=0.0)
-    row: list[str | None] = [
-        pool.name,
+    return [
+        database,
         pool.dsn.user,
         str(clients["active"]),
         str(clients["waiting"]),
@@ -109,7 +124,18 @@ def show_pools(app: Sidecar) -> Rows:
         str(int((maxwait % 1) * 1_000_000)),
         "transaction",
     ]
-    return POOLS_COLUMNS, [row]
+
+
+def show_pools(app: Sidecar) -> Rows:
+    """One row for the pool; a second, ``<name>/direct``, for the direct upstream when there is one."""
+    pool = app.pool
+    rows = [_pool_row(pool, pool.client_counts(), pool.name)]
+    direct = pool.direct
+    if direct is not None:
+        on_direct = sum(1 for c in pool.clients if c.server is not None and c.server.pool is direct)
+        counts = {"active": on_direct, "waiting": len(direct.waiters)}
+        rows.append(_pool_row(direct, counts, f"{pool.name}/direct"))
+    return POOLS_COLUMNS, rows
 
 
 def show_stats(app: Sidecar) -> Rows:
@@ -166,11 +192,12 @@ def _client_row(app: Sidecar, client: ClientConnection, now: float) -> list[str 
         str(client.process_id),
         "TLS" if client.tls else "",
         client.wanted.get("application_name", ""),
+        client.pin_reason,
     ]
 
 
 def _server_row(app: Sidecar, server: ServerConnection) -> list[str | None]:
-    pool = app.pool
+    pool = server.pool
     client = server.client
     state = {"connecting": "login", "closed": "closing"}.get(server.state, server.state)
     return [
@@ -183,7 +210,8 @@ def _server_row(app: Sidecar, server: ServerConnection) -> list[str | None]:
         "",
         "",
         _ts(time.time() - (time.monotonic() - server.created_at)),
-        _ts(time.time() - (time.monotonic() - server.assigned_at)),
+        # A pinned client's server between transactions has no start stamp: show its last answer.
+        _ts(time.time() - (time.monotonic() - (server.assigned_at if server.assigned_at >= 0 else server.last_ready))),
         "0",
         "0",
         "1" if server.generation != pool.generation else "0",
@@ -192,6 +220,7 @@ def _server_row(app: Sidecar, server: ServerConnection) -> list[str | None]:
         str(server.backend_pid),
         "TLS" if server.peer == "tls" else "",
         server.current.get("application_name", ""),
+        client.pin_reason if client is not None else "",
     ]
 
 
@@ -202,8 +231,36 @@ def show_clients(app: Sidecar) -> Rows:
 
 
 def show_servers(app: Sidecar) -> Rows:
-    servers = sorted(app.pool.servers, key=lambda s: s.ident)
-    return CONNECTION_COLUMNS, [_server_row(app, s) for s in servers]
+    """Every upstream connection (the direct pool's after the pool's)."""
+    pools = [app.pool] if app.pool.direct is None else [app.pool, app.pool.direct]
+    rows = [_server_row(app, s) for pool in pools for s in sorted(pool.servers, key=lambda s: s.ident)]
+    return CONNECTION_COLUMNS, rows
+
+
+def show_pins(app: Sidecar) -> Rows:
+    """Clients pinned to a server connection: why, since when, and which upstream connection they hold."""
+    now = time.time()
+    rows: list[list[str | None]] = []
+    for client in sorted(app.pool.pinned, key=lambda c: c.process_id):
+        addr, port = _split_addr(client.peer)
+        server = client.server or client.linking
+        rows.append(
+            [
+                str(client.process_id),
+                client.user,
+                addr,
+                port,
+                client.pin_reason,
+                ",".join(sorted(client.pin_reasons | {client.pin_reason})),
+                _ts(client.pinned_since),
+                str(int(now - client.pinned_since)),
+                server.pool.route if server is not None else "",
+                str(server.backend_pid) if server is not None else "",
+                "active" if server is not None and server.scanner.status != IDLE else "idle",
+                client.wanted.get("application_name", ""),
+            ]
+        )
+    return PINS_COLUMNS, rows
 
 
 def show_version(app: Sidecar) -> Rows:
@@ -222,11 +279,24 @@ def show_config(app: Sidecar) -> Rows:
     return ["key", "value"], rows
 
 
+def show_routes(app: Sidecar) -> Rows:
+    """Pins and routed transactions by reason since start (``pinned_now``: clients pinned for it now)."""
+    stats = app.pool.stats
+    now = app.pool.pinned_counts()
+    rows: list[list[str | None]] = [
+        ["pin", reason, str(total), str(now.get(reason, 0))] for reason, total in stats.pins.items()
+    ]
+    rows += [["direct", reason, str(total), ""] for reason, total in stats.routed.items()]
+    return ["kind", "reason", "total", "pinned_now"], rows
+
+
 COMMANDS: dict[str, Callable[[Sidecar], Rows]] = {
     "pools": show_pools,
     "stats": show_stats,
     "clients": show_clients,
     "servers": show_servers,
+    "pins": show_pins,
+    "routes": show_routes,
     "version": show_version,
     "config": show_config,
 }

@@ -12,8 +12,9 @@ import ssl
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from poolkit.detect import Mode, detect_mode
 from poolkit.errors import ConfigError, SidecarError
 from poolkit.log import get_logger
 from poolkit.sidecar import admin, protocol
@@ -21,12 +22,23 @@ from poolkit.sidecar.auth import UserStore, client_tls_context, read_auth_file
 from poolkit.sidecar.client import ClientConnection
 from poolkit.sidecar.config import RELOADABLE, SidecarSettings, load_sidecar_settings
 from poolkit.sidecar.http import OpsHttpServer
-from poolkit.sidecar.maintenance import IdleTransactionReaper, MaintenanceTask, ServerReaper
+from poolkit.sidecar.maintenance import (
+    IdleTransactionReaper,
+    MaintenanceTask,
+    QueryTimeoutReaper,
+    ServerReaper,
+)
 from poolkit.sidecar.metrics import make_registry
 from poolkit.sidecar.pool import UpstreamPool
+from poolkit.sidecar.pooling import forward_cancel
+from poolkit.sidecar.protocol import IDLE
+
+if TYPE_CHECKING:
+    from poolkit.sidecar.server import ServerConnection
 
 log = get_logger("sidecar")
 _WELCOME_CACHE_SIZE = 256
+_CANCEL_TIMEOUT = 10.0
 
 
 def _users_from(settings: SidecarSettings) -> UserStore:
@@ -53,6 +65,8 @@ class Sidecar:
         self.config_file = config_file
         self.overrides = dict(overrides or {})
         self.pool = UpstreamPool(settings)
+        if settings.direct_route_enabled:
+            self.pool.direct = UpstreamPool(settings, self.pool.stats, direct=True)
         self.users = _users_from(settings)
         self.client_tls_context: ssl.SSLContext | None = None
         if settings.effective_client_tls != "disable" and settings.tls_cert_file and settings.tls_key_file:
@@ -69,6 +83,7 @@ class Sidecar:
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._maintenance: list[MaintenanceTask] = []
+        self._direct_maintenance: list[MaintenanceTask] = []
         self._stopped: asyncio.Event | None = None
         self._next_pid = secrets.randbelow(1 << 20) + 1000
         self._welcome_cache: dict[tuple[int, tuple[tuple[str, str], ...]], bytes] = {}
@@ -113,10 +128,12 @@ class Sidecar:
                     f"cannot serve /metrics on {s.http_host}:{s.http_port} (http_host/http_port, "
                     f"env POOLKIT_SIDECAR_HTTP_PORT): {exc.strerror or exc}"
                 ) from None
-        self._maintenance = [ServerReaper(self.pool), IdleTransactionReaper(self.pool)]
+        self._maintenance = [ServerReaper(self.pool), IdleTransactionReaper(self.pool), QueryTimeoutReaper(self.pool)]
         for job in self._maintenance:
             job.start()
+        self._start_direct_maintenance()
         self.started_at = time.monotonic()
+        direct = self.pool.direct
         log.info(
             "sidecar_started",
             listen=f"{s.listen_host}:{self.port}",
@@ -125,8 +142,32 @@ class Sidecar:
             upstream=self.pool.dsn.redacted(),
             pool=self.pool.name,
             max_size=self.pool.max_size,
+            direct=direct.dsn.redacted() if direct is not None else None,
+            direct_max_size=direct.max_size if direct is not None else None,
+            max_pinned_clients=self.pool.pin_limit,
             auth=s.effective_auth_type,
         )
+        self._warn_unpinnable()
+
+    def _start_direct_maintenance(self) -> None:
+        direct = self.pool.direct
+        if direct is not None and not self._direct_maintenance:
+            self._direct_maintenance = [ServerReaper(direct), IdleTransactionReaper(direct), QueryTimeoutReaper(direct)]
+            for job in self._direct_maintenance:
+                job.start()
+
+    def _warn_unpinnable(self) -> None:
+        # A transaction pooler upstream hands its backend to others after each transaction: pinning
+        # a connection to it keeps no session state. Only a direct upstream can hold a pin.
+        pool = self.pool
+        if pool.direct is None and pool.route == "pooled" and detect_mode(pool.dsn).mode is Mode.TRANSACTION:
+            log.warning(
+                "sidecar_pins_need_direct_url",
+                pool=pool.name,
+                detail="the upstream is a transaction pooler and direct_url is not set: clients using "
+                "session features (SET, LISTEN, advisory locks, ...) are pinned to a pooler connection, "
+                "which does not keep session state; set POOLKIT_DIRECT_URL",
+            )
 
     async def wait_stopped(self) -> None:
         assert self._stopped is not None, "start() first"
@@ -138,12 +179,14 @@ class Sidecar:
             return
         self.draining = True
         self.pool.draining = True
+        if self.pool.direct is not None:
+            self.pool.direct.draining = True
         timeout = self.settings.shutdown_timeout if grace is None else grace
         for listener in self._listeners:
             listener.close()
         busy = 0
         for client in list(self.connections):
-            if client.server is not None or client.linking is not None or client.waiting:
+            if _busy(client):
                 client.close_after_release = True
                 busy += 1
             else:
@@ -151,9 +194,7 @@ class Sidecar:
         log.info("sidecar_draining", busy_clients=busy, timeout=timeout)
         deadline = time.monotonic() + timeout
         # Polling is fine here: it runs once per process lifetime, for at most shutdown_timeout.
-        while time.monotonic() < deadline and any(  # noqa: ASYNC110
-            c.server is not None or c.linking is not None or c.waiting for c in self.connections
-        ):
+        while time.monotonic() < deadline and any(_busy(c) for c in self.connections):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await self.close()
 
@@ -164,11 +205,14 @@ class Sidecar:
         self._listeners.clear()
         for client in list(self.connections):
             client.shutdown_close()
-        for job in self._maintenance:
+        for job in self._maintenance + self._direct_maintenance:
             await job.stop()
         self._maintenance.clear()
+        self._direct_maintenance.clear()
         await self.http.close()
         self.pool.close_all("shutdown")
+        if self.pool.direct is not None:
+            self.pool.direct.close_all("shutdown")
         if self.unix_socket_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_socket_path)
@@ -205,6 +249,7 @@ class Sidecar:
         try:
             users = _users_from(settings)
             self.pool.configure(settings)
+            self._configure_direct(settings)
         except ConfigError as exc:
             log.warning("reload_failed", error=str(exc))
             return False
@@ -213,6 +258,24 @@ class Sidecar:
         self._welcome_cache.clear()
         log.info("sidecar_reloaded", changed=[k for k in changed if k in RELOADABLE])
         return True
+
+    def _configure_direct(self, settings: SidecarSettings) -> None:
+        """Create, reconfigure or retire the direct pool after a reload."""
+        direct = self.pool.direct
+        if settings.direct_route_enabled:
+            if direct is None:
+                self.pool.direct = UpstreamPool(settings, self.pool.stats, direct=True)
+                if self._listeners:
+                    self._start_direct_maintenance()
+            else:
+                direct.configure(settings)
+        elif direct is not None:
+            # Pinned clients keep their servers; those close when they are given back.
+            self.pool.direct = None
+            direct.retire()
+            for job in self._direct_maintenance:
+                self.spawn(job.stop())
+            self._direct_maintenance = []
 
     # ------------------------------------------------------------- services for connections
 
@@ -237,21 +300,41 @@ class Sidecar:
         self.cancel_keys[key] = client
         return key
 
-    def cancel(self, process_id: int, secret_key: int) -> None:
-        """A CancelRequest: forward it to the backend now serving that client."""
-        client = self.cancel_keys.get((process_id, secret_key))
-        if client is None:
-            return
-        server = client.server or client.linking
-        if server is not None and server.backend_pid:
-            self.spawn(self._send_cancel(server.backend_pid, server.backend_key))
-        elif client.waiting:
-            client.cancel_wait()
+    def cancel(self, process_id: int, secret_key: int, requester: asyncio.BaseTransport | None = None) -> None:
+        """A CancelRequest: forward it to the backend now running that client's query.
 
-    async def _send_cancel(self, backend_pid: int, backend_key: int) -> None:
-        dsn, tls = self.pool.dsn, self.pool.tls
+        ``requester`` (the connection the request came on) is closed once forwarding is over: a
+        client that waits for that close knows its cancel can no longer reach anyone's query.
+        """
+        client = self.cancel_keys.get((process_id, secret_key))
+        server = client.server if client is not None else None
+        if client is not None and server is not None and server.backend_pid:
+            if forward_cancel(serving_target=server.client is client, pending=client.pending):
+                # The server serves nobody else until this cancel is done (UpstreamPool.release).
+                server.pool.cancel_started(server)
+                self.spawn(self._send_cancel(server, requester))
+                return
+        elif client is not None and client.waiting:
+            client.cancel_wait()
+        # Nothing to cancel (no such key, an idle client, a query that already finished, a server
+        # still being set up): dropping the request is what PostgreSQL does for an idle backend too.
+        if requester is not None:
+            requester.close()
+
+    async def _send_cancel(self, server: ServerConnection, requester: asyncio.BaseTransport | None) -> None:
+        pool = server.pool
         try:
-            async with asyncio.timeout(self.settings.connect_timeout or None):
+            await self._forward_cancel(pool, server.backend_pid, server.backend_key)
+        finally:
+            pool.cancel_done(server)
+            if requester is not None:
+                requester.close()
+
+    async def _forward_cancel(self, pool: UpstreamPool, backend_pid: int, backend_key: int) -> None:
+        dsn, tls = pool.dsn, pool.tls
+        try:
+            # Bounded even with connect_timeout=0: the target server serves nobody until this ends.
+            async with asyncio.timeout(self.settings.connect_timeout or _CANCEL_TIMEOUT):
                 if dsn.is_unix_socket:
                     reader, writer = await asyncio.open_unix_connection(f"{dsn.host}/.s.PGSQL.{dsn.port}")
                 else:
@@ -300,6 +383,16 @@ class Sidecar:
         if self.pool.last_error and not self.pool.servers:
             return False, f"upstream unreachable: {self.pool.last_error}"
         return True, "ready"
+
+
+def _busy(client: ClientConnection) -> bool:
+    """Does draining wait for ``client``? Not for a pinned client idle between transactions."""
+    server = client.server
+    if client.linking is not None or client.waiting:
+        return True
+    if server is None:
+        return False
+    return not (client.pin_reason and client.pending <= 0 and server.scanner.status == IDLE)
 
 
 async def serve(

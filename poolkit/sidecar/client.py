@@ -18,10 +18,24 @@ from poolkit.sidecar.pooling import (
     on_client_gone,
     parameter_changes,
     set_statements,
+    take_server_now,
     valid_setting_name,
 )
+from poolkit.sidecar.prepared import ClientStatements
 from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
 from poolkit.sidecar.server import TRACKED_PARAMETERS
+from poolkit.sidecar.session import (
+    LITERAL_TAIL,
+    NOTHING,
+    PIN_REASONS,
+    Effect,
+    StatementTap,
+    chunk_effect,
+    decide,
+    pin_limit_hint,
+    pin_limit_message,
+    quick_nothing,
+)
 
 if TYPE_CHECKING:
     from poolkit.sidecar.app import Sidecar
@@ -40,6 +54,7 @@ class ClientConnection(asyncio.Protocol):
 
     # Slots: thousands of idle clients each cost one of these objects.
     __slots__ = (
+        "_clear_guard",
         "_early",
         "_exchange",
         "_login_timer",
@@ -56,18 +71,27 @@ class ClientConnection(asyncio.Protocol):
         "connect_time",
         "database",
         "dirty",
+        "held_effects",
         "input_paused",
         "linking",
         "loopback",
         "peer",
         "pending",
+        "pin_reason",
+        "pin_reasons",
+        "pinned_since",
+        "plain_template",
         "pool",
         "process_id",
         "request_time",
+        "rewrite_queued",
         "scanner",
         "secret_key",
         "server",
+        "sql_seen",
         "state",
+        "statements",
+        "tap",
         "tls",
         "transport",
         "unix",
@@ -115,6 +139,22 @@ class ClientConnection(asyncio.Protocol):
         self._wanted_key: tuple[tuple[str, str], ...] | None = None
         self._early = b""
         self._login_timer: asyncio.TimerHandle | None = None
+        # Session state (see session.py): why this client keeps its server connection ("" = it does
+        # not), every reason it holds, the last chunk whose SQL was checked, a statement still
+        # arriving in pieces, and what a reset statement claimed to undo (kept until it succeeded).
+        self.pin_reason = ""
+        self.pin_reasons: frozenset[str] = frozenset()
+        self.pinned_since = 0.0
+        self.sql_seen = b""
+        self.plain_template = b""
+        self.tap: StatementTap | None = None
+        self._clear_guard: tuple[int, frozenset[str]] | None = None
+        # Named prepared statements (prepared.py), created at the first one; rewrite_queued: the
+        # buffer holds messages naming one, to rewrite once a server is linked.
+        self.statements: ClientStatements | None = None
+        self.rewrite_queued = False
+        # The session effects (and route) of a new transaction's first bytes, while they end mid-message.
+        self.held_effects: tuple[Effect, Effect] | None = None
 
     # ------------------------------------------------------------- asyncio.Protocol
 
@@ -152,12 +192,23 @@ class ClientConnection(asyncio.Protocol):
             return
         server = self.server
         if server is not None:
+            # A new Query/Parse (or the rest of one): session state may pin this client (session.py).
+            if (scanner.sql_chunk is not self.sql_seen or self.tap is not None) and not self._held_statements(
+                server, data
+            ):
+                return
+            if scanner.named_at >= 0 and self._send_rewritten(server, data, syncs):
+                return
             if syncs:
                 if self.pending <= 0:
-                    server.query_started = time.monotonic()
+                    server.query_started = now = time.monotonic()
+                    if server.assigned_at < 0:  # a pinned client's next transaction starts
+                        server.assigned_at = now
                 self.pending += syncs
             server.transport.write(data)  # type: ignore[union-attr]
             return
+        if scanner.named_at >= 0:
+            self._named_queued()
         self.pending += syncs
         self._queue(data)
 
@@ -172,12 +223,17 @@ class ClientConnection(asyncio.Protocol):
         self.app.client_closed(self)
         if self.waiting:
             self.waiting = False
-            self.pool.forget_waiter(self)
+            self._forget_wait()
+        reasons: frozenset[str] = frozenset()
+        if self.pin_reason:
+            guard = self._clear_guard
+            reasons = self.pin_reasons | (guard[1] if guard else frozenset()) | {self.pin_reason}
+            self._unpin("client left")
         server = self.server
         if server is not None:
             self.server = None
             server.client = None
-            self._server_after_client(server)
+            self._server_after_client(server, reasons)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -205,24 +261,176 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------- relay: queue, attach, release
 
     def _queue(self, data: bytes) -> None:
-        self.buffer.append(data)
-        self.buffered += len(data)
+        effect = route = NOTHING
+        if self.scanner.sql_chunk is not self.sql_seen or self.tap is not None:
+            effect, route = self._chunk_effect(data)
         if self.waiting or self.linking is not None:
+            # The pool is chosen: a session feature now pins whatever server this client gets.
+            if not effect.nothing and not self._apply(effect):
+                return
+            self.buffer.append(data)
+            self.buffered += len(data)
             if self.buffered > _QUEUE_LIMIT:
                 self.pause_input()
             return
         if self.pool.draining:
             self.shutdown_close()
             return
+        if self.held_effects is not None or not self.scanner.at_boundary:
+            held = self.held_effects
+            if held is not None:
+                effect, route = held[0].then(effect), held[1].then(route)
+            if not take_server_now(
+                at_boundary=self.scanner.at_boundary, buffered=self.buffered + len(data), limit=_QUEUE_LIMIT
+            ):
+                # Half a message: keep its bytes (and their session effects) until the rest is here, so
+                # that a client stalling mid-message holds no server connection.
+                self.held_effects = (effect, route)
+                self.buffer.append(data)
+                self.buffered += len(data)
+                return
+            self.held_effects = None
+        # A new transaction: the statements that start it choose the pool (session.py).
+        pool = self.pool
+        if not effect.nothing:
+            if not self._apply(effect):
+                return
+            reason = effect.route or route.route
+            if pool.direct is not None and (self.pin_reason or reason):
+                pool = pool.direct
+                if not self.pin_reason:
+                    pool.stats.routed[reason] += 1
+        elif route.route and pool.direct is not None:
+            pool = pool.direct
+            pool.stats.routed[route.route] += 1
+        self.buffer.append(data)
+        self.buffered += len(data)
         self.request_time = time.time()
         now = time.monotonic()
-        server = self.pool.acquire(self, now)
+        server = pool.acquire(self, now)
         if server is not None:
             self.attach(server, now)
         else:
             self.waiting = True
             if self.buffered > _QUEUE_LIMIT:
                 self.pause_input()
+
+    # ------------------------------------------------------------- session state: pin, unpin, route
+
+    def _chunk_effect(self, data: bytes) -> tuple[Effect, Effect]:
+        """The session effect of the SQL in this chunk, and the route of a statement still arriving."""
+        effect = NOTHING
+        tap = self.tap
+        if tap is not None:
+            done = tap.feed(data)  # its next bytes open this chunk
+            if done is not None:
+                self.tap = None
+                effect = done
+        scanner = self.scanner
+        chunk = scanner.sql_chunk
+        if chunk is self.sql_seen:
+            return effect, NOTHING
+        self.sql_seen = chunk
+        last, end = scanner.sql_start, scanner.sql_end
+        if scanner.sql_first == last:  # one statement in this chunk: the hot path
+            start = last
+            if chunk[last - 5] == 80:  # Parse: the statement name comes first
+                start = chunk.find(b"\x00", last, end) + 1
+                stop = chunk.find(b"\x00", start, end) if start else -1
+            else:  # Query: the text and a NUL are the whole body
+                stop = end - 1 if end > last and chunk[end - 1] == 0 else -1
+            if stop >= 0:
+                # The same text as the last one found plain but for a trailing number (pgbench -S,
+                # a parameterized query): no effect either, and two byte comparisons say so.
+                template = self.plain_template
+                if (
+                    template
+                    and chunk.startswith(template, start)
+                    and not chunk[start + len(template) : stop].strip(LITERAL_TAIL)
+                ):
+                    return effect, NOTHING
+                sql = chunk[start:stop]
+                text = sql.decode("utf-8", "replace")
+                if quick_nothing(text):
+                    self.plain_template = sql.rstrip(LITERAL_TAIL)
+                    return effect, NOTHING
+                return effect.then(decide(text)), NOTHING
+        found, route, self.tap = chunk_effect(chunk, scanner.sql_first, last, end)
+        return effect.then(found), route
+
+    def _held_statements(self, server: ServerConnection, data: bytes) -> bool:
+        """Session effects of a chunk for a client holding ``server``; False when it must not be forwarded."""
+        effect, _ = self._chunk_effect(data)  # mid-transaction: the route is chosen already
+        return effect.nothing or self._apply(effect)
+
+    def _apply(self, effect: Effect) -> bool:
+        """Apply a statement's pins and clears; False (and the client is answered) when over the limit."""
+        reasons = effect.apply(self.pin_reasons)
+        if self.pin_reason:
+            if effect.clears:
+                server = self.server or self.linking
+                if server is None:
+                    # No server yet to confirm the reset ran: keep the pin (it is released with the client).
+                    reasons = self.pin_reasons | frozenset(effect.pins)
+                elif self._clear_guard is None:
+                    # Believe a reset once the server has answered it without an error (_still_pinned).
+                    self._clear_guard = (server.scanner.errors, self.pin_reasons)
+            self.pin_reasons = reasons
+            return True
+        if not reasons:
+            return True
+        pool = self.pool
+        reason = next(r for r in effect.pins if r in reasons)
+        limit = pool.pin_limit
+        if len(pool.pinned) >= limit:
+            text = pin_limit_message(pool=pool.name, limit=limit, reason=reason)
+            log.warning("pin_limit_reached", pool=pool.name, client=self.describe(), reason=reason, limit=limit)
+            if self.server is not None or self.linking is not None:
+                # Mid-transaction the statement cannot be answered for the server: end this client
+                # (its transaction is rolled back) rather than run it unpinned.
+                self.fatal("53400", text, hint=pin_limit_hint())
+            else:
+                if self.waiting:
+                    self.waiting = False
+                    self._forget_wait()
+                self._fail_queued("53400", text, pin_limit_hint())
+            return False
+        self.pin_reason = reason
+        self.pin_reasons = reasons
+        self.pinned_since = time.time()
+        pool.pinned.add(self)
+        pool.stats.pins[reason] += 1
+        log.info("client_pinned", pool=pool.name, client=self.describe(), reason=reason)
+        return True
+
+    def _unpin(self, why: str) -> None:
+        log.info("client_unpinned", pool=self.pool.name, client=self.describe(), reason=self.pin_reason, why=why)
+        self.pool.pinned.discard(self)
+        self.pin_reason = ""
+        self.pin_reasons = frozenset()
+        self._clear_guard = None
+
+    def _still_pinned(self, server: ServerConnection) -> bool:
+        """At the end of a pinned client's transaction: keep its server, or did a reset free it?"""
+        guard = self._clear_guard
+        if guard is not None:
+            self._clear_guard = None
+            if server.scanner.errors != guard[0]:
+                # An error since the reset statement was sent: it may not have run. Keep what it
+                # was to undo (PostgreSQL refuses DISCARD ALL inside a transaction block, for one).
+                self.pin_reasons |= guard[1]
+        reasons = self.pin_reasons
+        if not reasons:
+            self._unpin("reset by the client")
+            return False
+        if self.pin_reason not in reasons:
+            self.pin_reason = next(r for r in PIN_REASONS if r in reasons)
+        return True
+
+    def _forget_wait(self) -> None:
+        self.pool.forget_waiter(self)
+        if self.pool.direct is not None:
+            self.pool.direct.forget_waiter(self)
 
     def attach(self, server: ServerConnection, now: float) -> None:
         """The pool hands ``server`` to this client (now, or when it was waiting)."""
@@ -270,7 +478,72 @@ class ClientConnection(asyncio.Protocol):
             data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
             self.buffer = []
             self.buffered = 0
-            server.write(data)
+            if self.rewrite_queued:
+                self.rewrite_queued = False
+                # Nothing of this client's is outstanding on the server yet: its first message is at
+                # the server's current ReadyForQuery count, first in its batch.
+                data = self._rewrite(server, data, (server.scanner.ready_total, 0))
+            if data:
+                server.write(data)
+
+    # ------------------------------------------------------------- named prepared statements (prepared.py)
+
+    def _statements(self) -> ClientStatements | None:
+        """This client's statements, or ``None`` (and the scanner's flag reset) with the feature off."""
+        statements = self.statements
+        if statements is None:
+            if self.app.settings.max_prepared_statements <= 0:
+                self.scanner.named_at = -1
+                return None
+            statements = self.statements = ClientStatements()
+        return statements
+
+    def _named_queued(self) -> None:
+        """A queued chunk names a prepared statement: rewrite the buffer when a server is linked."""
+        if self._statements() is not None:
+            self.scanner.named_at = -1
+            self.rewrite_queued = True
+
+    def _send_rewritten(self, server: ServerConnection, data: bytes, syncs: int) -> bool:
+        """Forward a chunk naming a prepared statement, rewritten; False to forward it untouched."""
+        statements = self._statements()
+        if statements is None:
+            return False
+        scanner = self.scanner
+        head = b""
+        start: tuple[int, int] | None = None
+        if not statements.engaged:
+            # Its messages before the first named one go as they are; the rest starts at the server's
+            # position: ReadyForQuery seen + owed before it, and its place in the current batch.
+            at = scanner.named_at
+            start = (server.scanner.ready_total + self.pending + scanner.named_syncs, scanner.named_batch)
+            if at:
+                head, data = data[:at], data[at:]
+        if syncs:
+            if self.pending <= 0:
+                server.query_started = now = time.monotonic()
+                if server.assigned_at < 0:
+                    server.assigned_at = now
+            self.pending += syncs
+        data = self._rewrite(server, data, start)
+        if head or data:
+            server.write(head + data)
+        return True
+
+    def _rewrite(self, server: ServerConnection, data: bytes, start: tuple[int, int] | None) -> bytes:
+        """Rewrite ``data`` for ``server``; answers due now go to the client. Returns the bytes to send."""
+        statements = self.statements
+        assert statements is not None
+        try:
+            data, answers = statements.rewrite(data, server.statements, start)
+        except ProtocolError as exc:
+            self.protocol_violation(str(exc))
+            return b""
+        # While a message is split across reads, every read must come through here.
+        self.scanner.named_at = 0 if statements.engaged else -1
+        if answers:
+            self.transport.write(answers)
+        return data
 
     async def _sync_then_link(self, server: ServerConnection, changes: list[tuple[str, str | None]]) -> None:
         # The server's session settings differ from what this client set up: align them first, in
@@ -288,7 +561,7 @@ class ClientConnection(asyncio.Protocol):
                 error = await server.run_internal(set_statements(changes))
         except (Exception, asyncio.CancelledError) as exc:
             self.linking = None
-            self.pool.server_broken(server, f"session parameter sync failed: {exc!r}")
+            server.pool.server_broken(server, f"session parameter sync failed: {exc!r}")
             if not self.closed:
                 self.fatal("08006", f"the server connection of pool {self.pool.name!r} failed while being set up")
             return
@@ -296,11 +569,11 @@ class ClientConnection(asyncio.Protocol):
         server.session_key = self.wanted_key()
         if self.closed:
             server.client = None
-            self.pool.release(server, time.monotonic())
+            server.pool.release(server, time.monotonic())
             return
         if error is not None:
             server.client = None
-            self.pool.release(server, time.monotonic())
+            server.pool.release(server, time.monotonic())
             self.fatal(
                 error.get("C", "22023"),
                 f"startup parameter rejected by the server: {error.get('M', 'invalid value')}",
@@ -309,27 +582,36 @@ class ClientConnection(asyncio.Protocol):
         self._link(server)
 
     def release_server(self, now: float) -> None:
-        """ReadyForQuery(I) with nothing owed: the transaction is over, hand the server back."""
+        """ReadyForQuery(I) with nothing owed: the transaction is over, hand the server back.
+
+        A pinned client keeps it (until it disconnects or a reset statement of its own frees it).
+        """
         server = self.server
         if server is None:
             return
-        self.server = None
         stats = self.pool.stats
-        elapsed = now - server.assigned_at
+        started = server.assigned_at
+        elapsed = now - (started if started >= 0 else server.query_started)
         stats.transactions += 1
         stats.transaction_duration.observe(elapsed)
         stats.xact_time_total += elapsed
-        self.scanner.sql_chunk = b""  # do not keep the last chunk alive while idle
+        self.scanner.sql_chunk = self.sql_seen = b""  # do not keep the last chunk alive while idle
+        if self.pin_reason and self._still_pinned(server):
+            server.assigned_at = -1.0  # data_received stamps the next transaction's start
+            if self.close_after_release:
+                self.shutdown_close()
+            return
+        self.server = None
         if self.write_paused and server.transport is not None:
             server.transport.resume_reading()
         if server.write_paused:
             self.resume_input()
-        self.pool.release(server, now)
+        server.pool.release(server, now)
         if self.close_after_release:
             self.shutdown_close()
 
-    def _server_after_client(self, server: ServerConnection) -> None:
-        """Clean up a server whose client vanished while holding it."""
+    def _server_after_client(self, server: ServerConnection, pinned: frozenset[str] = frozenset()) -> None:
+        """Clean up a server whose client vanished while holding it (``pinned``: the session state it had)."""
         if server.state == "closed":
             return
         if self.write_paused and server.transport is not None and not server.transport.is_closing():
@@ -341,22 +623,30 @@ class ClientConnection(asyncio.Protocol):
             client_at_boundary=self.scanner.at_boundary and not self.dirty,
             server_at_boundary=server.scanner.at_boundary,
         )
-        if action is ClientGone.RELEASE:
-            self.pool.release(server, time.monotonic())
-        elif action is ClientGone.ROLLBACK:
-            self.app.spawn(self._rollback(server))
+        pool = server.pool
+        if pinned and action is not ClientGone.CLOSE and not decide(pool.reset_query).clears >= pinned:
+            # server_reset_query cannot undo this client's session state: nobody else may get it.
+            log.info("server_closed", pool=pool.name, server=server.describe(), reason="pinned, no full reset")
+            action = ClientGone.CLOSE
+        if action is ClientGone.RELEASE and not pinned:
+            pool.release(server, time.monotonic())
+        elif action is not ClientGone.CLOSE:
+            self.app.spawn(self._reset(server, rollback=action is ClientGone.ROLLBACK))
         else:
-            log.info("server_closed", pool=self.pool.name, server=server.describe(), reason="client left mid-query")
+            log.info("server_closed", pool=pool.name, server=server.describe(), reason="client left mid-query")
             server.state = "closed"
-            self.pool.servers.discard(server)
+            pool.servers.discard(server)
             server.close("client gone")
-            self.pool.release(server, time.monotonic())  # no-op for a closed server; refills the pool
+            pool.release(server, time.monotonic())  # no-op for a closed server; refills the pool
 
-    async def _rollback(self, server: ServerConnection) -> None:
-        pool = self.pool
+    async def _reset(self, server: ServerConnection, *, rollback: bool) -> None:
+        """ROLLBACK (if in a transaction) and server_reset_query, then give ``server`` back; close it on failure."""
+        pool = server.pool
+        error: dict[str, str] | None = None
         try:
             async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
-                error = await server.run_internal("ROLLBACK")
+                if rollback:
+                    error = await server.run_internal("ROLLBACK")
                 if error is None and pool.reset_query:
                     error = await server.run_internal(pool.reset_query)
                     if error is None and pool.reset_query.upper().endswith("ALL"):
@@ -376,6 +666,8 @@ class ClientConnection(asyncio.Protocol):
     def _fail_queued(self, code: str, text: str, hint: str | None) -> None:
         """Answer every queued request with an error, keeping the session usable if the protocol allows."""
         self.waiting = False
+        if self.pin_reason and self.server is None and self.linking is None:
+            self._unpin("its statements never ran")  # pinned while waiting: no session state was made
         if self.pending >= 1 and not self.scanner.unsynced and self.scanner.at_boundary:
             answer = protocol.error_response(code, text, hint=hint) + protocol.ready_for_query()
             self.transport.write(answer * self.pending)
@@ -397,7 +689,7 @@ class ClientConnection(asyncio.Protocol):
     def cancel_wait(self) -> None:
         """A CancelRequest arrived while this client was still waiting for a server."""
         if self.waiting:
-            self.pool.forget_waiter(self)
+            self._forget_wait()
             self._fail_queued("57014", "canceling statement due to user request", None)
 
     def server_lost(self, text: str) -> None:
@@ -424,7 +716,12 @@ class ClientConnection(asyncio.Protocol):
         if at == -2:
             self.dirty = True
         elif at > 0 and self.server is not None:
-            self.server.write(data[:at])
+            # Sent before Terminate, so still run (a Sync commits): with their statements renamed.
+            if self.scanner.named_at < 0 or not self._send_rewritten(self.server, data[:at], 0):
+                self.server.write(data[:at])
+            # Nothing reads the answer to what was just sent (nor was its SQL checked for session
+            # state): close that server rather than hand it to the next client.
+            self.dirty = True
         self.transport.close()
 
     def _login_timed_out(self) -> None:
@@ -473,8 +770,13 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(b"N")
             return
         if isinstance(packet, protocol.CancelRequest):
-            self.app.cancel(packet.process_id, packet.secret_key)
-            self.transport.close()
+            # The app closes this connection once the cancel is forwarded (PostgreSQL's order too);
+            # CLOSED: nothing more is read from it and client_login_timeout does not answer it.
+            self.state = CLOSED
+            if self._login_timer is not None:
+                self._login_timer.cancel()
+                self._login_timer = None
+            self.app.cancel(packet.process_id, packet.secret_key, self.transport)
             return
         self._on_startup_message(packet)
 

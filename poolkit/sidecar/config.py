@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -12,6 +14,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -38,6 +41,10 @@ RELOADABLE = frozenset(
         "server_idle_timeout",
         "server_lifetime",
         "connect_timeout",
+        "query_timeout",
+        "server_check_delay",
+        "server_check_timeout",
+        "server_login_retry",
         "client_login_timeout",
         "shutdown_timeout",
         "slow_query_seconds",
@@ -46,6 +53,8 @@ RELOADABLE = frozenset(
         "auth_file",
         "server_reset_query",
         "max_client_conn",
+        "direct_max_size",
+        "max_pinned_clients",
     }
 )
 
@@ -87,11 +96,28 @@ class SidecarSettings(BaseSettings):
 
     max_size: int = 3
     max_client_conn: int = 10_000
+    # The direct upstream beside a pooled one (introspection, DDL, pinned clients); see session.py.
+    direct_max_size: int = 3
+    # None: one less than the connections pins draw from (direct_max_size or max_size), at least 1.
+    max_pinned_clients: int | None = None
     query_wait_timeout: float = 30.0
     idle_transaction_timeout: float = 300.0
     server_idle_timeout: float = 20.0
     server_lifetime: float = 3600.0
     connect_timeout: float = 10.0
+    # A query (up to its ReadyForQuery) running longer ends its client with 57014 and closes its server
+    # (PgBouncer's name). Off by default: a long report or CREATE INDEX looks exactly like a stalled
+    # upstream, and only the operator knows how long a legitimate query may run.
+    query_timeout: float = 0.0
+    # A server connection idle this long gets an empty query before it is handed out (PgBouncer's
+    # server_check_delay; 0 = before every hand-out): one round trip that catches a connection that died
+    # silently (NAT expiry, host crash). The check may take server_check_timeout before it is given up.
+    server_check_delay: float = 30.0
+    server_check_timeout: float = 2.0
+    # After a failed connect/login, wait this long before the next attempt (PgBouncer's
+    # server_login_retry, whose default is 15 s): an outage then costs about one attempt per second
+    # instead of hundreds, and the pool is serving again within a second of the upstream's return.
+    server_login_retry: float = 1.0
     client_login_timeout: float = 60.0
     shutdown_timeout: float = 30.0
     slow_query_seconds: float = 1.0
@@ -99,6 +125,9 @@ class SidecarSettings(BaseSettings):
     # rejects garbage early; PostgreSQL's own limit (1 GiB - 1) lets every message it accepts pass.
     max_message_size: int = PG_MAX_MESSAGE_SIZE
     server_reset_query: str = "DISCARD ALL"
+    # Named prepared statements kept per server connection (LRU, as PgBouncer's setting of the same
+    # name); 0 turns the feature off and passes statement names through untouched. Needs a restart.
+    max_prepared_statements: int = 200
 
     auth_type: AuthType = "auto"
     users: dict[str, SecretStr] = Field(default_factory=dict)
@@ -130,11 +159,25 @@ class SidecarSettings(BaseSettings):
             raise ValueError("must be a TCP port from 1 to 65535 (0 picks a free port)")
         return value
 
-    @field_validator("max_size", "max_client_conn")
+    @field_validator("max_size", "max_client_conn", "direct_max_size")
     @classmethod
     def _check_count(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("max_prepared_statements")
+    @classmethod
+    def _check_prepared(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 or more (0 turns named prepared statement support off)")
+        return value
+
+    @field_validator("max_pinned_clients")
+    @classmethod
+    def _check_pinned(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError("must be 0 or more (0 refuses every session feature; unset: automatic)")
         return value
 
     @field_validator(
@@ -143,6 +186,7 @@ class SidecarSettings(BaseSettings):
         "server_idle_timeout",
         "server_lifetime",
         "connect_timeout",
+        "query_timeout",
         "client_login_timeout",
         "shutdown_timeout",
         "slow_query_seconds",
@@ -151,6 +195,20 @@ class SidecarSettings(BaseSettings):
     def _check_seconds(cls, value: float) -> float:
         if not value >= 0 or value == float("inf"):
             raise ValueError("must be a number of seconds, 0 or more (0 disables it)")
+        return value
+
+    @field_validator("server_check_delay", "server_login_retry")
+    @classmethod
+    def _check_delay(cls, value: float) -> float:
+        if not value >= 0 or value == float("inf"):
+            raise ValueError("must be a number of seconds, 0 or more (0: no delay)")
+        return value
+
+    @field_validator("server_check_timeout")
+    @classmethod
+    def _check_positive_seconds(cls, value: float) -> float:
+        if not value > 0 or value == float("inf"):
+            raise ValueError("must be a number of seconds greater than 0")
         return value
 
     @field_validator("max_message_size")
@@ -175,21 +233,24 @@ class SidecarSettings(BaseSettings):
                 "no upstream URL: set POOLKIT_POOLED_URL (or DATABASE_URL) to the database the sidecar "
                 "forwards to; `poolkit dev` starts a local stack and prints one",
             )
-        dsn = self.upstream_dsn()
-        mode = dsn.query.get("sslmode", "require")
-        if mode in ("allow", "prefer"):
-            raise _FieldError(
-                self.upstream_field(),
-                f"has sslmode={mode}, which silently falls back to plain text; use sslmode=require or verify-full",
-            )
-        if mode == "disable" and not dsn.is_loopback:
-            raise _FieldError(
-                self.upstream_field(),
-                f"asks for sslmode=disable on host {dsn.host!r}; plain text is only allowed to a loopback "
-                "host or Unix socket",
-            )
-        if mode in ("verify-ca", "verify-full") and self.sslrootcert is None and "sslrootcert" not in dsn.query:
-            raise _FieldError("sslrootcert", f"sslmode={mode} needs the CA file: set POOLKIT_SSLROOTCERT")
+        upstreams = [(self.upstream_field(), self.upstream_dsn())]
+        if self.direct_route_enabled:
+            upstreams.append(("direct_url", self.direct_dsn()))
+        for field, dsn in upstreams:
+            mode = dsn.query.get("sslmode", "require")
+            if mode in ("allow", "prefer"):
+                raise _FieldError(
+                    field,
+                    f"has sslmode={mode}, which silently falls back to plain text; use sslmode=require or verify-full",
+                )
+            if mode == "disable" and not dsn.is_loopback:
+                raise _FieldError(
+                    field,
+                    f"asks for sslmode=disable on host {dsn.host!r}; plain text is only allowed to a loopback "
+                    "host or Unix socket",
+                )
+            if mode in ("verify-ca", "verify-full") and self.sslrootcert is None and "sslrootcert" not in dsn.query:
+                raise _FieldError("sslrootcert", f"sslmode={mode} needs the CA file: set POOLKIT_SSLROOTCERT")
         if self.effective_auth_type == "scram-sha-256" and not self.users and self.auth_file is None:
             raise _FieldError(
                 "auth_type",
@@ -237,6 +298,17 @@ class SidecarSettings(BaseSettings):
         """Which configured URL the sidecar forwards to (a metric label)."""
         return "direct" if self.upstream_field() == "direct_url" else "pooled"
 
+    @property
+    def direct_route_enabled(self) -> bool:
+        """True when the sidecar forwards to the pooled URL and also has a direct one (a second, small pool)."""
+        return self.route == "pooled" and self.direct_url is not None
+
+    def direct_dsn(self) -> Dsn:
+        """The direct URL (``direct_url``); only meaningful when it is set."""
+        if self.direct_url is None:
+            raise _FieldError("direct_url", "is not set")
+        return Dsn.parse(self.direct_url.get_secret_value(), setting=_env_label("direct_url"))
+
     def upstream_dsn(self) -> Dsn:
         """The URL the sidecar forwards to: the pooled URL, else the direct one (``upstream`` can force)."""
         field = self.upstream_field()
@@ -272,15 +344,18 @@ class _FieldError(ValueError):
         self.field = field
 
 
-def _env_label(field: str) -> str:
+def _env_names(field: str) -> tuple[str, ...]:
     if field == "pooled_url":
-        names: tuple[str, ...] = POOLED_URL_ENV
-    elif field == "direct_url":
-        names = DIRECT_URL_ENV
-    elif field == "sslrootcert":
-        names = (f"{ENV_PREFIX}SSLROOTCERT", "POOLKIT_SSLROOTCERT")
-    else:
-        names = (f"{ENV_PREFIX}{field.upper()}",)
+        return POOLED_URL_ENV
+    if field == "direct_url":
+        return DIRECT_URL_ENV
+    if field == "sslrootcert":
+        return (f"{ENV_PREFIX}SSLROOTCERT", "POOLKIT_SSLROOTCERT")
+    return (f"{ENV_PREFIX}{field.upper()}",)
+
+
+def _env_label(field: str) -> str:
+    names = _env_names(field)
     for name in names:
         if os.environ.get(name):
             return f"{name} ({field})"
@@ -297,20 +372,32 @@ def load_sidecar_settings(config_file: Path | str | None = None, **overrides: An
     if unknown:
         raise ConfigError(f"unknown sidecar setting {unknown[0]!r}")
     cls: type[SidecarSettings] = SidecarSettings
+    file_keys: dict[str, Path] = {}
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (--config / POOLKIT_SIDECAR_CONFIG)")
+        try:
+            file_keys = dict.fromkeys(tomllib.loads(path.read_text()), path)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"invalid sidecar settings: config file {path} is not valid TOML: {exc}") from None
         cls = type("SidecarSettingsFromFile", (SidecarSettings,), {"config_file": path})
     try:
         return cls(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, overrides)) from None
+        raise ConfigError(_explain(exc, overrides, file_keys)) from None
     except ConfigError as exc:
         raise ConfigError(f"invalid sidecar settings: {exc}") from None
+    except SettingsError as exc:  # a JSON-valued variable (users) that is not JSON; the message names the field
+        match = re.search(r'field "(\w+)"', str(exc))
+        field = match.group(1) if match else "settings"
+        raise ConfigError(
+            f"invalid sidecar settings: {_env_label(field)}: is not valid JSON; "
+            'give an object such as {"app": "password"}'
+        ) from None
 
 
-def _explain(exc: ValidationError, overrides: dict[str, Any]) -> str:
+def _explain(exc: ValidationError, overrides: dict[str, Any], file_keys: dict[str, Path]) -> str:
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
         inner = (err.get("ctx") or {}).get("error")
@@ -322,6 +409,13 @@ def _explain(exc: ValidationError, overrides: dict[str, Any]) -> str:
         else:
             field = str(err["loc"][0]) if err["loc"] else "settings"
             msg = err["msg"].removeprefix("Value error, ")
-        label = f"{field} (flag)" if field in overrides else _env_label(field)
+        if field in overrides:
+            label = f"{field} (flag)"
+        elif field in file_keys and not any(os.environ.get(name) for name in _env_names(field)):
+            label = f"{field} (config file {file_keys[field]})"
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown setting; known settings: {', '.join(sorted(SidecarSettings.model_fields))}"
+        else:
+            label = _env_label(field)
         lines.append(f"{label}: {msg}")
     return "invalid sidecar settings: " + "; ".join(lines)

@@ -1,4 +1,4 @@
-"""Background work as small named tasks: reap idle/old servers, end idle-in-transaction clients."""
+"""Background work as small named tasks: reap idle/old servers, end idle-in-transaction and timed-out clients."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from poolkit.log import get_logger
+from poolkit.sidecar.pooling import query_timed_out
 from poolkit.sidecar.protocol import IDLE
 
 if TYPE_CHECKING:
@@ -87,3 +88,41 @@ class IdleTransactionReaper(MaintenanceTask):
                     f"terminating connection due to idle-in-transaction timeout ({timeout:g}s, "
                     "idle_transaction_timeout): the transaction was rolled back",
                 )
+
+
+class QueryTimeoutReaper(MaintenanceTask):
+    """Ends a query that ran past ``query_timeout``: its server is closed, its client gets FATAL 57014.
+
+    The server is closed rather than cancelled: the usual cause is an upstream that stopped answering,
+    and a CancelRequest would need a new connection to that same unresponsive upstream.
+    """
+
+    name = "query-timeout-reaper"
+
+    def tick(self, now: float) -> None:
+        timeout = self.pool.settings.query_timeout
+        if timeout <= 0:
+            return
+        for server in list(self.pool.servers):
+            client = server.client
+            if client is None or not server.relay:
+                continue
+            started, pending = server.query_started, client.pending
+            if not query_timed_out(now=now, query_started=started, pending=pending, timeout=timeout):
+                continue
+            log.warning(
+                "query_timeout",
+                pool=self.pool.name,
+                client=client.describe(),
+                server=server.describe(),
+                seconds=round(now - server.query_started, 3),
+            )
+            self.pool.stats.upstream_errors["timeout"] += 1
+            self.pool.close_busy(server, "query timeout")
+            client.fatal(
+                "57014",
+                f"canceling query due to query_timeout ({timeout:g}s): the upstream of pool "
+                f"{self.pool.label!r} did not finish it in time and its server connection was closed",
+                hint="Raise query_timeout (POOLKIT_SIDECAR_QUERY_TIMEOUT; 0 disables it) if queries may run "
+                "this long, or look for a stalled network or an overloaded upstream.",
+            )

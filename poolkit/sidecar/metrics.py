@@ -10,6 +10,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from poolkit.sidecar.prepared import EVENTS as PREPARED_EVENTS
+from poolkit.sidecar.session import PIN_REASONS, ROUTE_REASONS
+
 if TYPE_CHECKING:
     from poolkit.sidecar.pool import UpstreamPool
 
@@ -31,7 +34,8 @@ DURATION_BUCKETS = (
     30.0,
     60.0,
 )
-UPSTREAM_ERROR_KINDS = ("connect", "auth", "tls", "terminated", "protocol")
+# timeout: a query ran past query_timeout and its server connection was closed.
+UPSTREAM_ERROR_KINDS = ("connect", "auth", "tls", "terminated", "protocol", "timeout")
 LOGIN_RESULTS = ("ok", "auth_failed", "error")
 
 
@@ -79,11 +83,14 @@ class SidecarStats:
     __slots__ = (
         "client_logins",
         "client_wait",
+        "pins",
+        "prepared_statements",
         "queries",
         "query_duration",
         "query_time_total",
         "query_wait_timeouts",
         "received_bytes",
+        "routed",
         "sent_bytes",
         "slow_queries",
         "transaction_duration",
@@ -102,6 +109,9 @@ class SidecarStats:
         self.slow_queries = 0
         self.upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self.client_logins = dict.fromkeys(LOGIN_RESULTS, 0)
+        self.pins = dict.fromkeys(PIN_REASONS, 0)  # clients pinned, by the reason that pinned them
+        self.routed = dict.fromkeys(ROUTE_REASONS, 0)  # transactions sent to the direct upstream
+        self.prepared_statements = dict.fromkeys(PREPARED_EVENTS, 0)  # hit/miss/eviction (prepared.py)
         self.transaction_duration = Histogram()
         self.query_duration = Histogram()
         self.client_wait = Histogram()
@@ -150,6 +160,25 @@ class SidecarCollector(Collector):
         logins = CounterMetricFamily(
             "poolkit_sidecar_client_logins", "Client login attempts by result.", labels=["pool", "result"]
         )
+        pinned = GaugeMetricFamily(
+            "poolkit_sidecar_pinned_clients",
+            "Clients holding a server connection across transactions for session state, by reason.",
+            labels=["pool", "reason"],
+        )
+        pins = CounterMetricFamily(
+            "poolkit_sidecar_pins", "Clients pinned to a server connection, by reason.", labels=["pool", "reason"]
+        )
+        routed = CounterMetricFamily(
+            "poolkit_sidecar_routed",
+            "Transactions sent to the direct upstream (introspection, DDL, server-side COPY), by reason.",
+            labels=["pool", "reason"],
+        )
+        prepared = CounterMetricFamily(
+            "poolkit_sidecar_prepared_statements",
+            "Named prepared statements a client used: hit (already prepared on its server connection), miss "
+            "(a Parse was sent), eviction (closed to keep max_prepared_statements per connection).",
+            labels=["pool", "event"],
+        )
         histograms = {
             "transaction_duration": (
                 "poolkit_sidecar_transaction_duration_seconds",
@@ -173,6 +202,17 @@ class SidecarCollector(Collector):
                 clients.add_metric([pool.name, state], value)
             for state, value in pool.server_counts().items():
                 servers.add_metric([pool.name, pool.route, state], value)
+            if pool.direct is not None:
+                for state, value in pool.direct.server_counts().items():
+                    servers.add_metric([pool.name, pool.direct.route, state], value)
+            for reason, value in pool.pinned_counts().items():
+                pinned.add_metric([pool.name, reason], value)
+            for reason, value in stats.pins.items():
+                pins.add_metric([pool.name, reason], value)
+            for reason, value in stats.routed.items():
+                routed.add_metric([pool.name, reason], value)
+            for event, value in stats.prepared_statements.items():  # a direct pool shares these stats
+                prepared.add_metric([pool.name, event], value)
             for key, counter in counters.items():
                 counter.add_metric([pool.name], getattr(stats, key))
             for kind, value in stats.upstream_errors.items():
@@ -187,6 +227,10 @@ class SidecarCollector(Collector):
         yield from counters.values()
         yield upstream_errors
         yield logins
+        yield pinned
+        yield pins
+        yield routed
+        yield prepared
         yield from hist_families.values()
 
 

@@ -13,9 +13,16 @@ from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SS
 from poolkit.log import get_logger
 from poolkit.sidecar.auth import upstream_tls
 from poolkit.sidecar.metrics import SidecarStats
-from poolkit.sidecar.pooling import connections_to_open, pool_exhausted_message, server_expired
+from poolkit.sidecar.pooling import (
+    connections_to_open,
+    login_retry_wait,
+    needs_check,
+    pool_exhausted_message,
+    server_expired,
+)
 from poolkit.sidecar.protocol import IDLE
 from poolkit.sidecar.server import ServerConnection
+from poolkit.sidecar.session import PIN_REASONS
 from poolkit.sqlnorm import normalize
 
 if TYPE_CHECKING:
@@ -40,15 +47,30 @@ class UpstreamPool:
 
     Every method is synchronous and runs on the event loop: a free server goes to a client in the
     same callback that freed it, without a task switch.
+
+    The sidecar's pool forwards to the configured upstream. When that is the pooled URL and a direct
+    URL is set too, ``direct`` is a second, small pool (``is_direct``, ``direct_max_size``, sharing
+    ``stats``) for pinned clients and routed transactions. ``pinned`` holds the clients pinned to a
+    server connection (kept on the sidecar's pool, whichever pool their server came from).
     """
 
-    def __init__(self, settings: SidecarSettings, stats: SidecarStats | None = None) -> None:
+    def __init__(self, settings: SidecarSettings, stats: SidecarStats | None = None, *, direct: bool = False) -> None:
         self.stats = stats or SidecarStats()
+        self.is_direct = direct
+        self.direct: UpstreamPool | None = None
+        self.pinned: set[ClientConnection] = set()
         self.idle: list[ServerConnection] = []  # LIFO: the warmest connection is reused first
         self.servers: set[ServerConnection] = set()
         self.clients: set[ClientConnection] = set()
         self.waiters: deque[ClientConnection] = deque()
         self.connecting = 0
+        self.checking = 0  # idle servers taken out for server_check_delay's empty query
+        # Servers a forwarded CancelRequest is on its way to, with how many; one released meanwhile
+        # waits in ``held`` until they are done, so that no cancel reaches the next client's query.
+        self.being_canceled: dict[ServerConnection, int] = {}
+        self.held: set[ServerConnection] = set()
+        self.retry_at = 0.0  # no connect attempt before this (server_login_retry after a failure)
+        self._retry_timer: asyncio.TimerHandle | None = None
         self.generation = 0
         self.draining = False
         self.welcome: list[tuple[str, str]] | None = None
@@ -62,7 +84,7 @@ class UpstreamPool:
 
     def configure(self, settings: SidecarSettings) -> None:
         """Apply (re)loaded settings. A new upstream URL retires the old connections as they free up."""
-        dsn = settings.upstream_dsn()
+        dsn = settings.direct_dsn() if self.is_direct else settings.upstream_dsn()
         old = getattr(self, "dsn", None)
         if old is not None and (old.to_url() != dsn.to_url() or settings.sslrootcert != self.settings.sslrootcert):
             self.generation += 1
@@ -73,8 +95,9 @@ class UpstreamPool:
         self.dsn = dsn
         self.tls = upstream_tls(dsn, settings.sslrootcert)
         self.name = settings.effective_pool_name
-        self.route = settings.route
-        self.max_size = settings.max_size
+        self.route = "direct" if self.is_direct else settings.route
+        self.label = f"{self.name} (direct)" if self.is_direct else self.name  # for messages, not metrics
+        self.max_size = settings.direct_max_size if self.is_direct else settings.max_size
         self.query_wait_timeout = settings.query_wait_timeout
         self.slow_query_seconds = settings.slow_query_seconds
         self.max_message_size = settings.max_message_size
@@ -91,8 +114,31 @@ class UpstreamPool:
 
     def client_counts(self) -> dict[str, int]:
         active = sum(1 for c in self.clients if c.server is not None)
-        waiting = len(self.waiters)
+        waiting = len(self.waiters) + (len(self.direct.waiters) if self.direct is not None else 0)
         return {"active": active, "waiting": waiting, "idle": max(0, len(self.clients) - active - waiting)}
+
+    def pinned_counts(self) -> dict[str, int]:
+        """Pinned clients by the reason that pinned them (every reason present, 0 when none)."""
+        counts = dict.fromkeys(PIN_REASONS, 0)
+        for client in self.pinned:
+            counts[client.pin_reason] = counts.get(client.pin_reason, 0) + 1
+        return counts
+
+    @property
+    def pin_limit(self) -> int:
+        """``max_pinned_clients``, or by default one less than the connections pins draw from (at least 1)."""
+        configured = self.settings.max_pinned_clients
+        if configured is not None:
+            return configured
+        size = self.direct.max_size if self.direct is not None else self.max_size
+        return max(1, size - 1)
+
+    def retire(self) -> None:
+        """Stop using this pool (its upstream was removed on reload): idle servers close now, busy ones on release."""
+        self.generation += 1
+        self.draining = True
+        for server in list(self.idle):
+            self._close_idle(server, "reload")
 
     def server_counts(self) -> dict[str, int]:
         idle = len(self.idle)
@@ -111,6 +157,12 @@ class UpstreamPool:
             server = idle.pop()
             if server.state == "idle":
                 server.state = "active"
+                if needs_check(now=now, idle_since=server.idle_since, check_delay=self.settings.server_check_delay):
+                    # Idle long enough to have died unseen: check it first; this client waits for it
+                    # (or for any other server that frees up sooner).
+                    self.checking += 1
+                    self._spawn(self._check(server))
+                    break
                 return server
         self.waiters.append(client)
         client.wait_started = now
@@ -124,6 +176,9 @@ class UpstreamPool:
         """``server`` finished a transaction: give it to the next waiting client or put it back."""
         server.client = None
         if server.state == "closed":
+            return
+        if server in self.being_canceled:
+            self.held.add(server)  # handed on when its cancels are done (cancel_done)
             return
         if (
             server.generation != self.generation
@@ -149,6 +204,20 @@ class UpstreamPool:
         server.idle_since = now
         self.idle.append(server)
 
+    def cancel_started(self, server: ServerConnection) -> None:
+        """A CancelRequest is being forwarded to ``server``: it serves nobody else until :meth:`cancel_done`."""
+        self.being_canceled[server] = self.being_canceled.get(server, 0) + 1
+
+    def cancel_done(self, server: ServerConnection) -> None:
+        left = self.being_canceled.get(server, 0) - 1
+        if left > 0:
+            self.being_canceled[server] = left
+            return
+        self.being_canceled.pop(server, None)
+        if server in self.held:
+            self.held.discard(server)
+            self.release(server, time.monotonic())
+
     def forget_waiter(self, client: ClientConnection) -> None:
         with contextlib.suppress(ValueError):
             self.waiters.remove(client)
@@ -164,6 +233,7 @@ class UpstreamPool:
         self.servers.discard(server)
         if server in self.idle:
             self.idle.remove(server)
+        self.held.discard(server)
         client = server.client
         server.client = None
         if client is not None:
@@ -174,6 +244,18 @@ class UpstreamPool:
         elif not was_closed and not server.close_reason:
             self.stats.upstream_errors["terminated"] += 1
             log.info("server_closed", pool=self.name, server=server.describe(), reason="closed by upstream")
+        self._fill()
+
+    def close_busy(self, server: ServerConnection, reason: str) -> None:
+        """Close a server a client holds (query_timeout), at once; the caller tells that client."""
+        client = server.client
+        server.client = None
+        if client is not None and client.server is server:
+            client.server = None
+        server.state = "closed"
+        self.servers.discard(server)
+        self.held.discard(server)
+        server.abort(reason)  # not close(): a stalled upstream would never take a polite Terminate
         self._fill()
 
     def server_broken(self, server: ServerConnection, message: str) -> None:
@@ -210,9 +292,13 @@ class UpstreamPool:
             server.close(reason)
         self.servers.clear()
         self.idle.clear()
+        self.held.clear()
         if self._wait_timer is not None:
             self._wait_timer.cancel()
             self._wait_timer = None
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         for task in list(self._tasks):
             task.cancel()
 
@@ -240,10 +326,10 @@ class UpstreamPool:
                 break
             self.stats.query_wait_timeouts += 1
             waited = now - client.wait_started
-            text = pool_exhausted_message(pool=self.name, max_size=self.max_size, waited=waited, waiting=len(waiters))
+            text = pool_exhausted_message(pool=self.label, max_size=self.max_size, waited=waited, waiting=len(waiters))
             log.warning(
                 "pool_exhausted",
-                pool=self.name,
+                pool=self.label,
                 max_size=self.max_size,
                 waited=round(waited, 3),
                 waiting=len(waiters),
@@ -260,23 +346,83 @@ class UpstreamPool:
             return
         count = connections_to_open(
             waiting=len(self.waiters),
-            connecting=self.connecting,
+            connecting=self.connecting + self.checking,  # a server being checked will serve a waiter too
             total=len(self.servers),
             max_size=self.max_size,
         )
+        if count <= 0:
+            return
+        now = time.monotonic()
+        wait = login_retry_wait(now=now, retry_at=self.retry_at)
+        if wait > 0:
+            # server_login_retry: the last attempt failed moments ago. Without a live server nobody
+            # would serve the waiting clients before the retry: they hear the last error now.
+            loop = asyncio.get_running_loop()
+            if self._retry_timer is None:
+                self._retry_timer = loop.call_later(wait, self._retry)
+            if not self.servers:
+                # Soon, not now: _fill runs inside acquire(), before the client has marked itself waiting.
+                loop.call_soon(self._fail_unserved)
+            return
         for _ in range(count):
-            self._spawn(self._open_one())
+            self._spawn(self._open_one(self._new_server()))
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self._fill()
+
+    def _fail_unserved(self) -> None:
+        if not self.servers and time.monotonic() < self.retry_at:
+            self._fail_waiters(self.last_error or "the last connection attempt failed")
+
+    def _fail_waiters(self, message: str) -> None:
+        while self.waiters:
+            client = self.waiters.popleft()
+            if not client.closed:
+                client.upstream_failed(message)
+
+    async def _check(self, server: ServerConnection) -> None:
+        """server_check_delay: an empty query; a server that fails it is closed, the pool opens another."""
+        failure = ""
+        try:
+            async with asyncio.timeout(self.settings.server_check_timeout):
+                error = await server.run_internal("")
+            if error is not None:
+                failure = error.get("M", "error")
+        except (Exception, asyncio.CancelledError) as exc:
+            failure = "no answer within server_check_timeout" if isinstance(exc, TimeoutError) else repr(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                self.checking -= 1
+                raise
+        self.checking -= 1
+        now = time.monotonic()
+        if not failure:
+            server.idle_since = now
+            self.release(server, now)
+            return
+        if server.state != "closed":  # else server_lost has counted and logged it
+            log.warning("server_check_failed", pool=self.name, server=server.describe(), error=failure)
+            self.stats.upstream_errors["terminated"] += 1
+            server.state = "closed"
+            self.servers.discard(server)
+            server.abort("check failed")
+        self._fill()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _open_one(self) -> None:
+    def _new_server(self) -> ServerConnection:
+        # Counted in ``servers`` and ``connecting`` now, not when its task first runs: every client
+        # queued in this loop iteration calls _fill, and each must see the connections already on the way.
         self._next_ident += 1
         server = ServerConnection(self, self._next_ident, self.generation)
         self.servers.add(server)
         self.connecting += 1
+        return server
+
+    async def _open_one(self, server: ServerConnection) -> None:
         began = time.monotonic()
         try:
             timeout = self.settings.connect_timeout or None
@@ -316,25 +462,28 @@ class UpstreamPool:
         self.stats.upstream_errors[kind] += 1
         self.last_error = message
         log.warning("upstream_connect_failed", pool=self.name, kind=kind, error=message, seconds=round(elapsed, 3))
+        if self.settings.server_login_retry > 0:
+            self.retry_at = time.monotonic() + self.settings.server_login_retry
         error = ConnectError(message, reason=kind)
         self._wake_welcome(error)
         # With no live server, nobody would serve the waiting clients: tell them now instead of
         # letting them sit until query_wait_timeout.
         if not self.servers:
-            while self.waiters:
-                client = self.waiters.popleft()
-                if not client.closed:
-                    client.upstream_failed(message)
+            self._fail_waiters(message)
+        elif self.waiters:
+            self._fill()  # live servers may still free up; arm the retry for the shortfall
 
     # ------------------------------------------------------------- welcome parameters
 
     async def ensure_welcome(self) -> list[tuple[str, str]]:
         """The ParameterStatus list new clients get; connects a first server if none has logged in."""
         while self.welcome is None:
+            if not self.servers and self.last_error and time.monotonic() < self.retry_at:
+                raise ConnectError(self.last_error, reason="connect")  # server_login_retry: no new attempt yet
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._welcome_waiters.append(future)
             if not self.servers:
-                self._spawn(self._open_one())
+                self._spawn(self._open_one(self._new_server()))
             await future
         return self.welcome
 

@@ -57,6 +57,48 @@ def connections_to_open(*, waiting: int, connecting: int, total: int, max_size: 
     return max(0, min(waiting - connecting, max_size - total))
 
 
+def needs_check(*, now: float, idle_since: float, check_delay: float) -> bool:
+    """Must an idle server connection pass an empty query before it is handed out (``server_check_delay``)?
+
+    One compare, so a recently used connection (the hot path) costs nothing more. A delay of 0
+    checks before every hand-out.
+    """
+    return now - idle_since >= check_delay
+
+
+def query_timed_out(*, now: float, query_started: float, pending: int, timeout: float) -> bool:
+    """Has the query a client waits for run past ``query_timeout`` (0: never)?
+
+    ``query_started`` is reset at every ReadyForQuery, so each query of a pipeline or transaction
+    gets the full time; a client owed nothing (``pending`` 0) is idle, which idle_transaction_timeout covers.
+    """
+    return timeout > 0 and pending > 0 and now - query_started >= timeout
+
+
+def take_server_now(*, at_boundary: bool, buffered: int, limit: int) -> bool:
+    """A client starting a transaction: take a server connection now, or wait for more bytes?
+
+    Only once its bytes end at a message boundary: a client that sends half a message and stalls
+    then holds nothing (PgBouncer, too, waits for a whole packet before it assigns a server). A
+    message larger than ``limit`` (the bytes buffered per client) is streamed instead of held.
+    """
+    return at_boundary or buffered > limit
+
+
+def forward_cancel(*, serving_target: bool, pending: int) -> bool:
+    """Forward a CancelRequest to the server connection found for its client?
+
+    Only while that server still serves the client that asked and a query is under way: a cancel
+    for a finished query would otherwise hit whatever runs there next (PgBouncer #717).
+    """
+    return serving_target and pending > 0
+
+
+def login_retry_wait(*, now: float, retry_at: float) -> float:
+    """Seconds to wait before the next connect attempt after a failed one (``server_login_retry``); 0 = now."""
+    return max(0.0, retry_at - now)
+
+
 def server_expired(
     *, now: float, created_at: float, idle_since: float, idle_timeout: float, lifetime: float
 ) -> str | None:

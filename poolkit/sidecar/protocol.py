@@ -38,13 +38,16 @@ _I16 = struct.Struct("!h")
 
 # Frontend (client -> server) kinds after login.
 F_INVALID: Final = 0
-F_EXTENDED: Final = 1  # Parse/Bind/Describe/Execute/Close/Flush: part of a batch ended by Sync
+F_EXTENDED: Final = 1  # Execute: part of a batch ended by Sync, answered by one completion
 F_SYNC: Final = 2  # Sync: the server answers ReadyForQuery
 F_QUERY: Final = 3  # simple Query: the server answers ReadyForQuery
 F_FUNCTION: Final = 4  # FunctionCall: the server answers ReadyForQuery
 F_TERMINATE: Final = 5
 F_COPY: Final = 6  # CopyData/CopyDone/CopyFail
-F_PARSE: Final = 7  # Parse (extended, carries SQL)
+F_PARSE: Final = 7  # Parse (extended, carries SQL and maybe a statement name)
+F_BIND: Final = 8  # Bind (may name a prepared statement)
+F_DESCRIBE: Final = 9  # Describe/Close (of a statement or a portal)
+F_FLUSH: Final = 10  # Flush: answered by nothing; after a Sync (psycopg's pipeline exit) it must not hold the server
 
 # Backend (server -> client) kinds.
 B_INVALID: Final = 0
@@ -52,6 +55,10 @@ B_PLAIN: Final = 1
 B_READY: Final = 2  # ReadyForQuery
 B_PARAMETER: Final = 3  # ParameterStatus
 B_ERROR: Final = 4  # ErrorResponse
+# Completions: the one message ending the answer to a Parse/Bind/Close/Describe/Execute (an
+# ErrorResponse ends it too). B_ERROR and above count them; see poolkit/sidecar/prepared.py.
+B_DONE: Final = 5  # ParseComplete, BindComplete, CloseComplete, EmptyQuery, PortalSuspended, NoData, RowDescription
+B_COMMAND: Final = 6  # CommandComplete (its tag can be DISCARD ALL / DEALLOCATE ALL)
 
 
 def _table(entries: dict[bytes, int]) -> bytes:
@@ -63,11 +70,11 @@ def _table(entries: dict[bytes, int]) -> bytes:
 
 FRONTEND_KINDS: Final = _table(
     {
-        b"B": F_EXTENDED,
-        b"C": F_EXTENDED,
-        b"D": F_EXTENDED,
+        b"B": F_BIND,
+        b"C": F_DESCRIBE,
+        b"D": F_DESCRIBE,
         b"E": F_EXTENDED,
-        b"H": F_EXTENDED,
+        b"H": F_FLUSH,
         b"P": F_PARSE,
         b"S": F_SYNC,
         b"Q": F_QUERY,
@@ -80,11 +87,10 @@ FRONTEND_KINDS: Final = _table(
 )
 BACKEND_KINDS: Final = _table(
     {
-        **dict.fromkeys(
-            (b"R", b"K", b"2", b"3", b"C", b"d", b"c", b"G", b"H", b"W", b"D", b"I", b"V", b"n"),
-            B_PLAIN,
-        ),
-        **dict.fromkeys((b"N", b"A", b"t", b"1", b"s", b"T", b"v"), B_PLAIN),
+        **dict.fromkeys((b"R", b"K", b"d", b"c", b"G", b"H", b"W", b"D", b"V"), B_PLAIN),
+        **dict.fromkeys((b"N", b"A", b"t", b"v"), B_PLAIN),
+        **dict.fromkeys((b"1", b"2", b"3", b"I", b"s", b"n", b"T"), B_DONE),
+        b"C": B_COMMAND,
         b"Z": B_READY,
         b"S": B_PARAMETER,
         b"E": B_ERROR,
@@ -117,15 +123,29 @@ class FrontendScanner:
     After :meth:`feed`: ``unsynced`` is true while an extended-protocol batch has no Sync yet,
     ``terminate_at`` is the offset of a Terminate in the last chunk (``-1`` if none; ``-2`` if it
     started in an earlier chunk), and ``sql_chunk``/``sql_start``/``sql_end`` point at the text of the
-    last Query or Parse (a reference into a received chunk, not a copy).
+    last Query or Parse (a reference into a received chunk, not a copy). ``sql_first`` is where the
+    body of the *first* Query/Parse of that chunk starts: equal to ``sql_start`` when the chunk held
+    one, so the sidecar's session checks only walk a chunk that held several.
+
+    For named prepared statements: ``batch`` counts the messages sent since the last Sync/Query that
+    the server answers with one completion each (Parse, Bind, Describe, Close, Execute).
+    ``named_at`` becomes the offset of the first message in a chunk that names a prepared statement
+    (a named Parse, Bind or Describe/Close of a statement) or may (its name is not in the chunk yet);
+    ``named_syncs``/``named_batch`` are the sync count and ``batch`` just before it. The reader resets
+    ``named_at`` to -1; it stays set otherwise, and no later message changes it.
     """
 
     __slots__ = (
         "_partial",
         "_skip",
+        "batch",
         "max_message_size",
+        "named_at",
+        "named_batch",
+        "named_syncs",
         "sql_chunk",
         "sql_end",
+        "sql_first",
         "sql_start",
         "terminate_at",
         "unsynced",
@@ -140,6 +160,11 @@ class FrontendScanner:
         self.sql_chunk = b""
         self.sql_start = 0
         self.sql_end = 0
+        self.sql_first = 0
+        self.batch = 0
+        self.named_at = -1
+        self.named_syncs = 0
+        self.named_batch = 0
 
     @property
     def at_boundary(self) -> bool:
@@ -159,40 +184,79 @@ class FrontendScanner:
             return 0
         self._skip = 0
         syncs = 0
+        batch = self.batch
+        named = self.named_at >= 0
         kinds = FRONTEND_KINDS
         unpack = _U32.unpack_from
         limit = self.max_message_size
         while True:
             if pos + 5 > n:
                 self._partial = data[pos:]
+                if not named and kinds[data[pos]] in (F_PARSE, F_BIND, F_DESCRIBE):
+                    # A header split across reads: the name is unknown yet, so the rewriter must hold it.
+                    self._named(pos - prefix, syncs, batch)
+                self.batch = batch
                 return syncs
             kind = kinds[data[pos]]
             (length,) = unpack(data, pos + 1)
             if kind == F_INVALID or length < 4 or length > limit:
                 raise _bad_header("client", data[pos], length, limit, known=kind != F_INVALID)
+            end = pos + 1 + length
             if kind == F_EXTENDED:
                 self.unsynced = True
+                batch += 1
+            elif kind == F_BIND:
+                self.unsynced = True
+                if not named:
+                    # Bind: portal name, NUL, statement name, NUL; both empty is the common case to let through.
+                    nul = pos + 5 if pos + 5 < n and not data[pos + 5] else data.find(b"\x00", pos + 5, end)
+                    if nul < 0 or nul + 1 >= n or data[nul + 1]:
+                        named = self._named(pos - prefix, syncs, batch)
+                batch += 1
             elif kind == F_SYNC:
                 self.unsynced = False
                 syncs += 1
+                batch = 0
             elif kind == F_QUERY or kind == F_FUNCTION:  # noqa: PLR1714, SIM109 - cheaper than a tuple
                 syncs += 1
+                batch = 0
                 if kind == F_QUERY:
+                    if self.sql_chunk is not data:
+                        self.sql_first = pos + 5
                     self.sql_chunk = data
                     self.sql_start = pos + 5
-                    self.sql_end = min(pos + 1 + length, n)
+                    self.sql_end = min(end, n)
             elif kind == F_PARSE:
                 self.unsynced = True
+                if self.sql_chunk is not data:
+                    self.sql_first = pos + 5
                 self.sql_chunk = data
                 self.sql_start = pos + 5
-                self.sql_end = min(pos + 1 + length, n)
-            elif kind == F_TERMINATE:
+                self.sql_end = min(end, n)
+                if not named and (pos + 5 >= n or data[pos + 5]):
+                    named = self._named(pos - prefix, syncs, batch)
+                batch += 1
+            elif kind == F_DESCRIBE:
+                self.unsynced = True
+                # Describe/Close: 'S' (statement) or 'P' (portal), then the name.
+                if not named and (pos + 6 >= n or (data[pos + 5] == 83 and data[pos + 6])):
+                    named = self._named(pos - prefix, syncs, batch)
+                batch += 1
+            elif kind == F_TERMINATE and self.terminate_at == -1:
+                # Only the first Terminate counts: the bytes before it are all the client may still send.
                 self.terminate_at = pos - prefix if pos >= prefix else -2
-            end = pos + 1 + length
             if end >= n:
                 self._skip = end - n
+                self.batch = batch
                 return syncs
             pos = end
+
+    def _named(self, at: int, syncs: int, batch: int) -> bool:
+        # A message split from an earlier read never lands here unhandled: that read set named_at.
+        self.named_at = max(at, 0)
+        self.named_syncs = syncs
+        self.named_batch = batch
+        return True
 
     def last_sql(self, limit: int = 8192) -> str:
         """The text of the last Query/Parse seen (for logs only), decoded leniently."""
@@ -217,9 +281,25 @@ class BackendScanner:
     or ``FAILED_TRANSACTION``), ``parameters`` lists ParameterStatus (name, value) pairs seen in the
     chunk (``None`` when there were none, to avoid a list per chunk) and ``errors`` counts
     ErrorResponses.
+
+    For named prepared statements: ``ready_total`` counts every ReadyForQuery, ``terms`` the
+    completions (see ``B_DONE``) and ErrorResponses since the last one, ``failed`` says whether one of
+    those was an ErrorResponse, and ``discarded`` becomes true on a CommandComplete of ``DISCARD ALL``
+    or ``DEALLOCATE ALL`` (the reader resets it).
     """
 
-    __slots__ = ("_partial", "_skip", "errors", "max_message_size", "parameters", "status")
+    __slots__ = (
+        "_partial",
+        "_skip",
+        "discarded",
+        "errors",
+        "failed",
+        "max_message_size",
+        "parameters",
+        "ready_total",
+        "status",
+        "terms",
+    )
 
     def __init__(self, max_message_size: int = PG_MAX_MESSAGE_SIZE) -> None:
         self.max_message_size = max_message_size
@@ -228,11 +308,22 @@ class BackendScanner:
         self.status = IDLE
         self.parameters: list[tuple[str, str]] | None = None
         self.errors = 0
+        self.ready_total = 0
+        self.terms = 0
+        self.failed = False
+        self.discarded = False
 
     @property
     def at_boundary(self) -> bool:
         """True when everything fed so far ends exactly at a message boundary."""
         return self._skip == 0 and not self._partial
+
+    def walk_state(self) -> tuple[int, bytes]:
+        """(bytes of the current message still to come, the start of a message not yet counted).
+
+        Both were already passed on; a walker taking over from here must not send them again.
+        """
+        return self._skip, self._partial
 
     def feed(self, data: bytes) -> int:
         """Scan one received chunk; return how many ReadyForQuery messages it completes."""
@@ -248,12 +339,14 @@ class BackendScanner:
             return 0
         self._skip = 0
         ready = 0
+        terms = self.terms
         kinds = BACKEND_KINDS
         unpack = _U32.unpack_from
         limit = self.max_message_size
         while True:
             if pos + 5 > n:
                 self._partial = data[pos:]
+                self.terms = terms
                 return ready
             kind = kinds[data[pos]]
             (length,) = unpack(data, pos + 1)
@@ -261,8 +354,22 @@ class BackendScanner:
                 raise _bad_header("server", data[pos], length, limit, known=kind != B_INVALID)
             end = pos + 1 + length
             if kind != B_PLAIN:
-                if kind == B_ERROR:
+                if kind == B_DONE:
+                    terms += 1
+                elif kind == B_COMMAND:
+                    if length == 16 or length == 19:  # noqa: PLR1714 - the lengths of the two tags below
+                        if end > n:
+                            self._partial = data[pos:]
+                            self.terms = terms
+                            return ready
+                        tag = data[pos + 5 : end]
+                        if tag == b"DISCARD ALL\x00" or tag == b"DEALLOCATE ALL\x00":  # noqa: PLR1714
+                            self.discarded = True
+                    terms += 1
+                elif kind == B_ERROR:
                     self.errors += 1
+                    self.failed = True
+                    terms += 1
                 else:
                     if kind == B_READY and length != 5:
                         raise ProtocolError(f"server sent a ReadyForQuery of length {length}; it is always 5")
@@ -270,16 +377,21 @@ class BackendScanner:
                         raise _bad_header("server", data[pos], length, MAX_INSPECTED_SIZE)
                     if end > n:
                         self._partial = data[pos:]
+                        self.terms = terms
                         return ready
                     if kind == B_READY:
                         self.status = data[pos + 5]
                         ready += 1
+                        self.ready_total += 1
+                        terms = 0
+                        self.failed = False
                     else:
                         if self.parameters is None:
                             self.parameters = []
                         self.parameters.append(parse_parameter_status(data[pos + 5 : end]))
             if end >= n:
                 self._skip = end - n
+                self.terms = terms
                 return ready
             pos = end
 
@@ -364,7 +476,8 @@ class StartupReader:
     def feed(self, data: bytes) -> StartupPacket | None:
         """Append ``data``; return the first complete packet (``None`` if incomplete).
 
-        Bytes after the packet stay buffered; read them with :meth:`take_rest`.
+        Bytes after the packet stay buffered; read them with :meth:`take_rest`. Bytes after an SSL or
+        GSSENC request are refused: the client must wait for the answer (PostgreSQL refuses them too).
         """
         buf = self._buf
         buf += data
@@ -379,7 +492,13 @@ class StartupReader:
             return None
         packet = bytes(buf[:length])
         del buf[:length]
-        return parse_startup_packet(packet)
+        parsed = parse_startup_packet(packet)
+        if buf and isinstance(parsed, SSLRequest | GSSENCRequest):
+            # Found by fuzzing: one request per read left the rest buffered, so a client pipelining
+            # GSSENC requests grew this buffer without limit before logging in.
+            name = "SSLRequest" if isinstance(parsed, SSLRequest) else "GSSENCRequest"
+            raise ProtocolError(f"received data after {name} before its answer; wait for the server's reply")
+        return parsed
 
     def take_rest(self) -> bytes:
         rest = bytes(self._buf)
@@ -389,6 +508,10 @@ class StartupReader:
 
 def parse_startup_packet(packet: bytes) -> StartupPacket:
     """Decode one untyped pre-login packet (length word included)."""
+    if len(packet) < 8:
+        raise ProtocolError(
+            f"invalid startup packet length {len(packet)} (PostgreSQL allows 8 to {MAX_STARTUP_SIZE} bytes)"
+        )
     (code,) = _U32.unpack_from(packet, 4)
     if code == SSL_REQUEST_CODE:
         return SSLRequest()

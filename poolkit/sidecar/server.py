@@ -12,6 +12,7 @@ from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SS
 from poolkit.sidecar import protocol
 from poolkit.sidecar.auth import UpstreamAuth, UpstreamTls
 from poolkit.sidecar.pooling import should_release
+from poolkit.sidecar.prepared import ServerStatements
 from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader
 
 if TYPE_CHECKING:
@@ -36,8 +37,8 @@ class ServerConnection(asyncio.Protocol):
     """An upstream connection. ``client`` is the client it serves now (``None`` while idle).
 
     Handshake and internal queries (``SET`` sync, ``ROLLBACK``) read whole messages; once ``relay``
-    is on, received chunks are scanned for ReadyForQuery and written to the client unchanged.
-    ``prepared`` is where a per-server prepared-statement cache will live (a later issue).
+    is on, received chunks are scanned for ReadyForQuery and written to the client unchanged, except
+    while ``statements`` (its named prepared statements, prepared.py) owes the client rewritten answers.
     """
 
     def __init__(self, pool: UpstreamPool, ident: int, generation: int) -> None:
@@ -54,7 +55,9 @@ class ServerConnection(asyncio.Protocol):
         self.reported: list[tuple[str, str]] = []  # ParameterStatus at login, original spelling
         self.defaults: dict[str, str] = {}  # lower-case name -> value at login
         self.current: dict[str, str] = {}  # lower-case name -> value now
-        self.prepared: dict[bytes, bytes] = {}
+        self.statements = ServerStatements(
+            self.scanner, pool.settings.max_prepared_statements, pool.stats.prepared_statements
+        )
         # The settings key of the last client this session was aligned for: when the next client
         # has the same key, comparing settings is skipped (the usual case: one app, one key).
         self.session_key: tuple[tuple[str, str], ...] | None = None
@@ -92,8 +95,14 @@ class ServerConnection(asyncio.Protocol):
             return
         if self.scanner.parameters is not None:
             self._parameters_changed(client)
+        if self.scanner.discarded:
+            self._statements_discarded(client)
         if client is None:
+            if self.statements.active:
+                self.statements.responses(data)  # keep its walk in step
             return  # an idle server's notice or notification: nobody to tell
+        if self.statements.active:
+            data = self.statements.responses(data)  # answers for rewritten requests (prepared.py)
         client.transport.write(data)
         stats = self.pool.stats
         stats.sent_bytes += len(data)
@@ -145,6 +154,14 @@ class ServerConnection(asyncio.Protocol):
             if client is not None and key in TRACKED_PARAMETERS:
                 # The client changed it itself (SET): it expects it in its next transactions too.
                 client.set_wanted(key, value)
+
+    def _statements_discarded(self, client: ClientConnection | None) -> None:
+        # DISCARD ALL / DEALLOCATE ALL: the session has no prepared statement left, and in
+        # PostgreSQL's terms neither has the client that ran it.
+        self.scanner.discarded = False
+        self.statements.discard_all()
+        if client is not None and client.statements is not None:
+            client.statements.clear()
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -274,6 +291,7 @@ class ServerConnection(asyncio.Protocol):
         """
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the upstream connection is closed")
+        self.statements.reset()
         self.relay = False
         self.transport.write(protocol.query(sql))
         error: dict[str, str] | None = None
@@ -281,6 +299,8 @@ class ServerConnection(asyncio.Protocol):
             kind, body = await self._next_message()
             if kind == b"E" and error is None:
                 error = protocol.parse_error_fields(body)
+            elif kind == b"C" and body in (b"DISCARD ALL\x00", b"DEALLOCATE ALL\x00"):
+                self.statements.discard_all()  # the reset query: nothing stays prepared
             elif kind == b"S":
                 name, value = protocol.parse_parameter_status(body)
                 self.current[name.lower()] = value

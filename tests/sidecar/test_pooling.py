@@ -7,14 +7,19 @@ import pytest
 from poolkit.sidecar.pooling import (
     ClientGone,
     connections_to_open,
+    forward_cancel,
+    login_retry_wait,
+    needs_check,
     on_client_gone,
     parameter_changes,
     pool_exhausted_message,
+    query_timed_out,
     quote_literal,
     same_setting,
     server_expired,
     set_statements,
     should_release,
+    take_server_now,
 )
 from poolkit.sidecar.protocol import FAILED_TRANSACTION, IDLE, IN_TRANSACTION
 
@@ -119,3 +124,39 @@ def test_set_statements_quote_values_and_refuse_bad_names() -> None:
         set_statements([("x; drop table t", "1")])
     with pytest.raises(ValueError, match="NUL"):
         quote_literal("a\x00b")
+
+
+def test_needs_check_only_after_server_check_delay() -> None:
+    assert not needs_check(now=100.0, idle_since=90.0, check_delay=30.0)  # recently used: handed out as is
+    assert needs_check(now=100.0, idle_since=70.0, check_delay=30.0)
+    assert needs_check(now=100.0, idle_since=100.0, check_delay=0.0)  # 0: before every hand-out
+
+
+@pytest.mark.parametrize(
+    ("started", "pending", "timeout", "expected"),
+    [
+        (90.0, 1, 5.0, True),  # 10 s into a query, 5 s allowed
+        (98.0, 1, 5.0, False),  # 2 s into it
+        (90.0, 0, 5.0, False),  # nothing owed: idle, not a query (idle_transaction_timeout's job)
+        (0.0, 1, 0.0, False),  # query_timeout=0: off
+    ],
+)
+def test_query_timed_out(started: float, pending: int, timeout: float, expected: bool) -> None:
+    assert query_timed_out(now=100.0, query_started=started, pending=pending, timeout=timeout) is expected
+
+
+def test_take_server_now_waits_for_a_whole_small_message() -> None:
+    assert take_server_now(at_boundary=True, buffered=10, limit=1000)
+    assert not take_server_now(at_boundary=False, buffered=9, limit=1000)  # half a message: no server yet
+    assert take_server_now(at_boundary=False, buffered=1001, limit=1000)  # a large message streams
+
+
+def test_forward_cancel_only_to_the_query_of_the_client_that_asked() -> None:
+    assert forward_cancel(serving_target=True, pending=1)
+    assert not forward_cancel(serving_target=True, pending=0)  # its query finished: nothing to cancel
+    assert not forward_cancel(serving_target=False, pending=1)  # the server now serves someone else
+
+
+def test_login_retry_wait() -> None:
+    assert login_retry_wait(now=10.0, retry_at=10.75) == pytest.approx(0.75)
+    assert login_retry_wait(now=10.0, retry_at=9.0) == 0.0

@@ -132,7 +132,9 @@ def test_frontend_scanner_counts_queries_and_syncs() -> None:
     assert scanner.feed(SYNC) == 1
     assert not scanner.unsynced
     assert scanner.feed(parse("select 2") + bind() + execute() + SYNC + p.query("select 3") + FLUSH) == 2
-    assert scanner.unsynced  # Flush after the last Sync is part of a new batch
+    # Flush is answered by nothing: after the last Sync (psycopg ends a pipeline with Sync + Flush) it
+    # must not keep the server from going back to the pool.
+    assert not scanner.unsynced
 
 
 def test_frontend_scanner_remembers_the_last_sql_without_copying() -> None:

@@ -1,0 +1,624 @@
+"""Named prepared statements in transaction mode, sans-IO: rename, prepare on demand, answer in order.
+
+A client's named statement lives on whichever server connection it gets next, so the sidecar keeps
+the statements per client (name -> the Parse body after the name: query text and parameter types,
+which is also the statement's key) and per server (an LRU of key -> server-side name ``poolkit_<n>``).
+Client messages are rewritten on their way out (:meth:`ClientStatements.rewrite`):
+
+* Parse(name): the server has the key -> nothing is sent and ParseComplete is synthesised;
+  otherwise Parse(server name). A second Parse of a live name fails like PostgreSQL's (42P05).
+* Bind / Describe(S) with a known name: renamed; a server lacking it first gets a Parse whose
+  ParseComplete the client never sees.
+* Close(S): answered here (CloseComplete); server statements stay cached for every client.
+* Evicting from a full server cache sends Close(server name); its CloseComplete is swallowed.
+
+Responses must then be dropped, replaced or synthesised at exact places in the server's stream
+(:meth:`ServerStatements.responses`). Each request the server answers is located by a position:
+``z`` = how many ReadyForQuery the server sent before its batch, ``t`` = how many completion
+messages (ParseComplete, BindComplete, CloseComplete, RowDescription/NoData, CommandComplete,
+EmptyQuery, PortalSuspended or ErrorResponse) precede it in that batch. The header scanners count
+both on the relay's zero-copy path, so the response side only walks messages while a rewritten
+request is outstanding, and traffic without named statements never enters this module. After an
+ErrorResponse PostgreSQL skips to Sync: requests positioned there never run, so their bookkeeping is
+undone (a skipped Parse is not cached, a skipped Close leaves its statement to close later) and no
+response is synthesised for them.
+
+Hand-written because no library rewrites a live protocol stream; PgBouncer 1.21+ does the same job
+(``max_prepared_statements``) by tracking every request of a server. Known limit: what a client
+pipelines *behind* a batch that fails (or runs DISCARD ALL) is rewritten before that outcome is known,
+so a statement whose Parse failed there is still renamed (its error then names ``poolkit_<n>``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict, deque
+from typing import Final
+
+from poolkit.errors import ProtocolError
+from poolkit.sidecar.protocol import B_ERROR, B_READY, BACKEND_KINDS, BackendScanner, error_response
+
+EVENTS: Final = ("hit", "miss", "eviction")
+SERVER_NAME_PREFIX: Final = b"poolkit_"
+# Described to make the server fail where a client's request must (a second Parse of a live name).
+_MISSING_NAME: Final = b"poolkit_missing"
+
+_U32 = struct.Struct("!I")
+_PARSE_COMPLETE: Final = b"1\x00\x00\x00\x04"
+_CLOSE_COMPLETE: Final = b"3\x00\x00\x00\x04"
+
+# Client message type bytes.
+_P, _B, _D, _C, _E = b"P"[0], b"B"[0], b"D"[0], b"C"[0], b"E"[0]
+_S, _Q, _F = b"S"[0], b"Q"[0], b"F"[0]
+_STATEMENT = b"S"[0]
+_PARSE_DONE, _CLOSE_DONE, _ERROR = b"1"[0], b"3"[0], b"E"[0]
+
+# What an outstanding entry stands for. Synthesised answers come first: they wait for a position
+# instead of a server message.
+_SYNTH_PARSE = 1  # a Parse answered here (the server had the statement)
+_SYNTH_CLOSE = 2  # a client's Close(S), answered here
+_PARSE = 3  # the client's Parse, sent under the server name: undo the caches if it fails
+_INJECTED = 4  # a Parse the sidecar added: swallow its ParseComplete
+_CLOSE = 5  # a Close the sidecar added (eviction): swallow its CloseComplete
+_FAIL = 6  # a Describe of a missing statement: replace its error with the client's error
+
+
+class Statement:
+    """A client's named statement: its key (the Parse body after the name), and whether that Parse failed."""
+
+    __slots__ = ("failed", "key")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.failed = False
+
+
+class _Expect:
+    """One rewritten request whose answer must be dropped, replaced or synthesised (or undone)."""
+
+    __slots__ = ("action", "client", "error", "generation", "key", "name", "server_name", "statement", "t", "z")
+
+    def __init__(self, action: int, z: int, t: int) -> None:
+        self.action = action
+        self.z = z
+        self.t = t
+        self.key = b""
+        self.name = b""
+        self.server_name = b""
+        self.client: ClientStatements | None = None
+        self.statement: Statement | None = None
+        self.generation = 0
+        self.error = b""
+
+
+class ServerStatements:
+    """One server connection's statement cache (LRU) and the answers owed for rewritten requests.
+
+    ``responses`` rewrites the server's bytes while ``active``; otherwise they go to the client
+    untouched and ``scanner`` (the connection's :class:`BackendScanner`) keeps the position.
+    """
+
+    __slots__ = (
+        "active",
+        "cache",
+        "drop",
+        "failed",
+        "fwd",
+        "held",
+        "limit",
+        "next_id",
+        "orphans",
+        "queue",
+        "rt",
+        "rz",
+        "scanner",
+        "skip",
+        "stats",
+    )
+
+    def __init__(self, scanner: BackendScanner, limit: int, stats: dict[str, int]) -> None:
+        self.scanner = scanner
+        self.limit = max(1, limit)
+        self.stats = stats
+        self.cache: OrderedDict[bytes, bytes] = OrderedDict()  # key -> server-side name, oldest first
+        self.next_id = 0
+        self.orphans: list[bytes] = []  # server names that may exist there and are to be closed
+        self.queue: deque[_Expect] = deque()
+        self.active = False
+        # Response-walk state, valid while active.
+        self.rz = 0
+        self.rt = 0
+        self.failed = False
+        self.skip = 0  # bytes of the current message still to come
+        self.drop = False  # ... and whether they are dropped
+        self.held = b""  # an incomplete header, not yet forwarded
+        self.fwd = b""  # the start of a message the zero-copy path already forwarded
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def discard_all(self) -> None:
+        """The session ran DISCARD ALL / DEALLOCATE ALL: nothing is prepared there any more."""
+        self.cache.clear()
+        self.orphans.clear()
+
+    def reset(self) -> None:
+        """The sidecar talks to the server itself (at ReadyForQuery): no client answer is owed any more."""
+        while self.queue:
+            self._undo(self.queue.pop())
+        self.active = False
+        self.skip = 0
+        self.drop = False
+        self.held = self.fwd = b""
+
+    # ------------------------------------------------------------- used by ClientStatements
+
+    def _new_name(self) -> bytes:
+        self.next_id += 1
+        return SERVER_NAME_PREFIX + str(self.next_id).encode()
+
+    def _add(self, entry: _Expect) -> None:
+        if self._failed_batch(entry.z):
+            self._undo(entry)  # sent all the same, but PostgreSQL skips it: nothing will answer
+            return
+        if not self.active:
+            scanner = self.scanner
+            self.rz = scanner.ready_total
+            self.rt = scanner.terms
+            self.failed = scanner.failed
+            self.skip, self.fwd = scanner.walk_state()
+            self.drop = False
+            self.held = b""
+            self.active = True
+        self.queue.append(entry)
+
+    def _failed_batch(self, z: int) -> bool:
+        """Has batch ``z`` already failed (an ErrorResponse came, its ReadyForQuery not yet)?"""
+        if self.active:
+            return self.failed and self.rz == z
+        scanner = self.scanner
+        return scanner.failed and scanner.ready_total == z
+
+    def _due(self, z: int, t: int) -> int:
+        """For an answer synthesised at (z, t): 1 send it now, -1 it is skipped (error), 0 queue it."""
+        if self.queue:
+            return 0
+        if self.active:
+            boundary = not (self.skip or self.held or self.fwd)
+            rz, rt, failed = self.rz, self.rt, self.failed
+        else:
+            scanner = self.scanner
+            boundary = scanner.at_boundary
+            rz, rt, failed = scanner.ready_total, scanner.terms, scanner.failed
+        if rz != z or not boundary:
+            return 0
+        if failed:
+            return -1
+        return 1 if rt == t else 0
+
+    def _uncache(self, key: bytes, server_name: bytes) -> None:
+        if self.cache.get(key) == server_name:
+            del self.cache[key]
+
+    # ------------------------------------------------------------- response side
+
+    def responses(self, data: bytes) -> bytes:
+        """Rewrite one chunk from the server: drop, replace and insert answers as the queue says."""
+        out: list[bytes] = []
+        pre = len(self.fwd)
+        if pre:
+            data = self.fwd + data
+            self.fwd = b""
+        elif self.held:
+            data = self.held + data
+            self.held = b""
+        n = len(data)
+        run = pre  # forward data[run:pos] unchanged; bytes before `pre` already went out
+        pos = 0
+        skip = self.skip
+        if skip:
+            if skip > n:
+                self.skip = skip - n
+                return b"" if self.drop else data
+            self.skip = 0
+            if self.drop:
+                self.drop = False
+                run = skip
+            pos = skip
+        if not pre:
+            run = self._settle(data, run, pos, out)
+        kinds = BACKEND_KINDS
+        queue = self.queue
+        while pos < n:
+            if n - pos < 5:
+                if pos == 0 and pre:
+                    self.fwd = data  # still incomplete, and already partly forwarded: keep forwarding
+                else:
+                    self.held = data[pos:]
+                    n = pos
+                break
+            kind = kinds[data[pos]]
+            (length,) = _U32.unpack_from(data, pos + 1)
+            end = pos + 1 + length
+            replaced: bytes | None = None
+            if kind == B_READY:
+                self.rz += 1
+                self.rt = 0
+                self.failed = False
+                if queue and queue[0].z < self.rz:
+                    self._skipped(self.rz)  # only after an error (undone there); kept as a safety net
+            elif kind >= B_ERROR:  # ErrorResponse or a completion: one request answered
+                if queue and not (pos == 0 and pre):
+                    head = queue[0]
+                    if head.action >= _PARSE and head.z == self.rz and head.t == self.rt:
+                        queue.popleft()
+                        replaced = self._answer(head, data[pos])
+                self.rt += 1
+                if kind == B_ERROR:
+                    self.failed = True
+                    # PostgreSQL skips the rest of this batch: undo it now, before the client (which
+                    # has seen the error) sends more that depends on it.
+                    if queue and queue[0].z == self.rz:
+                        self._skipped(self.rz + 1)
+            if replaced is not None:
+                if pos > run:
+                    out.append(data[run:pos])
+                if replaced:
+                    out.append(replaced)
+                if end > n:
+                    self.skip = end - n
+                    self.drop = True
+                    run = pos = n
+                    break
+                run = end
+            elif end > n:
+                self.skip = end - n
+                self.drop = False
+                pos = n
+                break
+            pos = end
+            run = self._settle(data, run, pos, out)
+        if run < n:
+            out.append(data[run:n] if run or n < len(data) else data)
+        if not queue and not self.skip and not self.held and not self.fwd:
+            self.active = False
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
+
+    def _skipped(self, below: int) -> None:
+        # Undo the entries of batches before ``below``, last first: a Close then a Parse of one name
+        # must leave the name as it was before both.
+        queue = self.queue
+        skipped = []
+        while queue and queue[0].z < below:
+            skipped.append(queue.popleft())
+        for entry in reversed(skipped):
+            self._undo(entry)
+
+    def _settle(self, data: bytes, run: int, pos: int, out: list[bytes]) -> int:
+        """At a message boundary: send the synthesised answers due here (after an error, none is)."""
+        queue = self.queue
+        if not queue:
+            return run
+        head = queue[0]
+        if head.action >= _PARSE or head.z != self.rz or head.t != self.rt or self.failed:
+            return run  # the usual case; a failed batch's entries are undone at its ReadyForQuery
+        if pos > run:
+            out.append(data[run:pos])
+        while queue:
+            head = queue[0]
+            if head.action >= _PARSE or head.z != self.rz or head.t != self.rt:
+                break
+            queue.popleft()
+            out.append(_PARSE_COMPLETE if head.action == _SYNTH_PARSE else _CLOSE_COMPLETE)
+        return pos
+
+    def _answer(self, entry: _Expect, type_byte: int) -> bytes | None:
+        """The server answered ``entry``: ``None`` forwards that message, bytes replace it (b"" drops it)."""
+        action = entry.action
+        if action == _INJECTED:
+            if type_byte == _PARSE_DONE:
+                return b""
+            self._uncache(entry.key, entry.server_name)  # the client sees why its statement failed
+        elif action == _CLOSE:
+            if type_byte == _CLOSE_DONE:
+                return b""
+            self.orphans.append(entry.server_name)
+        elif action == _PARSE:
+            if type_byte == _ERROR:
+                self._undo(entry)
+        elif action == _FAIL and type_byte == _ERROR:
+            return entry.error
+        return None
+
+    def _undo(self, entry: _Expect) -> None:
+        """``entry``'s request never ran (or failed): make the caches say so again."""
+        action = entry.action
+        if action in (_PARSE, _INJECTED):
+            self._uncache(entry.key, entry.server_name)
+        elif action == _CLOSE:
+            self.orphans.append(entry.server_name)  # it may still exist: close it later
+        client, statement = entry.client, entry.statement
+        if client is None or statement is None or client.generation != entry.generation:
+            return
+        if action in (_SYNTH_PARSE, _PARSE):
+            statement.failed = True  # a skipped Close of it must not bring it back
+            if client.names.get(entry.name) is statement:
+                del client.names[entry.name]
+        elif action == _SYNTH_CLOSE and not statement.failed and entry.name not in client.names:
+            client.names[entry.name] = statement
+
+
+class ClientStatements:
+    """One client's named statements (name -> key) and the state of its message rewriting.
+
+    ``engaged`` is true while a message is split across chunks: the next chunk must come here too.
+    """
+
+    __slots__ = ("_held", "_shift", "_shift_at", "_skip", "generation", "names", "t", "z")
+
+    def __init__(self) -> None:
+        self.names: dict[bytes, Statement] = {}
+        self.generation = 0
+        self.z = 0  # the position of the next message for the server (see the module docstring)
+        self.t = 0
+        # Messages added or answered here make the server's count differ from the client's (which the
+        # scanner keeps): the difference holds until the batch ends, for (server, z) only.
+        self._shift = 0
+        self._shift_at: tuple[ServerStatements, int] | None = None
+        self._held = b""
+        self._skip = 0
+
+    @property
+    def engaged(self) -> bool:
+        return bool(self._held or self._skip)
+
+    def clear(self) -> None:
+        """DISCARD ALL / DEALLOCATE ALL ran in this client's session."""
+        self.names.clear()
+        self.generation += 1
+
+    def rewrite(
+        self, data: bytes, server: ServerStatements, start: tuple[int, int] | None = None
+    ) -> tuple[bytes, bytes]:
+        """Rewrite client bytes bound for ``server``; return (bytes for the server, answers for the client now).
+
+        ``start`` is the position of the first message in ``data`` as the client sent it: ReadyForQuery
+        the server has sent or owes before it, and the client's messages before it in its batch that
+        the server answers (the scanner counts both); ``None`` continues the last call.
+        """
+        if start is not None:
+            self.z, self.t = start
+            if self._shift_at == (server, self.z):
+                self.t += self._shift
+            else:
+                self._shift = 0
+        out: list[bytes] = []
+        answers: list[bytes] = []
+        if server.orphans and start is not None:
+            orphans, server.orphans = server.orphans, []  # a skipped Close puts its name back
+            for server_name in orphans:
+                self._inject(server, _CLOSE, _close_statement(server_name), server_name=server_name, out=out)
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        n = len(data)
+        pos = 0
+        if self._skip:  # the rest of a Bind or pass-through message (never after orphans: start is None)
+            if self._skip >= n:
+                self._skip -= n
+                return data, b""
+            pos = self._skip
+            self._skip = 0
+        run = 0
+        names = self.names
+        t = self.t  # kept in a local on this per-message loop; self.t is current around the calls below
+        while pos < n:
+            if n - pos < 5:
+                self._held = data[pos:]
+                break
+            kind = data[pos]
+            (length,) = _U32.unpack_from(data, pos + 1)
+            end = pos + 1 + length
+            if kind == _B:
+                limit = min(end, n)
+                portal_end = data.find(0, pos + 5, limit)
+                name_end = data.find(0, portal_end + 1, limit) if portal_end >= 0 else -1
+                if name_end < 0:
+                    if end <= n:
+                        raise ProtocolError("client sent a Bind message without its portal and statement names")
+                    self._held = data[pos:]
+                    break
+                name = data[portal_end + 1 : name_end]
+                statement = names.get(name) if name else None
+                if statement is not None:
+                    if pos > run:
+                        out.append(data[run:pos])
+                    self.t = t
+                    server_name = self._prepared_on(server, statement.key, out)
+                    t = self.t
+                    out.append(
+                        b"B"
+                        + _U32.pack(length - len(name) + len(server_name))
+                        + data[pos + 5 : portal_end + 1]
+                        + server_name
+                        + b"\x00"
+                    )
+                    run = name_end + 1
+                t += 1
+            elif kind == _E:
+                t += 1
+            elif kind == _S or kind == _Q or kind == _F:  # noqa: PLR1714, SIM109 - cheaper than a tuple
+                self.z += 1
+                t = 0
+                self._shift = 0
+            elif kind == _P:
+                if end > n:
+                    self._held = data[pos:]
+                    break
+                name_end = data.find(0, pos + 5, end)
+                if name_end < 0:
+                    raise ProtocolError("client sent a Parse message without a statement name")
+                if name_end == pos + 5:
+                    t += 1  # the unnamed statement: PostgreSQL's own transaction-scoped one
+                else:
+                    if pos > run:
+                        out.append(data[run:pos])
+                    self.t = t
+                    self._parse(server, data[pos + 5 : name_end], data[name_end + 1 : end], out, answers)
+                    t = self.t
+                    run = end
+            elif kind == _D or kind == _C:  # noqa: PLR1714, SIM109
+                if end > n:
+                    self._held = data[pos:]
+                    break
+                if length < 6 or data[end - 1] != 0:
+                    raise ProtocolError(f"client sent a malformed {chr(kind)} message")
+                if data[pos + 5] == _STATEMENT and length > 6:
+                    name = data[pos + 6 : end - 1]
+                    if pos > run:
+                        out.append(data[run:pos])
+                    run = end
+                    self.t = t
+                    if kind == _C:
+                        self._synthesise(server, _SYNTH_CLOSE, name, names.pop(name, None), answers)
+                    else:
+                        statement = names.get(name)
+                        if statement is not None:
+                            out.append(_describe_statement(self._prepared_on(server, statement.key, out)))
+                        else:
+                            out.append(data[pos:end])
+                        self.t += 1
+                    t = self.t
+                else:
+                    t += 1
+            if end > n:
+                self._skip = end - n
+                pos = n
+                break
+            pos = end
+        self.t = t
+        # What the sidecar added or answered itself makes the server's count differ from the client's
+        # (which the scanner keeps) until this batch ends.
+        self._shift_at = (server, self.z)
+        stop = n - len(self._held)
+        if not out:
+            return (data if stop == n and run == 0 else data[run:stop]), b"".join(answers)
+        if stop > run:
+            out.append(data[run:stop])
+        return b"".join(out), b"".join(answers)
+
+    # ------------------------------------------------------------- per-message decisions
+
+    def _parse(self, server: ServerStatements, name: bytes, key: bytes, out: list[bytes], answers: list[bytes]) -> None:
+        if name in self.names:
+            # PostgreSQL refuses a second Parse of a live name and skips the rest of the batch; let the
+            # server fail right here so the skip (and an explicit transaction's abort) really happens.
+            text = f'prepared statement "{name.decode("utf-8", "replace")}" already exists'
+            self._inject(
+                server, _FAIL, _describe_statement(_MISSING_NAME), out=out, error=error_response("42P05", text)
+            )
+            self._shift -= 1  # it replaced the client's Parse
+            return
+        statement = self.names[name] = Statement(key)
+        stats = server.stats
+        cache = server.cache
+        if key in cache:
+            cache.move_to_end(key)
+            stats["hit"] += 1
+            self._synthesise(server, _SYNTH_PARSE, name, statement, answers)
+            return
+        stats["miss"] += 1
+        server_name = server._new_name()
+        cache[key] = server_name
+        self._inject(
+            server,
+            _PARSE,
+            _parse(server_name, key),
+            key=key,
+            server_name=server_name,
+            out=out,
+            statement=statement,
+            name=name,
+        )
+        self._shift -= 1  # it replaced the client's Parse
+        self._evict(server, out)
+
+    def _prepared_on(self, server: ServerStatements, key: bytes, out: list[bytes]) -> bytes:
+        """The server-side name of ``key``, preparing it there first (answer swallowed) if needed."""
+        cache = server.cache
+        server_name = cache.get(key)
+        if server_name is not None:
+            cache.move_to_end(key)
+            server.stats["hit"] += 1
+            return server_name
+        server.stats["miss"] += 1
+        server_name = server._new_name()
+        cache[key] = server_name
+        self._inject(server, _INJECTED, _parse(server_name, key), key=key, server_name=server_name, out=out)
+        self._evict(server, out)
+        return server_name
+
+    def _evict(self, server: ServerStatements, out: list[bytes]) -> None:
+        cache = server.cache
+        while len(cache) > server.limit:
+            _, victim = cache.popitem(last=False)
+            server.stats["eviction"] += 1
+            self._inject(server, _CLOSE, _close_statement(victim), server_name=victim, out=out)
+
+    def _inject(
+        self,
+        server: ServerStatements,
+        action: int,
+        message: bytes,
+        *,
+        out: list[bytes],
+        key: bytes = b"",
+        server_name: bytes = b"",
+        statement: Statement | None = None,
+        name: bytes = b"",
+        error: bytes = b"",
+    ) -> None:
+        entry = _Expect(action, self.z, self.t)
+        entry.key = key
+        entry.server_name = server_name
+        entry.error = error
+        if statement is not None:
+            entry.statement = statement
+            entry.name = name
+            entry.client = self
+            entry.generation = self.generation
+        server._add(entry)
+        out.append(message)
+        self.t += 1
+        self._shift += 1
+
+    def _synthesise(
+        self, server: ServerStatements, action: int, name: bytes, statement: Statement | None, answers: list[bytes]
+    ) -> None:
+        self._shift -= 1  # the client's message, answered here
+        entry = _Expect(action, self.z, self.t)
+        entry.name = name
+        entry.statement = statement
+        entry.client = self
+        entry.generation = self.generation
+        due = server._due(self.z, self.t)
+        if due > 0:
+            answers.append(_PARSE_COMPLETE if action == _SYNTH_PARSE else _CLOSE_COMPLETE)
+        elif due < 0:
+            server._undo(entry)
+        else:
+            server._add(entry)
+
+
+def _parse(server_name: bytes, key: bytes) -> bytes:
+    return b"P" + _U32.pack(4 + len(server_name) + 1 + len(key)) + server_name + b"\x00" + key
+
+
+def _describe_statement(server_name: bytes) -> bytes:
+    return b"D" + _U32.pack(4 + 1 + len(server_name) + 1) + b"S" + server_name + b"\x00"
+
+
+def _close_statement(server_name: bytes) -> bytes:
+    return b"C" + _U32.pack(4 + 1 + len(server_name) + 1) + b"S" + server_name + b"\x00"
