@@ -74,6 +74,7 @@ CONNECTION_COLUMNS = [
     "tls",
     "application_name",
     "pinned",  # poolkit: why the client keeps its server connection across transactions ("" = it does not)
+    "prepared_statements",  # named statements: the client's own, or those prepared on the server (PgBouncer 1.21)
 ]
 PINS_COLUMNS = [
     "pid",
@@ -193,6 +194,7 @@ def _client_row(app: Sidecar, client: ClientConnection, now: float) -> list[str 
         "TLS" if client.tls else "",
         client.wanted.get("application_name", ""),
         client.pin_reason,
+        str(len(client.statements.names)) if client.statements is not None else "0",
     ]
 
 
@@ -221,6 +223,7 @@ def _server_row(app: Sidecar, server: ServerConnection) -> list[str | None]:
         "TLS" if server.peer == "tls" else "",
         server.current.get("application_name", ""),
         client.pin_reason if client is not None else "",
+        str(len(server.statements)),
     ]
 
 

@@ -32,6 +32,7 @@ from poolkit.sidecar import protocol as p
 from poolkit.sidecar.prepared import EVENTS, ClientStatements, ServerStatements
 
 from .conftest import upstream_settings
+from .test_ops import admin
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -577,6 +578,10 @@ def test_eviction_keeps_results_correct_and_the_server_cache_bounded(sidecar_fac
             assert [client.run(f"s{i}", "10") for i in range(5)] == [str(i * 10) for i in range(5)]
         # What the server session really holds: never more than max_prepared_statements.
         assert client.query("SELECT count(*) FROM pg_prepared_statements") == [(2,)]
+        # The admin console agrees: the client has 5 names, its server 2 statements.
+        console = sidecar.url(database="poolkit")
+        assert [row["prepared_statements"] for row in admin(console, "SHOW CLIENTS")] == ["5"]
+        assert [row["prepared_statements"] for row in admin(console, "SHOW SERVERS")] == ["2"]
     counted = metric_samples(sidecar.metrics_url, "poolkit_sidecar_prepared_statements_total")
     # 5 Parses and 15 Binds: with room for 2, every Bind finds its statement evicted (round robin).
     assert counted == {"miss": 20.0, "eviction": 18.0, "hit": 0.0}
