@@ -355,25 +355,23 @@ class UpstreamPool:
         now = time.monotonic()
         wait = login_retry_wait(now=now, retry_at=self.retry_at)
         if wait > 0:
-            # server_login_retry: the last attempt failed moments ago. Without a live server nobody
-            # would serve the waiting clients before the retry: they hear the last error now.
-            loop = asyncio.get_running_loop()
-            if self._retry_timer is None:
-                self._retry_timer = loop.call_later(wait, self._retry)
-            if not self.servers:
-                # Soon, not now: _fill runs inside acquire(), before the client has marked itself waiting.
-                loop.call_soon(self._fail_unserved)
+            # server_login_retry: the last attempt failed moments ago. The waiting clients wait for the
+            # next one (failing them now with that stale error would also fail them right after the
+            # upstream came back); if it fails too, _connect_failed tells them.
+            self._arm_retry(wait)
             return
         for _ in range(count):
             self._spawn(self._open_one(self._new_server()))
 
+    def _arm_retry(self, wait: float) -> None:
+        if self._retry_timer is None:
+            self._retry_timer = asyncio.get_running_loop().call_later(wait, self._retry)
+
     def _retry(self) -> None:
         self._retry_timer = None
+        if self._welcome_waiters and not self.servers:
+            self._spawn(self._open_one(self._new_server()))
         self._fill()
-
-    def _fail_unserved(self) -> None:
-        if not self.servers and time.monotonic() < self.retry_at:
-            self._fail_waiters(self.last_error or "the last connection attempt failed")
 
     def _fail_waiters(self, message: str) -> None:
         while self.waiters:
@@ -478,12 +476,14 @@ class UpstreamPool:
     async def ensure_welcome(self) -> list[tuple[str, str]]:
         """The ParameterStatus list new clients get; connects a first server if none has logged in."""
         while self.welcome is None:
-            if not self.servers and self.last_error and time.monotonic() < self.retry_at:
-                raise ConnectError(self.last_error, reason="connect")  # server_login_retry: no new attempt yet
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._welcome_waiters.append(future)
             if not self.servers:
-                self._spawn(self._open_one(self._new_server()))
+                wait = login_retry_wait(now=time.monotonic(), retry_at=self.retry_at)
+                if wait > 0:
+                    self._arm_retry(wait)  # server_login_retry: join the next attempt
+                else:
+                    self._spawn(self._open_one(self._new_server()))
             await future
         return self.welcome
 
