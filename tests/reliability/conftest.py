@@ -9,20 +9,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import pytest
-import uvloop
+from sidecar.conftest import SidecarThread
 
 from poolkit.devstack import DevStack
 from poolkit.dsn import Dsn
-from poolkit.sidecar.app import Sidecar
-from poolkit.sidecar.config import SidecarSettings, load_sidecar_settings
+from poolkit.sidecar.config import load_sidecar_settings
 
 from .relay import FaultRelay
 
@@ -56,66 +52,8 @@ def through_relay(stack: DevStack, relay: FaultRelay, **params: str) -> str:
     ).to_url()
 
 
-class SidecarRunner:
-    """A :class:`Sidecar` on a uvloop loop in a daemon thread; ``call`` runs a function on that loop."""
-
-    def __init__(self, settings: SidecarSettings) -> None:
-        self.settings = settings
-        self.app: Sidecar | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._ready: Future[None] = Future()
-        self._thread = threading.Thread(target=self._main, name="fault-sidecar", daemon=True)
-
-    def _main(self) -> None:
-        loop = uvloop.new_event_loop()
-        self.loop = loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._serve())
-        finally:
-            loop.close()
-
-    async def _serve(self) -> None:
-        app = Sidecar(self.settings)
-        try:
-            await app.start()
-        except BaseException as exc:
-            self._ready.set_exception(exc)
-            return
-        self.app = app
-        self._ready.set_result(None)
-        await app.wait_stopped()
-
-    def start(self) -> SidecarRunner:
-        self._thread.start()
-        self._ready.result(timeout=30)
-        return self
-
-    def call(self, fn: Callable[[Sidecar], T]) -> T:
-        """``fn(app)`` on the sidecar's loop, where its state is consistent."""
-        assert self.loop is not None and self.app is not None
-        app = self.app
-
-        async def run() -> T:
-            return fn(app)
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=30)
-
-    def stop(self) -> None:
-        if self.loop is None or self.app is None or not self._thread.is_alive():
-            return
-        asyncio.run_coroutine_threadsafe(self.app.shutdown(0.0), self.loop).result(timeout=60)
-        self._thread.join(timeout=30)
-
-    @property
-    def port(self) -> int:
-        assert self.app is not None
-        return self.app.port
-
-    def url(self, **params: str) -> str:
-        """A client URL to this sidecar (plain TCP on loopback, trust auth)."""
-        query = {"sslmode": "disable", **params}
-        return Dsn(host="127.0.0.1", port=self.port, user="app", database="app", params=tuple(query.items())).to_url()
+# The sidecar tests' runner: a Sidecar on a uvloop loop in a daemon thread (``call``, ``url``, ``stop``).
+SidecarRunner = SidecarThread
 
 
 @pytest.fixture

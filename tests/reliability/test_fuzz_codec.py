@@ -28,6 +28,8 @@ from poolkit.sidecar import protocol as p
 from poolkit.sidecar.auth import ScramServerExchange, UserStore
 from poolkit.sidecar.protocol import BackendScanner, FrontendScanner, MessageReader, StartupReader
 
+from .report import write_summary
+
 CASES: Counter[str] = Counter()
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -44,14 +46,7 @@ def report_case_counts(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     total = sum(CASES.values())
     lines = [f"fuzz codec: {total} generated cases"] + [f"  {name}: {count}" for name, count in sorted(CASES.items())]
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if capture is not None and reporter is not None:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line("")
-            for line in lines:
-                reporter.write_line(line)
-    print("\n".join(lines))
+    write_summary(request, lines)
 
 
 # ---------------------------------------------------------------- generators

@@ -35,6 +35,7 @@ from poolkit.sidecar import protocol as p
 from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
 
 from .child_sidecar import ChildSidecar
+from .report import write_summary
 
 LOGIN_TIMEOUT = 2.0
 QUIET = 0.25  # how long a connection that should be waiting for more bytes must stay silent and open
@@ -157,17 +158,6 @@ def steady(child: ChildSidecar, request: pytest.FixtureRequest) -> Iterator[Stea
     if MEMORY:
         lines.append(f"fuzz live: sidecar memory after all cases (KiB): {MEMORY}")
     write_summary(request, lines)
-
-
-def write_summary(request: pytest.FixtureRequest, lines: list[str]) -> None:
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if capture is not None and reporter is not None:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line("")
-            for line in lines:
-                reporter.write_line(line)
-    print("\n".join(lines))
 
 
 # ---------------------------------------------------------------- a raw client

@@ -21,6 +21,7 @@ import pytest
 from poolkit.devstack import DevStack
 
 from .child_sidecar import ChildSidecar
+from .report import write_summary
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = 2000
@@ -48,14 +49,7 @@ def test_2000_clients_over_3_connections_for_60s(stack: DevStack, request: pytes
     finally:
         code = child.stop()
     lines = report.lines()
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if capture is not None and reporter is not None:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line("")
-            for line in lines:
-                reporter.write_line(line)
-    print("\n".join(lines))
+    write_summary(request, lines)
 
     assert alive and code == 0, child.output()[-3000:]
     assert report.errors == [], report.errors[:10]
