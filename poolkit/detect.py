@@ -145,3 +145,31 @@ def psycopg_statement_options(mode: Mode) -> dict[str, Any]:
     if prepared_statements_allowed(mode):
         return {}
     return {"prepare_threshold": None}
+
+
+def url_tls_problem(dsn: Dsn, *, sslmode: str | None = None, rootcert_configured: bool = False) -> str | None:
+    """What breaks poolkit's TLS policy in ``dsn`` (TLS required except to loopback), or ``None``.
+
+    The library settings and the sidecar's both use it; the text follows the setting's name in
+    their errors ("pooled_url has sslmode=prefer, ..."). ``sslmode`` overrides the URL's own.
+    """
+    mode = sslmode or dsn.query.get("sslmode", "require")
+    if mode in ("allow", "prefer"):
+        return (
+            f"has sslmode={mode}, which silently falls back to plain text. Use sslmode=require (the default) "
+            "or verify-full with POOLKIT_SSLROOTCERT"
+        )
+    if mode == "disable" and not dsn.is_loopback:
+        return (
+            f"asks for sslmode=disable on host {dsn.host!r}; plain text is only allowed to a loopback host or "
+            "Unix socket. Remove sslmode=disable (TLS is required)"
+        )
+    if mode in ("verify-ca", "verify-full") and not rootcert_configured and "sslrootcert" not in dsn.query:
+        return f"has sslmode={mode}; set POOLKIT_SSLROOTCERT to the CA's PEM file"
+    rootcert = dsn.query.get("sslrootcert")
+    if rootcert and rootcert != "system" and not Path(rootcert).is_file():  # "system": libpq's own CA store
+        return (
+            f"has sslrootcert={rootcert}, which is not a file: point it at the PEM file of the CA that signed "
+            "the server certificate (or set POOLKIT_SSLROOTCERT and drop it from the URL)"
+        )
+    return None

@@ -668,15 +668,7 @@ class Pool(PoolBase):
         }
 
     def psycopg_connect_kwargs(self) -> dict[str, Any]:
-        kwargs = detect.psycopg_connect_kwargs(
-            self.dsn,
-            self.mode,
-            self.tls,
-            application_name=self.settings.application_name,
-            connect_timeout=self.settings.connect_timeout,
-        )
-        kwargs["cursor_factory"] = _ObservedAsyncCursor
-        return kwargs
+        return self._psycopg_kwargs(_ObservedAsyncCursor)
 
     def psycopg_connection_class(self) -> type[Any]:
         if self._psycopg_class is None:

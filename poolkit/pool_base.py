@@ -151,6 +151,18 @@ class PoolBase:
         count_routed(self.name, self.driver, decision.route.value, decision.reason)
         return target
 
+    def _psycopg_kwargs(self, cursor_factory: type[Any]) -> dict[str, Any]:
+        """psycopg's connect arguments for this pool's target, with poolkit's timed cursor."""
+        kwargs = detect.psycopg_connect_kwargs(
+            self.dsn,
+            self.mode,
+            self.tls,
+            application_name=self.settings.application_name,
+            connect_timeout=self.settings.connect_timeout,
+        )
+        kwargs["cursor_factory"] = cursor_factory
+        return kwargs
+
     @property
     def closed(self) -> bool:
         return self._closed

@@ -98,26 +98,6 @@ class Decision:
         return self.route is Route.DIRECT
 
 
-#: Every reason a :class:`Decision` to go direct can carry (also metric label values).
-#: Pooled decisions carry ``""``.
-REASONS: frozenset[str] = frozenset(
-    {
-        "ddl",
-        "catalog",
-        "session_set",
-        "set_role",
-        "advisory_lock",
-        "listen",
-        "prepare",
-        "hold_cursor",
-        "temp_table",
-        "copy",
-    }
-)
-
-#: The decision for statements that can run through the transaction pooler.
-POOLED = Decision(Route.POOLED, "")
-
 # Within one statement, the reason reported when several apply (session state first: it is
 # what breaks other clients when it leaks).
 _PRIORITY = (
@@ -132,6 +112,13 @@ _PRIORITY = (
     "ddl",
     "catalog",
 )
+#: Every reason a :class:`Decision` to go direct can carry (also metric label values).
+#: Pooled decisions carry ``""``.
+REASONS: frozenset[str] = frozenset(_PRIORITY)
+
+#: The decision for statements that can run through the transaction pooler.
+POOLED = Decision(Route.POOLED, "")
+
 _DECISIONS = {reason: Decision(Route.DIRECT, reason) for reason in REASONS}
 
 #: System catalogs and system views of pg_catalog (PostgreSQL 15's postgres.bki and

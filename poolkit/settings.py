@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from poolkit.detect import url_tls_problem
 from poolkit.dsn import Dsn
 from poolkit.errors import ConfigError
 
@@ -118,28 +119,9 @@ class Settings(BaseSettings):
         return self
 
     def _check_tls(self, dsn: Dsn, field: str) -> None:
-        mode = self.sslmode or dsn.query.get("sslmode", "require")
-        if mode in ("allow", "prefer"):
-            raise _field_error(
-                field,
-                f"has sslmode={mode}, which silently falls back to plain text. Use sslmode=require (the default) "
-                "or verify-full with POOLKIT_SSLROOTCERT",
-            )
-        if mode == "disable" and not dsn.is_loopback:
-            raise _field_error(
-                field,
-                f"asks for sslmode=disable on host {dsn.host!r}; plain text is only allowed to a loopback host or "
-                "Unix socket. Remove sslmode=disable (TLS is required)",
-            )
-        if mode in ("verify-ca", "verify-full") and self.sslrootcert is None and "sslrootcert" not in dsn.query:
-            raise _field_error(field, f"has sslmode={mode}; set POOLKIT_SSLROOTCERT to the CA's PEM file")
-        rootcert = dsn.query.get("sslrootcert")
-        if rootcert and rootcert != "system" and not Path(rootcert).is_file():  # "system": libpq's own CA store
-            raise _field_error(
-                field,
-                f"has sslrootcert={rootcert}, which is not a file: point it at the PEM file of the CA that signed "
-                "the server certificate (or set POOLKIT_SSLROOTCERT and drop it from the URL)",
-            )
+        problem = url_tls_problem(dsn, sslmode=self.sslmode, rootcert_configured=self.sslrootcert is not None)
+        if problem is not None:
+            raise _field_error(field, problem)
 
     # -- derived values ---------------------------------------------------------------------------------------
 

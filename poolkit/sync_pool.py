@@ -12,7 +12,6 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
 
-from poolkit import detect
 from poolkit.errors import ConnectTimeout, PoolClosed
 from poolkit.observe import Observer, Recorder
 from poolkit.pool import _neutralise_fd, _sql, socket_has_data
@@ -149,15 +148,7 @@ class SyncPool(PoolBase):
         self._tally = self._recorder.tally
 
     def _connect_kwargs(self) -> dict[str, Any]:
-        kwargs = detect.psycopg_connect_kwargs(
-            self.dsn,
-            self.mode,
-            self.tls,
-            application_name=self.settings.application_name,
-            connect_timeout=self.settings.connect_timeout,
-        )
-        kwargs["cursor_factory"] = _ObservedCursor
-        return kwargs
+        return self._psycopg_kwargs(_ObservedCursor)
 
     def _driver_pool(self) -> ConnectionPool[Any]:
         if self._closed:

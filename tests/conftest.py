@@ -20,13 +20,16 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from hypothesis import settings
 
-from poolkit.devstack import DevStack
+from poolkit.devstack import DevStack, PgBouncerHandle
 from poolkit.errors import PoolkitError
 
 # CI runs a fixed set of generated examples so a red build is reproducible; local runs keep exploring
@@ -155,6 +158,32 @@ def stack_env(monkeypatch: pytest.MonkeyPatch, stack: DevStack) -> DevStack:
     for name, value in stack.env().items():
         monkeypatch.setenv(name, value)
     return stack
+
+
+@pytest.fixture
+def misnamed_bouncer(stack: DevStack) -> Iterator[tuple[PgBouncerHandle, Path]]:
+    """A PgBouncer whose certificate (from its own CA) names db.example.test, not the 127.0.0.1 we dial.
+
+    Yields the PgBouncer and its CA file: a client that verifies the CA but not the host name connects.
+    """
+    ca = trustme.CA()
+    cert = ca.issue_cert("db.example.test")
+    tls = stack.base_dir / "misnamed-tls"  # readable by the server's user, unlike pytest's tmp_path
+    tls.mkdir(exist_ok=True)
+    ca.cert_pem.write_to_path(str(tls / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tls / "server.crt"))
+    cert.private_key_pem.write_to_path(str(tls / "server.key"))
+    os.chmod(tls / "server.key", 0o600)
+    if os.geteuid() == 0:
+        for path in (tls, *tls.iterdir()):
+            shutil.chown(path, "postgres")
+    bouncer = stack.start_pgbouncer(
+        client_tls_key_file=str(tls / "server.key"),
+        client_tls_cert_file=str(tls / "server.crt"),
+        client_tls_ca_file=str(tls / "ca.pem"),
+    )
+    yield bouncer, tls / "ca.pem"
+    bouncer.stop()
 
 
 @pytest.fixture

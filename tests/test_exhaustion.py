@@ -71,6 +71,13 @@ def _sync_waiter(pool: poolkit.SyncPool, out: Outcome, go: threading.Event) -> N
         out.kind, out.error = "other", exc
 
 
+async def _until_all_wait(pool: Any, count: int) -> None:
+    """Until ``count`` callers are queued (the pool's own counter: no scrape, no guessing a delay)."""
+    async with asyncio.timeout(HOLD):
+        while pool.stats()["waiting"] < count:
+            await asyncio.sleep(0.005)
+
+
 async def _hold_and_wait(kind: str, pool: Any, outcomes: list[Outcome], while_waiting: Any) -> None:
     """Hold the connection with a long query, start the callers, look at the gauges once while they all wait.
 
@@ -94,7 +101,7 @@ async def _hold_and_wait(kind: str, pool: Any, outcomes: list[Outcome], while_wa
         for t in threads:
             t.start()
         go.set()
-        await asyncio.sleep(HOLD / 3)
+        await _until_all_wait(pool, len(outcomes))
         await while_waiting()
         while any(t.is_alive() for t in threads):
             await asyncio.sleep(0.02)
@@ -111,7 +118,7 @@ async def _hold_and_wait(kind: str, pool: Any, outcomes: list[Outcome], while_wa
     hold_task = asyncio.ensure_future(holder())
     await held_event.wait()
     tasks = [asyncio.ensure_future(_async_waiter(pool, out)) for out in outcomes]
-    await asyncio.sleep(HOLD / 3)
+    await _until_all_wait(pool, len(outcomes))
     await while_waiting()
     await asyncio.gather(hold_task, *tasks)
 

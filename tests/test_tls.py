@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
 
 import asyncpg
 import psycopg
@@ -65,29 +63,6 @@ async def test_verify_full_refuses_a_wrong_ca(stack: DevStack, tmp_path: pathlib
     )
     assert await pool.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is True
     await pool.close()
-
-
-@pytest.fixture
-def misnamed_bouncer(stack: DevStack):  # type: ignore[no-untyped-def]
-    """A PgBouncer whose certificate (from its own CA) names db.example.test, not the address we dial."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("db.example.test")
-    tls = stack.base_dir / "misnamed-tls"  # readable by the server's user, unlike pytest's tmp_path
-    tls.mkdir(exist_ok=True)
-    ca.cert_pem.write_to_path(str(tls / "ca.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(tls / "server.crt"))
-    cert.private_key_pem.write_to_path(str(tls / "server.key"))
-    os.chmod(tls / "server.key", 0o600)
-    if os.geteuid() == 0:
-        for path in (tls, *tls.iterdir()):
-            shutil.chown(path, "postgres")
-    bouncer = stack.start_pgbouncer(
-        client_tls_key_file=str(tls / "server.key"),
-        client_tls_cert_file=str(tls / "server.crt"),
-        client_tls_ca_file=str(tls / "ca.pem"),
-    )
-    yield bouncer, tls / "ca.pem"
-    bouncer.stop()
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])

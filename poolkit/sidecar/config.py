@@ -18,6 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from poolkit.detect import url_tls_problem
 from poolkit.dsn import Dsn
 from poolkit.errors import ConfigError
 from poolkit.settings import DIRECT_URL_ENV, POOLED_URL_ENV
@@ -237,20 +238,9 @@ class SidecarSettings(BaseSettings):
         if self.direct_route_enabled:
             upstreams.append(("direct_url", self.direct_dsn()))
         for field, dsn in upstreams:
-            mode = dsn.query.get("sslmode", "require")
-            if mode in ("allow", "prefer"):
-                raise _FieldError(
-                    field,
-                    f"has sslmode={mode}, which silently falls back to plain text; use sslmode=require or verify-full",
-                )
-            if mode == "disable" and not dsn.is_loopback:
-                raise _FieldError(
-                    field,
-                    f"asks for sslmode=disable on host {dsn.host!r}; plain text is only allowed to a loopback "
-                    "host or Unix socket",
-                )
-            if mode in ("verify-ca", "verify-full") and self.sslrootcert is None and "sslrootcert" not in dsn.query:
-                raise _FieldError("sslrootcert", f"sslmode={mode} needs the CA file: set POOLKIT_SSLROOTCERT")
+            problem = url_tls_problem(dsn, rootcert_configured=self.sslrootcert is not None)
+            if problem is not None:
+                raise _FieldError(field, problem)
         if self.effective_auth_type == "scram-sha-256" and not self.users and self.auth_file is None:
             raise _FieldError(
                 "auth_type",

@@ -117,7 +117,23 @@ def _bad_header(side: str, type_byte: int, length: int, limit: int, *, known: bo
     return ProtocolError(f"{side} sent {shown}, which is not a PostgreSQL protocol v3 message type")
 
 
-class FrontendScanner:
+class _HeaderWalk:
+    """Where a header walk stands between chunks: bytes of a body still to skip, or a split header."""
+
+    __slots__ = ("_partial", "_skip", "max_message_size")
+
+    def __init__(self, max_message_size: int) -> None:
+        self.max_message_size = max_message_size
+        self._skip = 0
+        self._partial = b""
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when everything fed so far ends exactly at a message boundary."""
+        return self._skip == 0 and not self._partial
+
+
+class FrontendScanner(_HeaderWalk):
     """Walks client message headers; counts the messages the server will answer with ReadyForQuery.
 
     After :meth:`feed`: ``unsynced`` is true while an extended-protocol batch has no Sync yet,
@@ -136,10 +152,7 @@ class FrontendScanner:
     """
 
     __slots__ = (
-        "_partial",
-        "_skip",
         "batch",
-        "max_message_size",
         "named_at",
         "named_batch",
         "named_syncs",
@@ -152,9 +165,7 @@ class FrontendScanner:
     )
 
     def __init__(self, max_message_size: int = PG_MAX_MESSAGE_SIZE) -> None:
-        self.max_message_size = max_message_size
-        self._skip = 0
-        self._partial = b""
+        super().__init__(max_message_size)
         self.unsynced = False
         self.terminate_at = -1
         self.sql_chunk = b""
@@ -165,11 +176,6 @@ class FrontendScanner:
         self.named_at = -1
         self.named_syncs = 0
         self.named_batch = 0
-
-    @property
-    def at_boundary(self) -> bool:
-        """True when everything fed so far ends exactly at a message boundary."""
-        return self._skip == 0 and not self._partial
 
     def feed(self, data: bytes) -> int:
         """Scan one received chunk; return how many ReadyForQuery answers it will cause."""
@@ -274,7 +280,7 @@ class FrontendScanner:
         return bytes(text[:limit]).decode("utf-8", "replace")
 
 
-class BackendScanner:
+class BackendScanner(_HeaderWalk):
     """Walks server message headers; counts ReadyForQuery and records what pooling needs.
 
     After :meth:`feed`: ``status`` is the last ReadyForQuery status byte (``IDLE``, ``IN_TRANSACTION``
@@ -289,12 +295,9 @@ class BackendScanner:
     """
 
     __slots__ = (
-        "_partial",
-        "_skip",
         "discarded",
         "errors",
         "failed",
-        "max_message_size",
         "parameters",
         "ready_total",
         "status",
@@ -302,9 +305,7 @@ class BackendScanner:
     )
 
     def __init__(self, max_message_size: int = PG_MAX_MESSAGE_SIZE) -> None:
-        self.max_message_size = max_message_size
-        self._skip = 0
-        self._partial = b""
+        super().__init__(max_message_size)
         self.status = IDLE
         self.parameters: list[tuple[str, str]] | None = None
         self.errors = 0
@@ -312,11 +313,6 @@ class BackendScanner:
         self.terms = 0
         self.failed = False
         self.discarded = False
-
-    @property
-    def at_boundary(self) -> bool:
-        """True when everything fed so far ends exactly at a message boundary."""
-        return self._skip == 0 and not self._partial
 
     def walk_state(self) -> tuple[int, bytes]:
         """(bytes of the current message still to come, the start of a message not yet counted).

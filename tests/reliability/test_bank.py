@@ -608,9 +608,13 @@ async def test_a_backend_terminated_while_checked_out_is_counted_as_closed(bank:
                 async with await admin_connect(bank) as admin:
                     await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
                 await conn.fetchval("SELECT pg_sleep(5)")  # the termination reaches the client here
-        await asyncio.sleep(0.2)  # let the loop run asyncpg's termination callbacks
         assert await pool.fetchval("SELECT 1") == 1  # the pool replaced the connection
-        after = REGISTRY.get_sample_value("poolkit_connections_closed_total", labels) or 0.0
+        # asyncpg reports the termination through a loop callback: wait for the count, bounded.
+        deadline = time.monotonic() + 5.0
+        while (after := REGISTRY.get_sample_value("poolkit_connections_closed_total", labels) or 0.0) == before:
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
     finally:
         await pool.close(timeout=5.0)
     callback_errors = [r.getMessage() for r in caplog.records if "Exception in callback" in r.getMessage()]

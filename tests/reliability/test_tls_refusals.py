@@ -11,8 +11,6 @@ set-up accepted once the check is relaxed (so the refusal is about TLS, not the 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,29 +44,6 @@ def plain_bouncer(stack: DevStack) -> Iterator[PgBouncerHandle]:
     """A PgBouncer that offers no TLS at all (it answers 'N' to SSLRequest)."""
     bouncer = stack.start_pgbouncer(client_tls=False)
     yield bouncer
-    bouncer.stop()
-
-
-@pytest.fixture
-def misnamed_bouncer(stack: DevStack) -> Iterator[tuple[PgBouncerHandle, Path]]:
-    """A PgBouncer whose certificate (from its own CA) names db.example.test, not 127.0.0.1 that we dial."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("db.example.test")
-    tls = stack.base_dir / "fuzz-misnamed-tls"  # readable by the server's user, unlike pytest's tmp_path
-    tls.mkdir(exist_ok=True)
-    ca.cert_pem.write_to_path(str(tls / "ca.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(tls / "server.crt"))
-    cert.private_key_pem.write_to_path(str(tls / "server.key"))
-    os.chmod(tls / "server.key", 0o600)
-    if os.geteuid() == 0:
-        for path in (tls, *tls.iterdir()):
-            shutil.chown(path, "postgres")
-    bouncer = stack.start_pgbouncer(
-        client_tls_key_file=str(tls / "server.key"),
-        client_tls_cert_file=str(tls / "server.crt"),
-        client_tls_ca_file=str(tls / "ca.pem"),
-    )
-    yield bouncer, tls / "ca.pem"
     bouncer.stop()
 
 

@@ -318,6 +318,24 @@ def _wait_no_active_server(sidecar: SidecarThread) -> None:
         time.sleep(0.02)
 
 
+def test_a_listening_client_gets_notifications_between_transactions(sidecar_factory: Factory, stack: DevStack) -> None:
+    channel = f"pk_{uuid.uuid4().hex[:8]}"
+    # Through PgBouncer (transaction mode) the LISTEN stays on a server the client no longer holds: the
+    # notification goes to whichever client has that server, or nobody.
+    with psycopg.connect(stack.pooled_url, autocommit=True, prepare_threshold=None) as listener:
+        listener.execute(f"LISTEN {channel}")
+        with psycopg.connect(stack.pooled_url, autocommit=True, prepare_threshold=None) as sender:
+            sender.execute(f"NOTIFY {channel}, 'via pgbouncer'")
+        assert [n.payload for n in listener.notifies(timeout=1.0, stop_after=1)] == []
+    # Through the sidecar LISTEN pins the client: the notification reaches it while it is idle.
+    sidecar = sidecar_factory(max_size=2)
+    with _connect(sidecar) as listener:
+        listener.execute(f"LISTEN {channel}")
+        with _connect(sidecar) as sender:
+            sender.execute(f"NOTIFY {channel}, 'via sidecar'")
+        assert [n.payload for n in listener.notifies(timeout=10.0, stop_after=1)] == ["via sidecar"]
+
+
 def test_a_session_feature_inside_a_transaction_pins_that_server(sidecar_factory: Factory) -> None:
     sidecar = sidecar_factory(max_size=2)
     with _connect(sidecar) as a:
