@@ -6,9 +6,11 @@ Usage: .venv/bin/python bench/bench_sidecar.py [--seconds 10] [--pool-size 3] [-
 The prepared case is what the sidecar's named prepared statements buy: pgbench -S -M prepared through
 the sidecar beside -S -M simple through PgBouncer (1.18 cannot run -M prepared in transaction mode).
 
-Every target gets the same upstream pool size; PgBouncer and the sidecar both reach PostgreSQL
-over TLS (sslmode=require) and authenticate clients with SCRAM; pgbench talks plain TCP to both
-poolers. Direct PostgreSQL only accepts TLS, so its numbers include TLS on every connection.
+The sidecar runs twice: as configured by default, and with pipeline_depth=0 (no pipelining across
+clients), which shows what that feature adds. Every target gets the same upstream pool size;
+PgBouncer and the sidecar both reach PostgreSQL over TLS (sslmode=require) and authenticate clients
+with SCRAM; pgbench talks plain TCP to both poolers. Direct PostgreSQL only accepts TLS, so its
+numbers include TLS on every connection.
 Machines are noisy: compare the columns of one run, never runs on different days.
 """
 
@@ -58,7 +60,9 @@ def pgbench(url: str, args: list[str], seconds: int, mode: str = "simple") -> fl
     return float(match.group(1))
 
 
-def start_sidecar(stack: DevStack, pool_size: int, port: int, http_port: int) -> subprocess.Popen[str]:
+def start_sidecar(
+    stack: DevStack, pool_size: int, port: int, http_port: int, pipeline_depth: int | None = None
+) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POOLKIT_") and k != "DATABASE_URL"}
     env.update(
         {
@@ -70,6 +74,8 @@ def start_sidecar(stack: DevStack, pool_size: int, port: int, http_port: int) ->
             "POOLKIT_SIDECAR_QUERY_WAIT_TIMEOUT": "120",
         }
     )
+    if pipeline_depth is not None:
+        env["POOLKIT_SIDECAR_PIPELINE_DEPTH"] = str(pipeline_depth)
     argv = [sys.executable, "-m", "poolkit.sidecar", "--listen-port", str(port), "--http-port", str(http_port)]
     proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
@@ -149,31 +155,46 @@ def main() -> int:
             raise RuntimeError(init.stderr)
         port, http_port = free_port(), free_port()
         sidecar = start_sidecar(stack, args.pool_size, port, http_port)
+        # The same sidecar without pipelining across clients (pipeline_depth=0): what that feature adds.
+        flat_port, flat_http_port = free_port(), free_port()
+        flat = start_sidecar(stack, args.pool_size, flat_port, flat_http_port, pipeline_depth=0)
+        credentials = f"{stack.app_user}:{stack.app_password}"
         try:
             targets = {
                 "direct": stack.url(via="direct", sslmode="require"),
                 "pgbouncer": bouncer.url(sslmode="disable"),
-                "sidecar": f"postgresql://{stack.app_user}:{stack.app_password}@127.0.0.1:{port}/app?sslmode=disable",
+                "sidecar": f"postgresql://{credentials}@127.0.0.1:{port}/app?sslmode=disable",
+                "depth0": f"postgresql://{credentials}@127.0.0.1:{flat_port}/app?sslmode=disable",
             }
             if args.only != "prepared":
                 print(f"pgbench -M simple -j 2 -T {args.seconds}; pool size {args.pool_size} for both poolers")
-                print(f"{'workload':<14}{'direct':>10}{'pgbouncer':>11}{'sidecar':>10}{'sidecar/pgb':>13}")
+                print("depth0: the sidecar with pipeline_depth=0 (no pipelining across clients)")
+                print(
+                    f"{'workload':<14}{'direct':>10}{'pgbouncer':>11}{'sidecar':>10}{'depth0':>9}"
+                    f"{'sidecar/pgb':>13}{'depth0/pgb':>12}"
+                )
                 for name, wargs in WORKLOADS:
                     tps = {target: pgbench(url, wargs, args.seconds) for target, url in targets.items()}
                     ratio = tps["sidecar"] / tps["pgbouncer"]
+                    flat_ratio = tps["depth0"] / tps["pgbouncer"]
                     print(
-                        f"{name:<14}{tps['direct']:>10.0f}{tps['pgbouncer']:>11.0f}{tps['sidecar']:>10.0f}{ratio:>13.2f}"
+                        f"{name:<14}{tps['direct']:>10.0f}{tps['pgbouncer']:>11.0f}{tps['sidecar']:>10.0f}"
+                        f"{tps['depth0']:>9.0f}{ratio:>13.2f}{flat_ratio:>12.2f}"
                     )
             if args.only != "simple":
                 print(
                     f"\nnamed prepared statements: pgbench -S -M prepared through the sidecar vs -M simple through "
                     f"PgBouncer (-j 2 -T {args.seconds}, pool size {args.pool_size}; goal: ratio >= 1.25)"
                 )
-                print(f"{'workload':<14}{'pgb simple':>11}{'sidecar prep':>14}{'ratio':>8}")
+                print(f"{'workload':<14}{'pgb simple':>11}{'sidecar prep':>14}{'depth0 prep':>13}{'ratio':>8}")
                 for name, wargs in PREPARED_WORKLOADS:
                     bouncer_tps = pgbench(targets["pgbouncer"], wargs, args.seconds, "simple")
                     sidecar_tps = pgbench(targets["sidecar"], wargs, args.seconds, "prepared")
-                    print(f"{name:<14}{bouncer_tps:>11.0f}{sidecar_tps:>14.0f}{sidecar_tps / bouncer_tps:>8.2f}")
+                    flat_tps = pgbench(targets["depth0"], wargs, args.seconds, "prepared")
+                    print(
+                        f"{name:<14}{bouncer_tps:>11.0f}{sidecar_tps:>14.0f}{flat_tps:>13.0f}"
+                        f"{sidecar_tps / bouncer_tps:>8.2f}"
+                    )
             if args.idle_clients:
                 before, after = idle_memory(sidecar.pid, port, stack.app_user, stack.app_password, args.idle_clients)
                 per = (after - before) / args.idle_clients
@@ -182,11 +203,12 @@ def main() -> int:
                     f"= {per:.1f} KiB per client"
                 )
         finally:
-            sidecar.send_signal(signal.SIGTERM)
-            try:
-                sidecar.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                sidecar.kill()
+            for proc in (sidecar, flat):
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     return 0
 
 

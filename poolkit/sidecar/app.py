@@ -309,7 +309,18 @@ class Sidecar:
         client = self.cancel_keys.get((process_id, secret_key))
         server = client.server if client is not None else None
         if client is not None and server is not None and server.backend_pid:
+            if server.shared and server.client is not client and client.pending > 0:
+                # Queued behind other clients' requests (pipelining): it can only be canceled once it
+                # is the one running, so the cancel waits for its turn (server._next_turn).
+                client.cancel_held = [*(client.cancel_held or []), requester]
+                return
             if forward_cancel(serving_target=server.client is client, pending=client.pending):
+                client.cancel_asked = True
+                for follower in server.followers:
+                    # If its query ends before the cancel lands, the next one in line is canceled
+                    # instead: their answers are held and checked (server._retried).
+                    if follower is not None and follower.held_answer is None:
+                        follower.held_answer = []
                 # The server serves nobody else until this cancel is done (UpstreamPool.release).
                 server.pool.cancel_started(server)
                 self.spawn(self._send_cancel(server, requester))
@@ -320,6 +331,12 @@ class Sidecar:
         # still being set up): dropping the request is what PostgreSQL does for an idle backend too.
         if requester is not None:
             requester.close()
+
+    def forward_held_cancel(self, client: ClientConnection) -> None:
+        """A client whose cancel waited in a pipeline is at the head now: forward it."""
+        requesters, client.cancel_held = client.cancel_held or [], None
+        for requester in requesters:
+            self.cancel(client.process_id, client.secret_key, requester)
 
     async def _send_cancel(self, server: ServerConnection, requester: asyncio.BaseTransport | None) -> None:
         pool = server.pool

@@ -21,7 +21,7 @@ from poolkit.sidecar.pooling import (
     take_server_now,
     valid_setting_name,
 )
-from poolkit.sidecar.prepared import ClientStatements
+from poolkit.sidecar.prepared import ClientStatements, Statement
 from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
 from poolkit.sidecar.server import TRACKED_PARAMETERS
 from poolkit.sidecar.session import (
@@ -30,6 +30,7 @@ from poolkit.sidecar.session import (
     PIN_REASONS,
     Effect,
     StatementTap,
+    autocommit_head,
     chunk_effect,
     decide,
     pin_limit_hint,
@@ -47,6 +48,9 @@ STARTUP, AUTH, WELCOME, READY, ADMIN, CLOSED = range(6)
 # Client bytes buffered while waiting for a server before reading from that client pauses.
 _QUEUE_LIMIT = 256 * 1024
 _INTERNAL_QUERY_TIMEOUT = 10.0
+# A pipelined request is kept until answered (it is re-sent if a cancel meant for another client
+# hits it): only small ones are pipelined.
+_PIPELINE_MAX_REQUEST = 8192
 
 
 class ClientConnection(asyncio.Protocol):
@@ -58,6 +62,7 @@ class ClientConnection(asyncio.Protocol):
         "_early",
         "_exchange",
         "_login_timer",
+        "_plain_req",
         "_reader",
         "_sasl_started",
         "_startup",
@@ -66,11 +71,18 @@ class ClientConnection(asyncio.Protocol):
         "app",
         "buffer",
         "buffered",
+        "cancel_asked",
+        "cancel_held",
         "close_after_release",
         "closed",
         "connect_time",
         "database",
+        "deferred_syncs",
+        "deferring",
         "dirty",
+        "follow_keys",
+        "follow_ok",
+        "held_answer",
         "held_effects",
         "input_paused",
         "linking",
@@ -83,6 +95,7 @@ class ClientConnection(asyncio.Protocol):
         "plain_template",
         "pool",
         "process_id",
+        "request",
         "request_time",
         "rewrite_queued",
         "scanner",
@@ -92,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
         "state",
         "statements",
         "tap",
+        "template_autocommit",
         "tls",
         "transport",
         "unix",
@@ -147,6 +161,7 @@ class ClientConnection(asyncio.Protocol):
         self.pinned_since = 0.0
         self.sql_seen = b""
         self.plain_template = b""
+        self.template_autocommit = False  # plain_template is no transaction control either
         self.tap: StatementTap | None = None
         self._clear_guard: tuple[int, frozenset[str]] | None = None
         # Named prepared statements (prepared.py), created at the first one; rewrite_queued: the
@@ -155,6 +170,20 @@ class ClientConnection(asyncio.Protocol):
         self.rewrite_queued = False
         # The session effects (and route) of a new transaction's first bytes, while they end mid-message.
         self.held_effects: tuple[Effect, Effect] | None = None
+        # Pipelining across clients (server.py): this client's request shares a server connection
+        # (``deferring``: whatever it sends meanwhile waits in ``buffer`` with ``deferred_syncs``), the
+        # request as sent (re-sent if a cancel meant for another client hits it), its answer while held
+        # (a cancel may have hit it), a cancel waiting for its request to reach the head (the
+        # requester to close once forwarded), whether it asked for a cancel itself.
+        self._plain_req = False
+        self.follow_ok = False
+        self.follow_keys: list[bytes] | None = None  # the statement keys its pipelinable request binds
+        self.deferring = False
+        self.deferred_syncs = 0
+        self.request = b""
+        self.held_answer: list[bytes] | None = None
+        self.cancel_held: list[asyncio.BaseTransport | None] | None = None
+        self.cancel_asked = False
 
     # ------------------------------------------------------------- asyncio.Protocol
 
@@ -190,6 +219,9 @@ class ClientConnection(asyncio.Protocol):
         if scanner.terminate_at != -1:
             self._terminate(data)
             return
+        if self.deferring:
+            self._defer(data, syncs)
+            return
         server = self.server
         if server is not None:
             # A new Query/Parse (or the rest of one): session state may pin this client (session.py).
@@ -205,6 +237,7 @@ class ClientConnection(asyncio.Protocol):
                     if server.assigned_at < 0:  # a pinned client's next transaction starts
                         server.assigned_at = now
                 self.pending += syncs
+            server.shareable = False  # more than one eligible request: nobody may queue behind it
             server.transport.write(data)  # type: ignore[union-attr]
             return
         if scanner.named_at >= 0:
@@ -232,19 +265,31 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is not None:
             self.server = None
+            if self.deferring:
+                # Its request is a whole autocommit one: the pipeline goes on, its answer is dropped.
+                self.drop_held_cancels()
+                server.forget(self)
+                return
             server.client = None
             self._server_after_client(server, reasons)
 
     def pause_writing(self) -> None:
         self.write_paused = True
         server = self.server
-        if server is not None and server.transport is not None:
+        # Only the client being answered holds the server's reading back (one queued behind it in a
+        # pipeline does once its turn comes: server._next_turn).
+        if server is not None and server.client is self and server.transport is not None:
             server.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         server = self.server
-        if server is not None and server.transport is not None and not server.transport.is_closing():
+        if (
+            server is not None
+            and server.client is self
+            and server.transport is not None
+            and not server.transport.is_closing()
+        ):
             server.transport.resume_reading()
 
     def pause_input(self) -> None:
@@ -264,7 +309,11 @@ class ClientConnection(asyncio.Protocol):
         effect = route = NOTHING
         if self.scanner.sql_chunk is not self.sql_seen or self.tap is not None:
             effect, route = self._chunk_effect(data)
+        self._enqueue(data, effect, route)
+
+    def _enqueue(self, data: bytes, effect: Effect, route: Effect) -> None:
         if self.waiting or self.linking is not None:
+            self.follow_ok = False  # more than its first request waits now
             # The pool is chosen: a session feature now pins whatever server this client gets.
             if not effect.nothing and not self._apply(effect):
                 return
@@ -303,10 +352,18 @@ class ClientConnection(asyncio.Protocol):
         elif route.route and pool.direct is not None:
             pool = pool.direct
             pool.stats.routed[route.route] += 1
+        now = time.monotonic()
+        self.follow_ok = ok = self._pipelinable(data, effect, route)
+        if ok and not pool.idle and not pool.waiters:
+            target = pool.follow_target(self, now)
+            if target is not None:
+                self.request_time = time.time()
+                pool.stats.client_wait.observe(0.0)
+                target.add_followers([self], data)
+                return
         self.buffer.append(data)
         self.buffered += len(data)
         self.request_time = time.time()
-        now = time.monotonic()
         server = pool.acquire(self, now)
         if server is not None:
             self.attach(server, now)
@@ -320,6 +377,7 @@ class ClientConnection(asyncio.Protocol):
     def _chunk_effect(self, data: bytes) -> tuple[Effect, Effect]:
         """The session effect of the SQL in this chunk, and the route of a statement still arriving."""
         effect = NOTHING
+        self._plain_req = False
         tap = self.tap
         if tap is not None:
             done = tap.feed(data)  # its next bytes open this chunk
@@ -348,11 +406,14 @@ class ClientConnection(asyncio.Protocol):
                     and chunk.startswith(template, start)
                     and not chunk[start + len(template) : stop].strip(LITERAL_TAIL)
                 ):
+                    self._plain_req = effect.nothing and self.template_autocommit
                     return effect, NOTHING
                 sql = chunk[start:stop]
                 text = sql.decode("utf-8", "replace")
                 if quick_nothing(text):
                     self.plain_template = sql.rstrip(LITERAL_TAIL)
+                    self.template_autocommit = autocommit = autocommit_head(sql)
+                    self._plain_req = effect.nothing and autocommit
                     return effect, NOTHING
                 return effect.then(decide(text)), NOTHING
         found, route, self.tap = chunk_effect(chunk, scanner.sql_first, last, end)
@@ -427,6 +488,110 @@ class ClientConnection(asyncio.Protocol):
             self.pin_reason = next(r for r in PIN_REASONS if r in reasons)
         return True
 
+    # ------------------------------------------------------------- pipelining across clients (server.py)
+
+    def _pipelinable(self, data: bytes, effect: Effect, route: Effect) -> bool:
+        """May this chunk queue on a busy server behind another client's request?
+
+        Only one whole autocommit request of one plain statement (no session effect, no statement
+        name, nothing else owed or held): it cannot leave a transaction or session state behind for
+        the requests queued after it.
+        """
+        plain, self._plain_req = self._plain_req, False
+        self.follow_keys = None
+        scanner = self.scanner
+        if not (
+            self.pending == 1
+            and not self.buffer
+            and effect.nothing
+            and route.nothing
+            and not self.pin_reason
+            and self.held_effects is None
+            and scanner.at_boundary
+            and not scanner.unsynced
+            and len(data) <= _PIPELINE_MAX_REQUEST
+            and self.pool.pipeline_depth > 0
+        ):
+            return False
+        if self.rewrite_queued:
+            # It binds named prepared statements: pipelinable where the server has them all (a rename).
+            bound = self.statements.bound(data) if self.statements is not None else None
+            if bound is None:
+                return False
+            keys = []
+            for statement in bound:
+                if not self._autocommit_statement(statement):
+                    return False
+                keys.append(statement.key)
+            self.follow_keys = keys
+            return True
+        return plain and scanner.sql_chunk is data and scanner.named_at < 0
+
+    @staticmethod
+    def _autocommit_statement(statement: Statement) -> bool:
+        autocommit = statement.autocommit
+        if autocommit is None:
+            sql = statement.key[: statement.key.find(b"\x00")]
+            autocommit = statement.autocommit = quick_nothing(sql.decode("utf-8", "replace")) and autocommit_head(sql)
+        return autocommit
+
+    def _defer(self, data: bytes, syncs: int) -> None:
+        """Hold what a client in a pipeline sends: it starts a new transaction once its answer is in."""
+        effect = route = NOTHING
+        if self.scanner.sql_chunk is not self.sql_seen or self.tap is not None:
+            effect, route = self._chunk_effect(data)
+        held = self.held_effects
+        self.held_effects = (effect, route) if held is None else (held[0].then(effect), held[1].then(route))
+        self.buffer.append(data)
+        self.buffered += len(data)
+        self.deferred_syncs += syncs
+        if self.buffered > _QUEUE_LIMIT:
+            self.pause_input()
+
+    def leave_pipeline(self, now: float) -> None:
+        """Its answer is complete: the transaction is over (the server goes on with the next request)."""
+        server = self.server
+        self.deferring = False
+        self.drop_held_cancels()
+        if server is None:
+            return
+        self._transaction_done(server, now)
+        self.server = None
+        if self.write_paused and server.transport is not None and not server.transport.is_closing():
+            server.transport.resume_reading()
+        if self.close_after_release:
+            self.shutdown_close()
+
+    def drop_held_cancels(self) -> None:
+        """Its request was answered (or never will be) before its turn came: nothing left to cancel."""
+        held, self.cancel_held = self.cancel_held, None
+        for requester in held or ():
+            if requester is not None:
+                requester.close()
+
+    def _transaction_done(self, server: ServerConnection, now: float) -> None:
+        self.cancel_asked = False
+        stats = self.pool.stats
+        started = server.assigned_at
+        elapsed = now - (started if started >= 0 else server.query_started)
+        stats.transactions += 1
+        stats.transaction_duration.observe(elapsed)
+        stats.xact_time_total += elapsed
+        self.scanner.sql_chunk = self.sql_seen = b""  # do not keep the last chunk alive while idle
+
+    def resume_deferred(self) -> None:
+        """Send what it held while in a pipeline, as a new transaction."""
+        if self.closed or not self.buffer:
+            return
+        self.pending += self.deferred_syncs
+        self.deferred_syncs = 0
+        data = self.buffer[0] if len(self.buffer) == 1 else b"".join(self.buffer)
+        self.buffer = []
+        self.buffered = 0
+        self._enqueue(data, NOTHING, NOTHING)  # held_effects carry what its statements do
+        if self.buffered <= _QUEUE_LIMIT:
+            self.resume_input()
+
     def _forget_wait(self) -> None:
         self.pool.forget_waiter(self)
         if self.pool.direct is not None:
@@ -485,6 +650,9 @@ class ClientConnection(asyncio.Protocol):
                 data = self._rewrite(server, data, (server.scanner.ready_total, 0))
             if data:
                 server.write(data)
+        # Others may queue behind its request only if nothing in the server's answer is to be rewritten
+        # (a Parse the sidecar added for it, say): _split forwards answers untouched.
+        server.shareable = self.follow_ok and not server.statements.active
 
     # ------------------------------------------------------------- named prepared statements (prepared.py)
 
@@ -529,6 +697,10 @@ class ClientConnection(asyncio.Protocol):
         if head or data:
             server.write(head + data)
         return True
+
+    def rewrite_for(self, server: ServerConnection, data: bytes, owed_before: int) -> bytes:
+        """Rewrite a whole request for ``server``, which owes ``owed_before`` ReadyForQuery before it."""
+        return self._rewrite(server, data, (server.scanner.ready_total + owed_before, 0))
 
     def _rewrite(self, server: ServerConnection, data: bytes, start: tuple[int, int] | None) -> bytes:
         """Rewrite ``data`` for ``server``; answers due now go to the client. Returns the bytes to send."""
@@ -589,13 +761,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is None:
             return
-        stats = self.pool.stats
-        started = server.assigned_at
-        elapsed = now - (started if started >= 0 else server.query_started)
-        stats.transactions += 1
-        stats.transaction_duration.observe(elapsed)
-        stats.xact_time_total += elapsed
-        self.scanner.sql_chunk = self.sql_seen = b""  # do not keep the last chunk alive while idle
+        self._transaction_done(server, now)
         if self.pin_reason and self._still_pinned(server):
             server.assigned_at = -1.0  # data_received stamps the next transaction's start
             if self.close_after_release:
@@ -694,6 +860,8 @@ class ClientConnection(asyncio.Protocol):
 
     def server_lost(self, text: str) -> None:
         self.server = None
+        self.deferring = False
+        self.drop_held_cancels()
         self.fatal("08006", text)
 
     def protocol_violation(self, text: str) -> None:
@@ -715,6 +883,12 @@ class ClientConnection(asyncio.Protocol):
         at = self.scanner.terminate_at
         if at == -2:
             self.dirty = True
+        elif self.deferring:
+            if at > 0 or self.buffer:
+                # Sent behind a pipelined request whose answer it did not wait for: there is no place
+                # for it in that server's order, and nobody is left to answer (see README).
+                log.warning("client_left_pipelined", client=self.describe())
+            self.buffer = []
         elif at > 0 and self.server is not None:
             # Sent before Terminate, so still run (a Sync commits): with their statements renamed.
             if self.scanner.named_at < 0 or not self._send_rewritten(self.server, data[:at], 0):

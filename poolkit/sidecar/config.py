@@ -129,6 +129,10 @@ class SidecarSettings(BaseSettings):
     # Named prepared statements kept per server connection (LRU, as PgBouncer's setting of the same
     # name); 0 turns the feature off and passes statement names through untouched. Needs a restart.
     max_prepared_statements: int = 200
+    # How many clients' one-statement autocommit requests may queue on a busy server connection behind
+    # the one it runs (pipelining across clients; 0 turns it off). Saves the round trip between
+    # transactions and lets PostgreSQL read several requests per wake-up; see server.py.
+    pipeline_depth: int = 16
 
     auth_type: AuthType = "auto"
     users: dict[str, SecretStr] = Field(default_factory=dict)
@@ -172,6 +176,13 @@ class SidecarSettings(BaseSettings):
     def _check_prepared(cls, value: int) -> int:
         if value < 0:
             raise ValueError("must be 0 or more (0 turns named prepared statement support off)")
+        return value
+
+    @field_validator("pipeline_depth")
+    @classmethod
+    def _check_pipeline(cls, value: int) -> int:
+        if not 0 <= value <= 1000:
+            raise ValueError("must be between 0 and 1000 (0 turns pipelining across clients off)")
         return value
 
     @field_validator("max_pinned_clients")

@@ -84,6 +84,8 @@ class SidecarStats:
         "client_logins",
         "client_wait",
         "pins",
+        "pipeline_retries",
+        "pipelined_requests",
         "prepared_statements",
         "queries",
         "query_duration",
@@ -107,6 +109,8 @@ class SidecarStats:
         self.sent_bytes = 0
         self.query_wait_timeouts = 0
         self.slow_queries = 0
+        self.pipelined_requests = 0  # requests written behind another client's on a busy server (server.py)
+        self.pipeline_retries = 0  # of those, re-sent after a cancel meant for another client hit them
         self.upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self.client_logins = dict.fromkeys(LOGIN_RESULTS, 0)
         self.pins = dict.fromkeys(PIN_REASONS, 0)  # clients pinned, by the reason that pinned them
@@ -153,6 +157,16 @@ class SidecarCollector(Collector):
                 "poolkit_sidecar_received_bytes", "Bytes received from clients.", labels=["pool"]
             ),
             "sent_bytes": CounterMetricFamily("poolkit_sidecar_sent_bytes", "Bytes sent to clients.", labels=["pool"]),
+            "pipelined_requests": CounterMetricFamily(
+                "poolkit_sidecar_pipelined_requests",
+                "Requests written to a busy server connection behind another client's (pipeline_depth).",
+                labels=["pool"],
+            ),
+            "pipeline_retries": CounterMetricFamily(
+                "poolkit_sidecar_pipeline_retries",
+                "Pipelined requests re-sent because a cancel meant for another client's query canceled them.",
+                labels=["pool"],
+            ),
         }
         upstream_errors = CounterMetricFamily(
             "poolkit_sidecar_upstream_errors", "Upstream connection errors by kind.", labels=["pool", "kind"]

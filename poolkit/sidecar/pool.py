@@ -16,6 +16,7 @@ from poolkit.sidecar.metrics import SidecarStats
 from poolkit.sidecar.pooling import (
     connections_to_open,
     login_retry_wait,
+    may_follow,
     needs_check,
     pool_exhausted_message,
     server_expired,
@@ -100,6 +101,7 @@ class UpstreamPool:
         self.max_size = settings.direct_max_size if self.is_direct else settings.max_size
         self.query_wait_timeout = settings.query_wait_timeout
         self.slow_query_seconds = settings.slow_query_seconds
+        self.pipeline_depth = settings.pipeline_depth
         self.max_message_size = settings.max_message_size
         self.reset_query = settings.server_reset_query.strip()
         self.startup = {
@@ -172,9 +174,73 @@ class UpstreamPool:
             self._fill()
         return None
 
+    def follow_target(self, client: ClientConnection, now: float) -> ServerConnection | None:
+        """A busy server ``client``'s request may queue on (pipelining), the least loaded; ``None`` if none may."""
+        best: ServerConnection | None = None
+        key = client.wanted_key()
+        depth = self.pipeline_depth
+        keys = client.follow_keys
+        for server in self.servers:
+            if (
+                server.shareable
+                and not server.statements.active
+                and len(server.followers) < depth
+                and (best is None or len(server.followers) < len(best.followers))
+                and (keys is None or server.statements.renames_only(keys))
+                and may_follow(
+                    state=server.state,
+                    same_settings=server.session_key == key,
+                    being_canceled=server in self.being_canceled,
+                    current_generation=server.generation == self.generation,
+                    writable=server.writable,
+                    running_for=now - server.query_started,
+                )
+            ):
+                best = server
+        return best
+
+    def top_up(self, server: ServerConnection) -> None:
+        """Queue waiting clients' pipelinable requests on ``server``, in their order, in one write."""
+        waiters = self.waiters
+        if (
+            not waiters
+            or not server.shareable
+            or server.statements.active
+            or server in self.being_canceled
+            or self.draining
+        ):
+            return
+        key = server.session_key
+        room = self.pipeline_depth - len(server.followers)
+        taken: list[ClientConnection] = []
+        while waiters and room > 0:
+            client = waiters[0]
+            if client.closed:
+                waiters.popleft()
+                continue
+            keys = client.follow_keys
+            if (
+                not client.follow_ok
+                or client.wanted_key() != key
+                or (keys is not None and not server.statements.renames_only(keys))
+            ):
+                break  # first come, first served: nobody overtakes a client that needs a server of its own
+            waiters.popleft()
+            taken.append(client)
+            room -= 1
+        if taken:
+            now = time.monotonic()
+            for client in taken:
+                client.waiting = False
+                waited = now - client.wait_started
+                self.stats.client_wait.observe(waited)
+                self.stats.wait_time_total += waited
+            server.add_followers(taken)
+
     def release(self, server: ServerConnection, now: float) -> None:
         """``server`` finished a transaction: give it to the next waiting client or put it back."""
         server.client = None
+        server.shareable = False
         if server.state == "closed":
             return
         if server in self.being_canceled:
@@ -199,6 +265,8 @@ class UpstreamPool:
             if not client.closed:
                 server.state = "active"
                 client.attach(server, now)
+                if server.shareable:
+                    self.top_up(server)
                 return
         server.state = "idle"
         server.idle_since = now
@@ -236,11 +304,16 @@ class UpstreamPool:
         self.held.discard(server)
         client = server.client
         server.client = None
-        if client is not None:
+        followers = server.end_pipeline()
+        if client is not None or followers:
             if not was_closed:
                 self.stats.upstream_errors["terminated"] += 1
             detail = f": {exc}" if exc else ""
-            client.server_lost(f"the server connection of pool {self.name!r} was lost{detail}")
+            text = f"the server connection of pool {self.name!r} was lost{detail}"
+            if client is not None:
+                client.server_lost(text)
+            for follower in followers:
+                follower.server_lost(text)
         elif not was_closed and not server.close_reason:
             self.stats.upstream_errors["terminated"] += 1
             log.info("server_closed", pool=self.name, server=server.describe(), reason="closed by upstream")

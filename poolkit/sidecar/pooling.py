@@ -22,6 +22,38 @@ def should_release(status: int, pending: int, unsynced: bool, client_at_boundary
     return status == IDLE and pending <= 0 and not unsynced and client_at_boundary
 
 
+# A request queues behind one that has run at most this long: a query that has already run longer may
+# well run much longer, and every request queued behind it would wait for it while another server
+# connection could have served them.
+PIPELINE_WINDOW: Final = 0.005
+
+
+def may_follow(
+    *,
+    state: str,
+    same_settings: bool,
+    being_canceled: bool,
+    current_generation: bool,
+    writable: bool,
+    running_for: float,
+) -> bool:
+    """May a client's pipelinable request queue on this busy server connection (pipeline_depth)?
+
+    The caller has checked that everything on it is pipelinable and that there is room. Its session
+    must already have the client's settings (nothing can be synced in between), no cancel may be on
+    its way to it, it must not be retiring (reload) or blocked on writes, and what it runs now must
+    have started within :data:`PIPELINE_WINDOW`.
+    """
+    return (
+        state == "active"
+        and same_settings
+        and not being_canceled
+        and current_generation
+        and writable
+        and running_for < PIPELINE_WINDOW
+    )
+
+
 class ClientGone(Enum):
     """What to do with a server connection whose client disconnected while holding it."""
 

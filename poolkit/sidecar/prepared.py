@@ -50,7 +50,7 @@ _CLOSE_COMPLETE: Final = b"3\x00\x00\x00\x04"
 # Client message type bytes.
 _P, _B, _D, _C, _E = b"P"[0], b"B"[0], b"D"[0], b"C"[0], b"E"[0]
 _S, _Q, _F = b"S"[0], b"Q"[0], b"F"[0]
-_STATEMENT = b"S"[0]
+_STATEMENT, _PORTAL = b"S"[0], b"P"[0]
 _PARSE_DONE, _CLOSE_DONE, _ERROR = b"1"[0], b"3"[0], b"E"[0]
 
 # What an outstanding entry stands for. Synthesised answers come first: they wait for a position
@@ -66,11 +66,12 @@ _FAIL = 6  # a Describe of a missing statement: replace its error with the clien
 class Statement:
     """A client's named statement: its key (the Parse body after the name), and whether that Parse failed."""
 
-    __slots__ = ("failed", "key")
+    __slots__ = ("autocommit", "failed", "key")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.failed = False
+        self.autocommit: bool | None = None  # may it be pipelined across clients (client.py decides)
 
 
 class _Expect:
@@ -136,6 +137,13 @@ class ServerStatements:
 
     def __len__(self) -> int:
         return len(self.cache)
+
+    def renames_only(self, keys: list[bytes]) -> bool:
+        """Would a request binding ``keys`` only be renamed here (nothing prepared, closed or owed)?"""
+        if self.active or self.orphans:
+            return False
+        cache = self.cache
+        return all(key in cache for key in keys)
 
     def discard_all(self) -> None:
         """The session ran DISCARD ALL / DEALLOCATE ALL: nothing is prepared there any more."""
@@ -373,6 +381,34 @@ class ClientStatements:
     @property
     def engaged(self) -> bool:
         return bool(self._held or self._skip)
+
+    def bound(self, data: bytes) -> list[Statement] | None:
+        """The statements a request binds, when it is whole messages that only bind named statements,
+        describe portals, execute and sync (a request a server that has them only renames); else ``None``.
+        """
+        found: list[Statement] = []
+        names = self.names
+        pos, n = 0, len(data)
+        while pos + 5 <= n:
+            kind = data[pos]
+            (length,) = _U32.unpack_from(data, pos + 1)
+            end = pos + 1 + length
+            if end > n:
+                return None
+            if kind == _B:
+                portal_end = data.find(0, pos + 5, end)
+                name_end = data.find(0, portal_end + 1, end) if portal_end >= 0 else -1
+                statement = names.get(data[portal_end + 1 : name_end]) if name_end > portal_end + 1 else None
+                if statement is None or statement.failed:
+                    return None
+                found.append(statement)
+            elif kind == _D:
+                if length < 6 or data[pos + 5] != _PORTAL:
+                    return None
+            elif kind != _E and kind != _S:  # noqa: PLR1714
+                return None
+            pos = end
+        return found if found and pos == n else None
 
     def clear(self) -> None:
         """DISCARD ALL / DEALLOCATE ALL ran in this client's session."""

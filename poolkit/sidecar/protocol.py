@@ -292,10 +292,14 @@ class BackendScanner(_HeaderWalk):
     completions (see ``B_DONE``) and ErrorResponses since the last one, ``failed`` says whether one of
     those was an ErrorResponse, and ``discarded`` becomes true on a CommandComplete of ``DISCARD ALL``
     or ``DEALLOCATE ALL`` (the reader resets it).
+
+    For pipelining across clients: ``ends`` lists, for the last chunk, the offset just past each
+    ReadyForQuery in that chunk (where one client's answer ends and the next one's begins).
     """
 
     __slots__ = (
         "discarded",
+        "ends",
         "errors",
         "failed",
         "parameters",
@@ -313,6 +317,7 @@ class BackendScanner(_HeaderWalk):
         self.terms = 0
         self.failed = False
         self.discarded = False
+        self.ends: list[int] = []
 
     def walk_state(self) -> tuple[int, bytes]:
         """(bytes of the current message still to come, the start of a message not yet counted).
@@ -325,7 +330,12 @@ class BackendScanner(_HeaderWalk):
         """Scan one received chunk; return how many ReadyForQuery messages it completes."""
         # The same header walk as FrontendScanner.feed, kept inline on purpose: a shared walker would cost
         # a callback per message on the per-chunk hot path, and the per-kind work differs.
+        ends = self.ends
+        if ends:
+            ends.clear()
+        base = 0
         if self._partial:
+            base = len(self._partial)  # offsets in ``ends`` are into the chunk as received
             data = self._partial + data  # a header (or a small inspected message) was split
             self._partial = b""
         n = len(data)
@@ -377,6 +387,7 @@ class BackendScanner(_HeaderWalk):
                         return ready
                     if kind == B_READY:
                         self.status = data[pos + 5]
+                        ends.append(end - base)
                         ready += 1
                         self.ready_total += 1
                         terms = 0
@@ -555,6 +566,19 @@ def parse_error_fields(body: bytes) -> dict[str, str]:
         if part:
             fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
     return fields
+
+
+def error_codes(data: bytes) -> list[str]:
+    """The SQLSTATE of every ErrorResponse in ``data``, a run of whole backend messages (held answers)."""
+    codes: list[str] = []
+    pos, n = 0, len(data)
+    while pos + 5 <= n:
+        (length,) = _U32.unpack_from(data, pos + 1)
+        end = pos + 1 + length
+        if data[pos] == 0x45:  # E
+            codes.append(parse_error_fields(data[pos + 5 : end]).get("C", ""))
+        pos = end
+    return codes
 
 
 def parse_auth_request(body: bytes) -> tuple[int, bytes]:

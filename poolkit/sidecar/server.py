@@ -9,15 +9,19 @@ from typing import TYPE_CHECKING
 
 from poolkit.dsn import Dsn
 from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SSLError
+from poolkit.log import get_logger
 from poolkit.sidecar import protocol
 from poolkit.sidecar.auth import UpstreamAuth, UpstreamTls
 from poolkit.sidecar.pooling import should_release
 from poolkit.sidecar.prepared import ServerStatements
-from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader
+from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader, error_codes
 
 if TYPE_CHECKING:
     from poolkit.sidecar.client import ClientConnection
     from poolkit.sidecar.pool import UpstreamPool
+
+log = get_logger("sidecar")
+_QUERY_CANCELED = "57014"
 
 # Parameters PostgreSQL reports with ParameterStatus that a client may change and expects to keep
 # across transactions (PgBouncer's "varcache" set).
@@ -39,6 +43,14 @@ class ServerConnection(asyncio.Protocol):
     Handshake and internal queries (``SET`` sync, ``ROLLBACK``) read whole messages; once ``relay``
     is on, received chunks are scanned for ReadyForQuery and written to the client unchanged, except
     while ``statements`` (its named prepared statements, prepared.py) owes the client rewritten answers.
+
+    Pipelining across clients: while the request it runs is one autocommit statement (``shareable``),
+    other clients' such requests may be written right behind it (``followers``, in order; ``None``
+    for one whose client left). PostgreSQL answers them in order, so the answers are split at each
+    ReadyForQuery and ``client`` moves down the line (``shared`` until the line is empty). This saves
+    the round trip between transactions and lets PostgreSQL read several requests per wake-up;
+    PgBouncer does not do it. Nothing can leave state behind for the next request: each one is a
+    whole implicit transaction of a statement without session effect (client.py ``_pipelinable``).
     """
 
     def __init__(self, pool: UpstreamPool, ident: int, generation: int) -> None:
@@ -69,6 +81,10 @@ class ServerConnection(asyncio.Protocol):
         self.last_ready = now
         self.close_reason = ""
         self.write_paused = False
+        self.shareable = False
+        self.shared = False
+        self.followers: deque[ClientConnection | None] = deque()
+        self._outbox: list[bytes] | None = None
         self.peer = ""
         self._reader = MessageReader(side="server", max_message_size=protocol.MAX_INSPECTED_SIZE)
         self._inbox: deque[tuple[bytes, bytes]] = deque()
@@ -97,6 +113,9 @@ class ServerConnection(asyncio.Protocol):
             self._parameters_changed(client)
         if self.scanner.discarded:
             self._statements_discarded(client)
+        if self.shared:
+            self._split(data)
+            return
         if client is None:
             if self.statements.active:
                 self.statements.responses(data)  # keep its walk in step
@@ -121,6 +140,173 @@ class ServerConnection(asyncio.Protocol):
             # Positional: this runs once per transaction on the hot path.
             if should_release(self.scanner.status, client.pending, cscan.unsynced, cscan.at_boundary):
                 client.release_server(now)
+
+    # ------------------------------------------------------------- pipelining across clients
+
+    @property
+    def writable(self) -> bool:
+        transport = self.transport
+        return transport is not None and not transport.is_closing() and not self.write_paused
+
+    def add_followers(self, clients: list[ClientConnection], data: bytes | None = None) -> None:
+        """Write these clients' requests behind what this connection runs now (one write)."""
+        if not self.shared:
+            self.shared = True
+            owner = self.client
+            if owner is not None:
+                owner.deferring = True  # what it sends next must wait for the line (client._defer)
+        requests: list[bytes] = []
+        for client in clients:
+            if data is None:
+                request = client.buffer[0] if len(client.buffer) == 1 else b"".join(client.buffer)
+                client.buffer = []
+                client.buffered = 0
+            else:
+                request = data
+            if client.rewrite_queued:
+                # Statement names only (the server has them all: pool.follow_target checked).
+                client.rewrite_queued = False
+                request = client.rewrite_for(self, request, 1 + len(self.followers))
+            client.request = request
+            client.server = self
+            client.deferring = True
+            self.followers.append(client)
+            requests.append(client.request)
+        self.pool.stats.pipelined_requests += len(clients)
+        self._send_soon(requests)
+
+    def _send_soon(self, requests: list[bytes]) -> None:
+        # Requests queued in one turn of the event loop (clients' reads come in batches) go out as one
+        # TLS record in one system call, which is what pipelining saves most on.
+        outbox = self._outbox
+        if outbox is None:
+            self._outbox = requests
+            asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            outbox.extend(requests)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, None
+        if outbox:
+            self.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+
+    def forget(self, client: ClientConnection) -> None:
+        """``client`` left while its request is in the line: its answer will be dropped."""
+        client.deferring = False
+        if self.client is client:
+            self.client = None
+            return
+        for i, follower in enumerate(self.followers):
+            if follower is client:
+                self.followers[i] = None
+                return
+
+    def end_pipeline(self) -> list[ClientConnection]:
+        """The connection is gone: the clients still queued on it (each must be told)."""
+        followers = [f for f in self.followers if f is not None]
+        self.followers.clear()
+        self.shared = False
+        for follower in followers:
+            follower.server = None
+            follower.deferring = False
+        return followers
+
+    def _split(self, data: bytes) -> None:
+        """Deliver a shared connection's answers: each ReadyForQuery ends one client's turn."""
+        stats = self.pool.stats
+        start = 0
+        resume: list[ClientConnection] = []
+        for end in tuple(self.scanner.ends):
+            owner = self.client
+            part = data[start:end]
+            start = end
+            if owner is not None:
+                self._deliver(owner, part)
+            now = time.monotonic()
+            elapsed = now - self.query_started
+            self.query_started = now
+            self.last_ready = now
+            stats.queries += 1
+            stats.query_duration.observe(elapsed)
+            stats.query_time_total += elapsed
+            if owner is not None:
+                owner.pending -= 1
+                if elapsed >= self.pool.slow_query_seconds > 0:
+                    self.pool.slow_query(owner, elapsed)
+            if data[end - 1] != IDLE:
+                # Impossible for a pipelinable request; were it to happen, the requests behind it would
+                # run inside someone else's transaction: give up the connection and everyone on it.
+                log.warning("pipeline_left_transaction", pool=self.pool.name, server=self.describe())
+                self.abort("a pipelined request left a transaction open")
+                return
+            if owner is not None and owner.held_answer is not None and self._retried(owner):
+                owner = None  # it is back in the line
+            self._next_turn(owner, now, resume)
+            if self.state == "closed":
+                return
+        if start < len(data):
+            owner = self.client
+            if owner is not None:
+                self._deliver(owner, data[start:] if start else data)
+        for client in resume:
+            client.resume_deferred()
+
+    def _deliver(self, owner: ClientConnection, part: bytes) -> None:
+        held = owner.held_answer
+        if held is not None:
+            held.append(part)  # a cancel meant for another client may have hit it: see _retried
+        else:
+            owner.transport.write(part)
+            self.pool.stats.sent_bytes += len(part)
+
+    def _retried(self, owner: ClientConnection) -> bool:
+        """The held answer of a request at risk is complete: re-send it if another client's cancel hit it."""
+        answer = b"".join(owner.held_answer or ())
+        owner.held_answer = None
+        keys = owner.follow_keys
+        if (
+            not owner.cancel_asked
+            and _QUERY_CANCELED in error_codes(answer)
+            and (keys is None or all(key in self.statements.cache for key in keys))
+        ):
+            # It never ran to completion and was rolled back: running it again is what its client asked.
+            self.pool.stats.pipeline_retries += 1
+            log.info("pipelined_request_retried", pool=self.pool.name, client=owner.describe())
+            owner.pending += 1
+            self.followers.append(owner)
+            self._send_soon([owner.request])
+            return True
+        owner.transport.write(answer)
+        self.pool.stats.sent_bytes += len(answer)
+        return False
+
+    def _next_turn(self, done: ClientConnection | None, now: float, resume: list[ClientConnection]) -> None:
+        """``done``'s answer is complete: the next request in line (or the pool) gets the connection."""
+        followers = self.followers
+        if done is not None:
+            done.request = b""
+            if done.buffer:
+                resume.append(done)
+        if followers:
+            if done is not None:
+                done.leave_pipeline(now)
+            nxt = followers.popleft()
+            self.client = nxt
+            self.assigned_at = now
+            if nxt is not None:
+                if nxt.write_paused and self.transport is not None:
+                    self.transport.pause_reading()  # its socket is full: hold the rest of the line back
+                if nxt.cancel_held is not None:
+                    nxt.app.forward_held_cancel(nxt)
+            self.pool.top_up(self)
+            return
+        self.shared = False
+        if done is not None:
+            done.deferring = False
+            done.release_server(now)
+        else:
+            self.client = None
+            self.pool.release(self, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost_flag = True

@@ -136,6 +136,22 @@ _TRIGGERS = ("pg_", "set_config", "information_schema", "format_type", "_descrip
 _STATEMENT_END = " \t\r\n\f;"
 
 
+# Heads of a plain statement that also cannot open or end a transaction block: one such statement sent
+# on its own is a whole implicit transaction, so another client's request may run right after it
+# (pipelining across clients, server.py).
+_AUTOCOMMIT_HEADS = (b"select", b"insert", b"update", b"delete", b"with", b"values", b"table")
+
+
+def autocommit_head(sql: bytes) -> bool:
+    """True when a statement :func:`quick_nothing` found plain is also no transaction control."""
+    head = sql.lstrip()[:7].lower()
+    for word in _AUTOCOMMIT_HEADS:
+        if head.startswith(word):
+            rest = head[len(word) : len(word) + 1]
+            return not rest or not (rest.isalnum() or rest == b"_")
+    return False
+
+
 #: What may follow a statement found plain for a new statement to be plain too: a number, ``;``, space.
 #: (Digits cannot spell a trigger, a head or a second statement.) The relay keeps the last plain
 #: statement without this tail and compares the next one to it before anything else.

@@ -167,6 +167,7 @@ SIDECAR = [
     SidecarCase("slow_query_seconds", -0.1, ("seconds, 0 or more",)),
     SidecarCase("max_message_size", 100, ("between 1024 and",)),
     SidecarCase("max_prepared_statements", -1, ("0 or more",)),
+    SidecarCase("pipeline_depth", -1, ("between 0 and 1000",)),
     SidecarCase("query_timeout", -1, ("seconds, 0 or more",)),
     SidecarCase("server_check_delay", "inf", ("seconds, 0 or more",)),
     SidecarCase("server_check_timeout", 0, ("greater than 0",)),

@@ -9,6 +9,7 @@ from poolkit.sidecar.pooling import (
     connections_to_open,
     forward_cancel,
     login_retry_wait,
+    may_follow,
     needs_check,
     on_client_gone,
     parameter_changes,
@@ -160,3 +161,24 @@ def test_forward_cancel_only_to_the_query_of_the_client_that_asked() -> None:
 def test_login_retry_wait() -> None:
     assert login_retry_wait(now=10.0, retry_at=10.75) == pytest.approx(0.75)
     assert login_retry_wait(now=10.0, retry_at=9.0) == 0.0
+
+
+def test_may_follow_only_a_fresh_request_on_a_usable_connection() -> None:
+    ok = {
+        "state": "active",
+        "same_settings": True,
+        "being_canceled": False,
+        "current_generation": True,
+        "writable": True,
+        "running_for": 0.0001,
+    }
+    assert may_follow(**ok)  # type: ignore[arg-type]
+    for name, bad in [
+        ("state", "idle"),
+        ("same_settings", False),
+        ("being_canceled", True),
+        ("current_generation", False),
+        ("writable", False),
+        ("running_for", 0.5),  # a query that has run this long may hold the line much longer
+    ]:
+        assert not may_follow(**{**ok, name: bad}), name  # type: ignore[arg-type]

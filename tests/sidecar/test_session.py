@@ -30,6 +30,7 @@ from poolkit.sidecar.session import (
     TAP_LIMIT,
     Effect,
     StatementTap,
+    autocommit_head,
     chunk_effect,
     decide,
     quick_nothing,
@@ -138,6 +139,45 @@ def test_quick_nothing_never_hides_an_effect_in_the_corpus() -> None:
     assert [sql for sql in quick if not decide(sql).nothing] == []
     assert quick_nothing("SELECT abalance FROM pgbench_accounts WHERE aid = 123456;")
     assert quick_nothing("INSERT INTO orders (user_id, total) VALUES ($1, $2) RETURNING id")
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        (b"SELECT abalance FROM pgbench_accounts WHERE aid = 1", True),
+        (b"  insert into t values (1)", True),
+        (b"WITH x AS (SELECT 1) SELECT * FROM x", True),
+        (b"values (1)", True),
+        (b"TABLE t", True),
+        (b"update t set a = 1", True),
+        (b"delete from t", True),
+        (b"select(1)", True),
+        # Transaction control opens or ends a block: the next client's request must not run after it.
+        (b"BEGIN", False),
+        (b"begin;", False),
+        (b"START TRANSACTION", False),
+        (b"COMMIT", False),
+        (b"END", False),
+        (b"ROLLBACK", False),
+        (b"SAVEPOINT s", False),
+        (b"FETCH 1 FROM c", False),
+        (b"SHOW search_path", False),
+        (b"selected_things", False),
+        (b"tablespace", False),
+        (b"", False),
+    ],
+)
+def test_autocommit_head(sql: bytes, expected: bool) -> None:
+    assert autocommit_head(sql) is expected
+
+
+def test_pipelinable_statements_in_the_corpus_are_plain_dml() -> None:
+    heads = ("select", "insert", "update", "delete", "with", "values", "table")
+    pipelinable = [sql for sql in _corpus() if quick_nothing(sql) and autocommit_head(sql.encode())]
+    assert pipelinable
+    for sql in pipelinable:
+        assert decide(sql).nothing, sql
+        assert sql.lstrip().split(None, 1)[0].lower().startswith(heads), sql
 
 
 _WORDS = st.sampled_from(
