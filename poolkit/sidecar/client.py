@@ -21,7 +21,7 @@ from poolkit.sidecar.pooling import (
     take_server_now,
     valid_setting_name,
 )
-from poolkit.sidecar.prepared import ClientStatements, Statement
+from poolkit.sidecar.prepared import Bound, ClientStatements, Statement
 from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
 from poolkit.sidecar.server import TRACKED_PARAMETERS
 from poolkit.sidecar.session import (
@@ -80,6 +80,7 @@ class ClientConnection(asyncio.Protocol):
         "deferred_syncs",
         "deferring",
         "dirty",
+        "follow_binds",
         "follow_keys",
         "follow_ok",
         "held_answer",
@@ -178,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         self._plain_req = False
         self.follow_ok = False
         self.follow_keys: list[bytes] | None = None  # the statement keys its pipelinable request binds
+        self.follow_binds: list[Bound] = []
         self.deferring = False
         self.deferred_syncs = 0
         self.request = b""
@@ -519,11 +521,13 @@ class ClientConnection(asyncio.Protocol):
             if bound is None:
                 return False
             keys = []
-            for statement in bound:
+            for bind in bound:
+                statement = bind[0]
                 if not self._autocommit_statement(statement):
                     return False
                 keys.append(statement.key)
             self.follow_keys = keys
+            self.follow_binds = bound
             return True
         return plain and scanner.sql_chunk is data and scanner.named_at < 0
 
@@ -645,9 +649,13 @@ class ClientConnection(asyncio.Protocol):
             self.buffered = 0
             if self.rewrite_queued:
                 self.rewrite_queued = False
-                # Nothing of this client's is outstanding on the server yet: its first message is at
-                # the server's current ReadyForQuery count, first in its batch.
-                data = self._rewrite(server, data, (server.scanner.ready_total, 0))
+                keys = self.follow_keys
+                if self.follow_ok and keys is not None and server.statements.renames_only(keys):
+                    data = self.rename_for(server, data, 0)  # the pipelinable shape: names only
+                else:
+                    # Nothing of this client's is outstanding on the server yet: its first message is at
+                    # the server's current ReadyForQuery count, first in its batch.
+                    data = self._rewrite(server, data, (server.scanner.ready_total, 0))
             if data:
                 server.write(data)
         # Others may queue behind its request only if nothing in the server's answer is to be rewritten
@@ -698,9 +706,12 @@ class ClientConnection(asyncio.Protocol):
             server.write(head + data)
         return True
 
-    def rewrite_for(self, server: ServerConnection, data: bytes, owed_before: int) -> bytes:
-        """Rewrite a whole request for ``server``, which owes ``owed_before`` ReadyForQuery before it."""
-        return self._rewrite(server, data, (server.scanner.ready_total + owed_before, 0))
+    def rename_for(self, server: ServerConnection, data: bytes, owed_before: int) -> bytes:
+        """Its pipelinable request, renamed for ``server``, which owes ``owed_before`` ReadyForQuery before it."""
+        assert self.statements is not None
+        binds, self.follow_binds = self.follow_binds, []
+        self.scanner.named_at = -1
+        return self.statements.rename(data, server.statements, binds, server.scanner.ready_total + owed_before)
 
     def _rewrite(self, server: ServerConnection, data: bytes, start: tuple[int, int] | None) -> bytes:
         """Rewrite ``data`` for ``server``; answers due now go to the client. Returns the bytes to send."""

@@ -166,7 +166,7 @@ class ServerConnection(asyncio.Protocol):
             if client.rewrite_queued:
                 # Statement names only (the server has them all: pool.follow_target checked).
                 client.rewrite_queued = False
-                request = client.rewrite_for(self, request, 1 + len(self.followers))
+                request = client.rename_for(self, request, 1 + len(self.followers))
             client.request = request
             client.server = self
             client.deferring = True

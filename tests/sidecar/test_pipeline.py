@@ -619,12 +619,50 @@ def pgbench_tables(stack: DevStack) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("mode", ["simple", "extended"])
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
 def test_pgbench_select_only_through_one_server(sidecar_factory: Factory, pgbench_tables: None, mode: str) -> None:
     sidecar = sidecar_factory(max_size=1)
     pgbench = str(find_pg_binary("pgbench"))
     done = run([pgbench, "-n", "-S", "-M", mode, "-c", "20", "-j", "2", "-T", "3", sidecar.url()])
     assert done.returncode == 0, done.stderr
     assert "number of failed transactions: 0 " in done.stdout, done.stdout
+    assert counter(sidecar, "pipelined_requests") > 0
+    assert len(server_pids(sidecar)) == 1
+
+
+async def test_named_prepared_statements_queue_once_the_server_has_them(sidecar_factory: Factory) -> None:
+    """asyncpg's statement cache and psycopg's prepared statements: Bind/Execute/Sync of a statement the
+    server connection already has is only renamed, so it may queue; every answer is still its client's."""
+    sidecar = sidecar_factory(max_size=1)
+    url = sidecar.url()
+    clients, queries = 24, 40
+    go = asyncio.Event()
+
+    async def one(i: int) -> list[int]:
+        got: list[int] = []
+        if i % 2 == 0:  # asyncpg with its default statement cache (named statements)
+            conn = await asyncpg.connect(url)
+            try:
+                await go.wait()
+                for j in range(queries):
+                    got.append(await conn.fetchval("SELECT $1::int * 3", i * 1000 + j))
+            finally:
+                await conn.close()
+            return got
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=0) as pconn:
+            await go.wait()
+            for j in range(queries):
+                cur = await pconn.execute("SELECT %s::int * 3", (i * 1000 + j,))
+                row = await cur.fetchone()
+                assert row is not None
+                got.append(row[0])
+        return got
+
+    tasks = [asyncio.get_running_loop().create_task(one(i)) for i in range(clients)]
+    await eventually(lambda: sidecar.call(lambda app: len(app.connections)) >= clients, "every client to log in")
+    go.set()
+    results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    for i, got in enumerate(results):
+        assert got == [(i * 1000 + j) * 3 for j in range(queries)], f"client {i}"
     assert counter(sidecar, "pipelined_requests") > 0
     assert len(server_pids(sidecar)) == 1
