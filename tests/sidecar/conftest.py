@@ -4,6 +4,8 @@
                      direct PostgreSQL (TLS + SCRAM upstream); blocking clients can be used freely.
 ``sidecar_factory``  start more with different settings: ``sidecar_factory(max_size=1, ...)``.
 ``sidecar_process``  ``python -m poolkit.sidecar`` as a child process, for SIGTERM/SIGHUP tests.
+``pgbench_tables``   pgbench's tables (scale 1) in the app database, loaded straight into PostgreSQL.
+``run``              a client binary (psql, pgbench) with the caller's PG* environment removed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from poolkit.devstack import DevStack
+from poolkit.devstack import DevStack, find_pg_binary
 from poolkit.dsn import Dsn
 from poolkit.sidecar.app import Sidecar
 from poolkit.sidecar.config import SidecarSettings, load_sidecar_settings
@@ -227,3 +229,16 @@ def sidecar_process(stack: DevStack) -> Iterator[Callable[..., SidecarProcess]]:
     yield factory
     for process in started:
         process.stop()
+
+
+def run(argv: list[str], *, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a client binary without the caller's PG* variables (they would redirect it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, input=input, check=False)
+
+
+@pytest.fixture(scope="module")
+def pgbench_tables(stack: DevStack) -> None:
+    """pgbench's tables (scale 1) in the app database, loaded straight into PostgreSQL."""
+    done = run([str(find_pg_binary("pgbench")), "-i", "-q", "-s", "1", stack.url(via="direct")], timeout=300)
+    assert done.returncode == 0, done.stderr

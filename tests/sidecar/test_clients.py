@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import threading
@@ -16,15 +15,12 @@ import pytest
 
 from poolkit.devstack import DevStack, find_pg_binary
 
+from .conftest import run
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .conftest import SidecarThread
-
-
-def run(argv: list[str], *, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, input=input, check=False)
 
 
 def test_psql_runs_queries_and_transactions(sidecar: SidecarThread) -> None:
@@ -40,14 +36,6 @@ def test_psql_runs_queries_and_transactions(sidecar: SidecarThread) -> None:
     assert "sum=3" in done.stdout
     assert "server_version=15" in done.stdout
     assert done.stdout.strip().endswith("5000")
-
-
-@pytest.fixture(scope="module")
-def pgbench_tables(stack: DevStack) -> None:
-    """pgbench's tables in the app database, loaded through PostgreSQL directly."""
-    pgbench = str(find_pg_binary("pgbench"))
-    done = run([pgbench, "-i", "-q", "-s", "1", stack.url(via="direct")], timeout=300)
-    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("mode", ["simple", "extended"])

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ import pytest
 from poolkit.devstack import DevStack, find_pg_binary
 from poolkit.sidecar import protocol as p
 
+from .conftest import run
 from .test_ops import samples
 
 if TYPE_CHECKING:
@@ -111,6 +111,23 @@ async def line_up(sidecar: SidecarThread, task: asyncio.Task[Any]) -> None:
     before = waiters(sidecar)
     await eventually(lambda: waiters(sidecar) > before or task.done(), "a request to join the waiting line")
     assert not task.done(), f"a request that should have waited finished: {task}"
+
+
+async def queue_behind_first(
+    sidecar: SidecarThread, hold: AConn, requests: list[tuple[AConn, str, tuple[Any, ...]]]
+) -> list[asyncio.Task[Any]]:
+    """Queue the requests in order while ``hold`` keeps the server; once it commits the first runs and
+    the others are written behind it (pipelined). Returns their tasks."""
+    tasks: list[asyncio.Task[Any]] = []
+    for conn, sql, params in requests:
+        task = start(conn, sql, *params)
+        await line_up(sidecar, task)
+        tasks.append(task)
+    base = counter(sidecar, "pipelined_requests")
+    await hold.commit()
+    behind = len(requests) - 1
+    await eventually(lambda: counter(sidecar, "pipelined_requests") == base + behind, "the rest behind the first")
+    return tasks
 
 
 @contextlib.asynccontextmanager
@@ -423,15 +440,16 @@ async def test_a_cancel_for_a_queued_client_never_fails_the_client_behind_it(
     async with locked(stack, "pipe_head", rows=5) as release_head, locked(stack, "pipe_tail", rows=7) as release_tail:
         hold = await holder(sidecar)
         a, b, c = [await connect(sidecar) for _ in range(3)]
-        task_a = start(a, "SELECT count(*) FROM pipe_head")
-        await line_up(sidecar, task_a)
-        task_b = start(b, "SELECT %s::int * 2", 21)
-        await line_up(sidecar, task_b)
-        task_c = start(c, "SELECT count(*) FROM pipe_tail WHERE x > %s", 0)
-        await line_up(sidecar, task_c)
-        base, retries = counter(sidecar, "pipelined_requests"), counter(sidecar, "pipeline_retries")
-        await hold.commit()
-        await eventually(lambda: counter(sidecar, "pipelined_requests") == base + 2, "B and C behind A")
+        retries = counter(sidecar, "pipeline_retries")
+        task_a, task_b, task_c = await queue_behind_first(
+            sidecar,
+            hold,
+            [
+                (a, "SELECT count(*) FROM pipe_head", ()),
+                (b, "SELECT %s::int * 2", (21,)),
+                (c, "SELECT count(*) FROM pipe_tail WHERE x > %s", (0,)),
+            ],
+        )
         canceling = asyncio.get_running_loop().create_task(b.cancel_safe(timeout=WAIT))
         await eventually(lambda: held_cancels(sidecar) == 1, "the sidecar to hold B's cancel")
         await release_head()  # A ends, B is at the head: its cancel goes to PostgreSQL now
@@ -457,15 +475,16 @@ async def test_a_cancel_for_the_head_cancels_only_the_head(sidecar_factory: Fact
     async with locked(stack, "pipe_head", rows=5) as release:
         hold = await holder(sidecar)
         a, b, c = [await connect(sidecar, simple=k == 2) for k in range(3)]
-        task_a = start(a, "SELECT count(*) FROM pipe_head")
-        await line_up(sidecar, task_a)
-        task_b = start(b, "SELECT %s::int * 2", 21)
-        await line_up(sidecar, task_b)
-        task_c = start(c, "SELECT %s::int * 3", 7)
-        await line_up(sidecar, task_c)
-        base, retries = counter(sidecar, "pipelined_requests"), counter(sidecar, "pipeline_retries")
-        await hold.commit()
-        await eventually(lambda: counter(sidecar, "pipelined_requests") == base + 2, "B and C behind A")
+        retries = counter(sidecar, "pipeline_retries")
+        task_a, task_b, task_c = await queue_behind_first(
+            sidecar,
+            hold,
+            [
+                (a, "SELECT count(*) FROM pipe_head", ()),
+                (b, "SELECT %s::int * 2", (21,)),
+                (c, "SELECT %s::int * 3", (7,)),
+            ],
+        )
         await asyncio.wait_for(a.cancel_safe(timeout=WAIT), WAIT)
         with pytest.raises(psycopg.errors.QueryCanceled, match="canceling statement due to user request"):
             await asyncio.wait_for(task_a, WAIT)
@@ -605,18 +624,6 @@ async def test_what_a_queued_client_sends_next_waits_for_its_answer(sidecar_fact
 
 
 # ---------------------------------------------------------------- 8. pgbench
-
-
-def run(argv: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, check=False)
-
-
-@pytest.fixture(scope="module")
-def pgbench_tables(stack: DevStack) -> None:
-    """pgbench's tables in the app database, loaded through PostgreSQL directly."""
-    done = run([str(find_pg_binary("pgbench")), "-i", "-q", "-s", "1", stack.url(via="direct")], timeout=300)
-    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 import re
 import struct
-import subprocess
 import time
 from typing import TYPE_CHECKING
 
@@ -31,7 +29,7 @@ from poolkit.errors import ConfigError
 from poolkit.sidecar import protocol as p
 from poolkit.sidecar.prepared import EVENTS, ClientStatements, ServerStatements
 
-from .conftest import upstream_settings
+from .conftest import run, upstream_settings
 from .test_ops import admin
 
 if TYPE_CHECKING:
@@ -452,18 +450,6 @@ async def test_psycopg_prepared_statements(sidecar_factory: Factory, stack: DevS
     assert any(PSYCOPG_ERROR.search(str(e)) for e in errors), [str(e) for e in errors[:3]]
 
 
-def _run(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, check=False)
-
-
-@pytest.fixture(scope="module")
-def pgbench_tables(stack: DevStack) -> None:
-    """pgbench's tables (scale 1) in the app database, loaded straight into PostgreSQL."""
-    done = _run([str(find_pg_binary("pgbench")), "-i", "-q", "-s", "1", stack.url(via="direct")], timeout=300)
-    assert done.returncode == 0, done.stderr
-
-
 def test_pgbench_prepared(sidecar_factory: Factory, stack: DevStack, pgbench_tables: None) -> None:
     sidecar = sidecar_factory(max_size=3)
     pgbench = str(find_pg_binary("pgbench"))
@@ -471,7 +457,7 @@ def test_pgbench_prepared(sidecar_factory: Factory, stack: DevStack, pgbench_tab
     # connection frees up; in TPC-B's open transactions that never happens with 50 clients on 3
     # connections, through any transaction pooler (PgBouncer 1.21+ included).
     argv = [pgbench, "-n", "-S", "-M", "prepared", "-c", str(CLIENTS), "-j", "2", "-t", "40"]
-    done = _run([*argv, sidecar.url()])
+    done = run([*argv, sidecar.url()])
     assert done.returncode == 0, done.stderr
     assert f"number of transactions actually processed: {CLIENTS * 40}/{CLIENTS * 40}" in done.stdout
     assert "number of failed transactions: 0" in done.stdout
@@ -481,7 +467,7 @@ def test_pgbench_prepared(sidecar_factory: Factory, stack: DevStack, pgbench_tab
     # Through PgBouncer 1.18 every client prepares P_0 on whichever of the 3 server sessions it gets:
     # all but (at most) 3 of the 50 find it there already; a client whose Bind lands on a session
     # without it is aborted ("does not exist") when it comes first there.
-    failed = _run([*argv, stack.url(via="pgbouncer", sslmode="disable")])
+    failed = run([*argv, stack.url(via="pgbouncer", sslmode="disable")])
     assert failed.stderr.count('ERROR:  prepared statement "P_0" already exists') >= CLIENTS - 3
 
 
