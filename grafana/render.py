@@ -428,6 +428,13 @@ def sidecar_dashboard() -> dict[str, Any]:
             ],
         ),
         _panel(
+            "Pipelined requests/s",
+            "Requests written to a busy server connection behind another client's (pipeline_depth) instead of "
+            "waiting for it. Near the transaction rate when every server connection is busy.",
+            "ops",
+            [(_rate("poolkit_sidecar_pipelined_requests_total", "pool"), "{{pool}} pipelined")],
+        ),
+        _panel(
             "Pinned clients",
             "Clients holding a server connection outside a transaction (session state such as LISTEN or a "
             "session-level SET), by reason. Each pins one of the max_size connections.",
