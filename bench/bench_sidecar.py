@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from poolkit.devstack import DevStack, find_pg_binary
+from poolkit.devstack import DevStack, find_pg_binary, free_port
 
 WORKLOADS = [
     ("-S -c 10", ["-S", "-c", "10"]),
@@ -42,12 +42,6 @@ PREPARED_WORKLOADS = [
     ("-S -c 50", ["-S", "-c", "50"]),
 ]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pgbench(url: str, args: list[str], seconds: int, mode: str = "simple") -> float:

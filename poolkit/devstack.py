@@ -197,7 +197,7 @@ def _has_ipv6_loopback() -> bool:
     return True
 
 
-def _free_port(*, ipv6: bool) -> int:
+def free_port(*, ipv6: bool = False) -> int:
     """A port free on 127.0.0.1 (and ::1 when used); the caller retries if it is taken meanwhile."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -423,7 +423,7 @@ class PgBouncerHandle:
         attempts = 1 if self._fixed_port else 5
         for attempt in range(attempts):
             if not self._fixed_port:
-                self.port = _free_port(ipv6=False)
+                self.port = free_port(ipv6=False)
             _write(self.config_file, self._config())
             _write(self.auth_file, self._userlist())
             stack._run_as.chown(self.config_file, self.auth_file)
@@ -1071,7 +1071,7 @@ class DevStack:
         attempts = 1 if self._fixed_pg_port else 5
         for attempt in range(attempts):
             if not self._fixed_pg_port:
-                self.pg_port = _free_port(ipv6=self.ipv6)
+                self.pg_port = free_port(ipv6=self.ipv6)
             self._write_pg_conf()
             try:
                 self._pg_ctl("start")

@@ -25,7 +25,7 @@ from poolkit.detect import Mode
 from poolkit.dsn import Dsn
 from poolkit.errors import ConnectError, ConnectTimeout, PoolClosed
 from poolkit.observe import Observer, Recorder
-from poolkit.pool_base import PoolBase, Route, SessionGuard
+from poolkit.pool_base import PoolBase, Route, SessionGuard, psycopg_pool_options
 from poolkit.settings import Settings
 from poolkit.state import get_state
 from poolkit.translate import translate_connect_error, translate_query_error
@@ -308,19 +308,11 @@ class _Binding:
             )
         else:
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                conninfo="",
                 kwargs=o.psycopg_connect_kwargs(),
                 connection_class=o.psycopg_connection_class(),
-                min_size=o.settings.min_size,
-                max_size=o.max_size,
-                open=False,
-                name=o.name,
-                timeout=o.settings.acquire_timeout,
-                max_idle=o.settings.idle_timeout,
-                max_lifetime=o.settings.max_lifetime,
-                reconnect_timeout=max(o.settings.connect_timeout * 3, 30.0),
                 configure=self._psycopg_configure,
                 check=_check_if_suspect,
+                **psycopg_pool_options(o.settings, max_size=o.max_size, name=o.name),
             )
             await pool.open(wait=o.settings.min_size > 0, timeout=o.settings.connect_timeout)
             self.driver_pool = pool

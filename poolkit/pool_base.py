@@ -88,6 +88,24 @@ class SessionGuard:
         return False
 
 
+def psycopg_pool_options(settings: Settings, *, max_size: int, name: str) -> dict[str, Any]:
+    """psycopg_pool's sizing, naming and timing arguments, the same for the async and the sync pool.
+
+    ``open=False``: poolkit opens it itself, waiting only when ``min_size`` asks for connections.
+    """
+    return {
+        "conninfo": "",
+        "min_size": settings.min_size,
+        "max_size": max_size,
+        "open": False,
+        "name": name,
+        "timeout": settings.acquire_timeout,
+        "max_idle": settings.idle_timeout,
+        "max_lifetime": settings.max_lifetime,
+        "reconnect_timeout": max(settings.connect_timeout * 3, 30.0),
+    }
+
+
 def exhaustion_hint(max_size: int, profile: str) -> str:
     if profile == "serverless":
         return (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,11 +97,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_sizes(self) -> Settings:
         if self.max_size < 1:
-            raise _field_error("max_size", "must be at least 1")
+            raise FieldError("max_size", "must be at least 1")
         if self.min_size < 0 or self.min_size > self.max_size:
-            raise _field_error("min_size", f"must be between 0 and max_size ({self.max_size})")
+            raise FieldError("min_size", f"must be between 0 and max_size ({self.max_size})")
         if self.profile == "serverless" and self.max_size > SERVERLESS_MAX_SIZE:
-            raise _field_error(
+            raise FieldError(
                 "max_size",
                 f"{self.max_size} is above the serverless range 1-{SERVERLESS_MAX_SIZE}. Every serverless instance "
                 f"opens its own pool, so 100 instances x {self.max_size} = {100 * self.max_size} connections, "
@@ -108,9 +109,7 @@ class Settings(BaseSettings):
                 "profile='server' (POOLKIT_PROFILE=server) for a long-lived process that owns its budget",
             )
         if self.sslmode in ("verify-ca", "verify-full") and self.sslrootcert is None:
-            raise _field_error(
-                "sslrootcert", f"sslmode={self.sslmode} needs the CA certificate: set POOLKIT_SSLROOTCERT"
-            )
+            raise FieldError("sslrootcert", f"sslmode={self.sslmode} needs the CA certificate: set POOLKIT_SSLROOTCERT")
         for field in ("pooled_url", "direct_url"):
             secret: SecretStr | None = getattr(self, field)
             if secret is not None:
@@ -121,7 +120,7 @@ class Settings(BaseSettings):
     def _check_tls(self, dsn: Dsn, field: str) -> None:
         problem = url_tls_problem(dsn, sslmode=self.sslmode, rootcert_configured=self.sslrootcert is not None)
         if problem is not None:
-            raise _field_error(field, problem)
+            raise FieldError(field, problem)
 
     # -- derived values ---------------------------------------------------------------------------------------
 
@@ -148,36 +147,57 @@ class Settings(BaseSettings):
         return tuple(v.get_secret_value() if isinstance(v, SecretStr) else v for v in self.model_dump().values())
 
     def __repr_args__(self) -> Any:
-        # SecretStr already hides the URLs; show the host so a repr is still useful for debugging.
-        for name, value in super().__repr_args__():
-            if name in ("pooled_url", "direct_url") and isinstance(value, SecretStr):
-                yield name, Dsn.parse(value.get_secret_value()).redacted()
-            else:
-                yield name, value
+        return redacted_repr_args(super().__repr_args__())
 
 
-class _FieldError(ValueError):
+# ---------------------------------------------------------------- shared with poolkit/sidecar/config.py
+
+
+def redacted_repr_args(args: Iterable[tuple[str | None, Any]]) -> Iterator[tuple[str | None, Any]]:
+    """A settings model's repr arguments with its URLs shown redacted (host kept, password hidden).
+
+    SecretStr already hides them; showing the host keeps a repr useful for debugging.
+    """
+    for name, value in args:
+        if name in ("pooled_url", "direct_url") and isinstance(value, SecretStr):
+            yield name, Dsn.parse(value.get_secret_value()).redacted()
+        else:
+            yield name, value
+
+
+class FieldError(ValueError):
+    """A validator's error about a setting other than the one pydantic reports (a cross-field check)."""
+
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
 
 
-def _field_error(field: str, message: str) -> _FieldError:
-    return _FieldError(field, message)
-
-
-def _env_label(field: str) -> str:
-    """How to name a field in a message: the env variable that set it, or the keyword."""
-    if field == "pooled_url":
-        names: tuple[str, ...] = POOLED_URL_ENV
-    elif field == "direct_url":
-        names = DIRECT_URL_ENV
-    else:
-        names = (f"POOLKIT_{field.upper()}",)
+def env_label(field: str, names: tuple[str, ...]) -> str:
+    """How to name a setting in a message: the env variable (of ``names``) that set it, or the first one."""
     for name in names:
         if os.environ.get(name):
             return f"{name} ({field})"
     return f"{field} (env {names[0]})"
+
+
+def error_parts(err: Mapping[str, Any]) -> tuple[str, str] | str:
+    """One pydantic error as (setting, message), or a finished message when a ConfigError (a URL) explains it."""
+    inner = (err.get("ctx") or {}).get("error")
+    if isinstance(inner, FieldError):
+        return inner.field, str(inner)
+    if isinstance(inner, ConfigError):
+        return str(inner)
+    loc = err.get("loc") or ()
+    return (str(loc[0]) if loc else "settings"), str(err["msg"]).removeprefix("Value error, ")
+
+
+def _env_label(field: str) -> str:
+    if field == "pooled_url":
+        return env_label(field, POOLED_URL_ENV)
+    if field == "direct_url":
+        return env_label(field, DIRECT_URL_ENV)
+    return env_label(field, (f"POOLKIT_{field.upper()}",))
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -201,17 +221,11 @@ def load_settings(**overrides: Any) -> Settings:
 def _explain(exc: ValidationError, overrides: dict[str, Any]) -> str:
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
-        ctx = err.get("ctx") or {}
-        inner = ctx.get("error")
-        if isinstance(inner, _FieldError):
-            field, msg = inner.field, str(inner)
-        elif isinstance(inner, ConfigError):
-            field, msg = (str(err["loc"][0]) if err["loc"] else "settings"), str(inner)
-            lines.append(msg)
+        parts = error_parts(err)
+        if isinstance(parts, str):
+            lines.append(parts)
             continue
-        else:
-            field = str(err["loc"][0]) if err["loc"] else "settings"
-            msg = err["msg"].removeprefix("Value error, ")
+        field, msg = parts
         if field in Settings.model_fields:
             label = f"{field} (keyword argument)" if field in overrides else _env_label(field)
         else:

@@ -15,7 +15,7 @@ from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
 from poolkit.errors import ConnectTimeout, PoolClosed
 from poolkit.observe import Observer, Recorder
 from poolkit.pool import _neutralise_fd, _sql, socket_has_data
-from poolkit.pool_base import PoolBase, Route, SessionGuard
+from poolkit.pool_base import PoolBase, Route, SessionGuard, psycopg_pool_options
 from poolkit.settings import Settings
 from poolkit.state import get_state
 from poolkit.translate import translate_connect_error, translate_query_error
@@ -171,18 +171,10 @@ class SyncPool(PoolBase):
                     },
                 )
                 new: ConnectionPool[Any] = ConnectionPool(
-                    conninfo="",
                     kwargs=self._connect_kwargs(),
                     connection_class=cls,
-                    min_size=self.settings.min_size,
-                    max_size=self.max_size,
-                    open=False,
-                    name=self.name,
-                    timeout=self.settings.acquire_timeout,
-                    max_idle=self.settings.idle_timeout,
-                    max_lifetime=self.settings.max_lifetime,
-                    reconnect_timeout=max(self.settings.connect_timeout * 3, 30.0),
                     check=_check_if_suspect,
+                    **psycopg_pool_options(self.settings, max_size=self.max_size, name=self.name),
                 )
                 new.open(wait=self.settings.min_size > 0, timeout=self.settings.connect_timeout)
                 self._pool = new

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,8 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from poolkit.devstack import free_port
 
 PROMETHEUS_INSTALL = "apt-get install -y prometheus"
 
@@ -64,13 +65,6 @@ async def ascrape(url: str) -> Samples:
         response = await client.get(url)
     response.raise_for_status()
     return Samples(response.text)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def find_prometheus() -> str:

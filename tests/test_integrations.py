@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,10 @@ import httpx
 import pytest
 
 from poolkit import ConfigError
-from poolkit.devstack import DevStack
+from poolkit.devstack import DevStack, free_port
 from poolkit.integrations.django import databases
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bouncer_clients(stack: DevStack, application_name: str) -> int:

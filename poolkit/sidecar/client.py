@@ -308,10 +308,13 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------- relay: queue, attach, release
 
     def _queue(self, data: bytes) -> None:
-        effect = route = NOTHING
+        self._enqueue(data, *self._new_effects(data))
+
+    def _new_effects(self, data: bytes) -> tuple[Effect, Effect]:
+        """The session effect and route of SQL this chunk brings (none when it brings no new SQL)."""
         if self.scanner.sql_chunk is not self.sql_seen or self.tap is not None:
-            effect, route = self._chunk_effect(data)
-        self._enqueue(data, effect, route)
+            return self._chunk_effect(data)
+        return NOTHING, NOTHING
 
     def _enqueue(self, data: bytes, effect: Effect, route: Effect) -> None:
         if self.waiting or self.linking is not None:
@@ -541,9 +544,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _defer(self, data: bytes, syncs: int) -> None:
         """Hold what a client in a pipeline sends: it starts a new transaction once its answer is in."""
-        effect = route = NOTHING
-        if self.scanner.sql_chunk is not self.sql_seen or self.tap is not None:
-            effect, route = self._chunk_effect(data)
+        effect, route = self._new_effects(data)
         held = self.held_effects
         self.held_effects = (effect, route) if held is None else (held[0].then(effect), held[1].then(route))
         self.buffer.append(data)

@@ -21,7 +21,14 @@ from pydantic_settings import (
 from poolkit.detect import url_tls_problem
 from poolkit.dsn import Dsn
 from poolkit.errors import ConfigError
-from poolkit.settings import DIRECT_URL_ENV, POOLED_URL_ENV
+from poolkit.settings import (
+    DIRECT_URL_ENV,
+    POOLED_URL_ENV,
+    FieldError,
+    env_label,
+    error_parts,
+    redacted_repr_args,
+)
 from poolkit.sidecar.protocol import PG_MAX_MESSAGE_SIZE
 
 ENV_PREFIX = "POOLKIT_SIDECAR_"
@@ -240,7 +247,7 @@ class SidecarSettings(BaseSettings):
     @model_validator(mode="after")
     def _check_combination(self) -> SidecarSettings:
         if self.pooled_url is None and self.direct_url is None:
-            raise _FieldError(
+            raise FieldError(
                 "pooled_url",
                 "no upstream URL: set POOLKIT_POOLED_URL (or DATABASE_URL) to the database the sidecar "
                 "forwards to; `poolkit dev` starts a local stack and prints one",
@@ -251,20 +258,20 @@ class SidecarSettings(BaseSettings):
         for field, dsn in upstreams:
             problem = url_tls_problem(dsn, rootcert_configured=self.sslrootcert is not None)
             if problem is not None:
-                raise _FieldError(field, problem)
+                raise FieldError(field, problem)
         if self.effective_auth_type == "scram-sha-256" and not self.users and self.auth_file is None:
-            raise _FieldError(
+            raise FieldError(
                 "auth_type",
                 "is scram-sha-256 but no users are configured: set POOLKIT_SIDECAR_USERS "
                 '(JSON, e.g. {"app": "secret"}) or POOLKIT_SIDECAR_AUTH_FILE (PgBouncer userlist.txt)',
             )
         if self.effective_client_tls != "disable" and (self.tls_cert_file is None or self.tls_key_file is None):
-            raise _FieldError(
+            raise FieldError(
                 "client_tls",
                 f"is {self.client_tls} but tls_cert_file and tls_key_file are not both set",
             )
         if self.effective_auth_type == "trust" and not _is_loopback_host(self.listen_host):
-            raise _FieldError(
+            raise FieldError(
                 "auth_type",
                 "trust only applies to loopback and Unix-socket clients, but "
                 f"listen_host={self.listen_host!r} accepts remote ones: configure users (scram-sha-256) "
@@ -272,7 +279,7 @@ class SidecarSettings(BaseSettings):
             )
         for name in self.users:
             if not name or "\x00" in name:
-                raise _FieldError("users", "user names must be non-empty and contain no NUL")
+                raise FieldError("users", "user names must be non-empty and contain no NUL")
         return self
 
     # ------------------------------------------------------------- derived values
@@ -307,7 +314,7 @@ class SidecarSettings(BaseSettings):
     def direct_dsn(self) -> Dsn:
         """The direct URL (``direct_url``); only meaningful when it is set."""
         if self.direct_url is None:
-            raise _FieldError("direct_url", "is not set")
+            raise FieldError("direct_url", "is not set")
         return Dsn.parse(self.direct_url.get_secret_value(), setting=_env_label("direct_url"))
 
     def upstream_dsn(self) -> Dsn:
@@ -315,7 +322,7 @@ class SidecarSettings(BaseSettings):
         field = self.upstream_field()
         secret: SecretStr | None = getattr(self, field)
         if secret is None:
-            raise _FieldError(field, f"upstream={self.upstream} but {field} is not set")
+            raise FieldError(field, f"upstream={self.upstream} but {field} is not set")
         return Dsn.parse(secret.get_secret_value(), setting=_env_label(field))
 
     @property
@@ -323,11 +330,7 @@ class SidecarSettings(BaseSettings):
         return self.pool_name or self.upstream_dsn().database
 
     def __repr_args__(self) -> Any:
-        for name, value in super().__repr_args__():
-            if name in ("pooled_url", "direct_url") and isinstance(value, SecretStr):
-                yield name, Dsn.parse(value.get_secret_value()).redacted()
-            else:
-                yield name, value
+        return redacted_repr_args(super().__repr_args__())
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -337,12 +340,6 @@ def _is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class _FieldError(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def _env_names(field: str) -> tuple[str, ...]:
@@ -356,11 +353,7 @@ def _env_names(field: str) -> tuple[str, ...]:
 
 
 def _env_label(field: str) -> str:
-    names = _env_names(field)
-    for name in names:
-        if os.environ.get(name):
-            return f"{name} ({field})"
-    return f"{field} (env {names[0]})"
+    return env_label(field, _env_names(field))
 
 
 def load_sidecar_settings(config_file: Path | str | None = None, **overrides: Any) -> SidecarSettings:
@@ -401,15 +394,11 @@ def load_sidecar_settings(config_file: Path | str | None = None, **overrides: An
 def _explain(exc: ValidationError, overrides: dict[str, Any], file_keys: dict[str, Path]) -> str:
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
-        inner = (err.get("ctx") or {}).get("error")
-        if isinstance(inner, _FieldError):
-            field, msg = inner.field, str(inner)
-        elif isinstance(inner, ConfigError):
-            lines.append(str(inner))
+        parts = error_parts(err)
+        if isinstance(parts, str):
+            lines.append(parts)
             continue
-        else:
-            field = str(err["loc"][0]) if err["loc"] else "settings"
-            msg = err["msg"].removeprefix("Value error, ")
+        field, msg = parts
         if field in overrides:
             label = f"{field} (flag)"
         elif field in file_keys and not any(os.environ.get(name) for name in _env_names(field)):

@@ -177,19 +177,14 @@ class UpstreamPool:
     def follow_target(self, client: ClientConnection, now: float) -> ServerConnection | None:
         """A busy server ``client``'s request may queue on (pipelining), the least loaded; ``None`` if none may."""
         best: ServerConnection | None = None
-        key = client.wanted_key()
         depth = self.pipeline_depth
-        keys = client.follow_keys
         for server in self.servers:
             if (
-                server.shareable
-                and not server.statements.active
-                and len(server.followers) < depth
+                len(server.followers) < depth
                 and (best is None or len(server.followers) < len(best.followers))
-                and (keys is None or server.statements.renames_only(keys))
+                and server.can_queue(client)
                 and may_follow(
                     state=server.state,
-                    same_settings=server.session_key == key,
                     being_canceled=server in self.being_canceled,
                     current_generation=server.generation == self.generation,
                     writable=server.writable,
@@ -202,15 +197,8 @@ class UpstreamPool:
     def top_up(self, server: ServerConnection) -> None:
         """Queue waiting clients' pipelinable requests on ``server``, in their order, in one write."""
         waiters = self.waiters
-        if (
-            not waiters
-            or not server.shareable
-            or server.statements.active
-            or server in self.being_canceled
-            or self.draining
-        ):
+        if not waiters or not server.shareable or server in self.being_canceled or self.draining:
             return
-        key = server.session_key
         room = self.pipeline_depth - len(server.followers)
         taken: list[ClientConnection] = []
         while waiters and room > 0:
@@ -218,12 +206,7 @@ class UpstreamPool:
             if client.closed:
                 waiters.popleft()
                 continue
-            keys = client.follow_keys
-            if (
-                not client.follow_ok
-                or client.wanted_key() != key
-                or (keys is not None and not server.statements.renames_only(keys))
-            ):
+            if not client.follow_ok or not server.can_queue(client):
                 break  # first come, first served: nobody overtakes a client that needs a server of its own
             waiters.popleft()
             taken.append(client)

@@ -31,7 +31,6 @@ PIPELINE_WINDOW: Final = 0.005
 def may_follow(
     *,
     state: str,
-    same_settings: bool,
     being_canceled: bool,
     current_generation: bool,
     writable: bool,
@@ -39,18 +38,13 @@ def may_follow(
 ) -> bool:
     """May a client's pipelinable request queue on this busy server connection (pipeline_depth)?
 
-    The caller has checked that everything on it is pipelinable and that there is room. Its session
-    must already have the client's settings (nothing can be synced in between), no cancel may be on
+    The caller has checked that the request fits there (``ServerConnection.can_queue``: everything on
+    it pipelinable, the client's settings, its statements) and that there is room. No cancel may be on
     its way to it, it must not be retiring (reload) or blocked on writes, and what it runs now must
     have started within :data:`PIPELINE_WINDOW`.
     """
     return (
-        state == "active"
-        and same_settings
-        and not being_canceled
-        and current_generation
-        and writable
-        and running_for < PIPELINE_WINDOW
+        state == "active" and not being_canceled and current_generation and writable and running_for < PIPELINE_WINDOW
     )
 
 

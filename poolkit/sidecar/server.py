@@ -123,25 +123,45 @@ class ServerConnection(asyncio.Protocol):
         if self.statements.active:
             data = self.statements.responses(data)  # answers for rewritten requests (prepared.py)
         client.transport.write(data)
-        stats = self.pool.stats
-        stats.sent_bytes += len(data)
+        self.pool.stats.sent_bytes += len(data)
         if ready:
-            now = time.monotonic()
-            elapsed = now - self.query_started
-            self.query_started = now
-            self.last_ready = now
-            stats.queries += ready
-            stats.query_duration.observe(elapsed)
-            stats.query_time_total += elapsed
-            if elapsed >= self.pool.slow_query_seconds > 0:
-                self.pool.slow_query(client, elapsed)
-            client.pending -= ready
+            now = self._answered(client, ready)
             cscan = client.scanner
             # Positional: this runs once per transaction on the hot path.
             if should_release(self.scanner.status, client.pending, cscan.unsynced, cscan.at_boundary):
                 client.release_server(now)
 
+    def _answered(self, client: ClientConnection | None, ready: int) -> float:
+        """``ready`` ReadyForQuery reached ``client`` (``None``: nobody): count the queries; return now."""
+        now = time.monotonic()
+        elapsed = now - self.query_started
+        self.query_started = now
+        self.last_ready = now
+        stats = self.pool.stats
+        stats.queries += ready
+        stats.query_duration.observe(elapsed)
+        stats.query_time_total += elapsed
+        if client is not None:
+            client.pending -= ready
+            if elapsed >= self.pool.slow_query_seconds > 0:
+                self.pool.slow_query(client, elapsed)
+        return now
+
     # ------------------------------------------------------------- pipelining across clients
+
+    def can_queue(self, client: ClientConnection) -> bool:
+        """Could ``client``'s pipelinable request go behind what runs here, as it is (or only renamed)?
+
+        Everything here is pipelinable, nothing in its answers is to be rewritten, its session has the
+        client's settings, and it has every prepared statement the request binds.
+        """
+        keys = client.follow_keys
+        return (
+            self.shareable
+            and not self.statements.active
+            and self.session_key == client.wanted_key()
+            and (keys is None or self.statements.renames_only(keys))
+        )
 
     @property
     def writable(self) -> bool:
@@ -213,41 +233,29 @@ class ServerConnection(asyncio.Protocol):
 
     def _split(self, data: bytes) -> None:
         """Deliver a shared connection's answers: each ReadyForQuery ends one client's turn."""
-        stats = self.pool.stats
         start = 0
-        resume: list[ClientConnection] = []
+        resume: list[ClientConnection] = []  # clients done here with bytes held meanwhile (client._defer)
         for end in tuple(self.scanner.ends):
             owner = self.client
-            part = data[start:end]
+            if owner is not None:
+                self._deliver(owner, data[start:end])
             start = end
-            if owner is not None:
-                self._deliver(owner, part)
-            now = time.monotonic()
-            elapsed = now - self.query_started
-            self.query_started = now
-            self.last_ready = now
-            stats.queries += 1
-            stats.query_duration.observe(elapsed)
-            stats.query_time_total += elapsed
-            if owner is not None:
-                owner.pending -= 1
-                if elapsed >= self.pool.slow_query_seconds > 0:
-                    self.pool.slow_query(owner, elapsed)
+            now = self._answered(owner, 1)
             if data[end - 1] != IDLE:
                 # Impossible for a pipelinable request; were it to happen, the requests behind it would
                 # run inside someone else's transaction: give up the connection and everyone on it.
                 log.warning("pipeline_left_transaction", pool=self.pool.name, server=self.describe())
                 self.abort("a pipelined request left a transaction open")
-                return
+                break
             if owner is not None and owner.held_answer is not None and self._retried(owner):
                 owner = None  # it is back in the line
             self._next_turn(owner, now, resume)
             if self.state == "closed":
-                return
-        if start < len(data):
-            owner = self.client
-            if owner is not None:
-                self._deliver(owner, data[start:] if start else data)
+                break
+        else:
+            if start < len(data) and self.client is not None:
+                self._deliver(self.client, data[start:] if start else data)
+        # Their transaction is over whatever became of this connection: what they held goes out now.
         for client in resume:
             client.resume_deferred()
 

@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from poolkit.devstack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = REPO / "grafana" / "dashboards"
@@ -59,14 +60,6 @@ def binary(name: str = "prometheus") -> str:
     if path is None:
         raise PrometheusError(f"`{name}` not found: {INSTALL_HINT}")
     return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def deploy_scrape_configs(targets: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:

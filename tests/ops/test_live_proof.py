@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sidecar.conftest import sidecar_argv, stop_child
 
 from poolkit.devstack import DevStack
 
@@ -57,8 +57,7 @@ class Sidecar:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.port = free_port()
         self.http_port = free_port()
-        argv = [sys.executable, "-m", "poolkit.sidecar", "--listen-port", str(self.port)]
-        argv += ["--http-port", str(self.http_port)]
+        argv = sidecar_argv(self.port, self.http_port)
         # A file, not a pipe: a full pipe would block the sidecar's logging mid-workload.
         self.log = log.open("w")
         self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, text=True)
@@ -72,15 +71,9 @@ class Sidecar:
 
     def stop(self) -> int:
         """SIGTERM (the image's STOPSIGNAL) and the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        code = stop_child(self.proc)
         self.log.close()
-        return self.proc.returncode
+        return code
 
 
 def read_json_line(proc: subprocess.Popen[str], key: str, log: Path) -> Any:

@@ -9,24 +9,18 @@ from __future__ import annotations
 
 import os
 import resource
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import IO
 
-from poolkit.devstack import DevStack
+from sidecar.conftest import sidecar_argv, stop_child
+
+from poolkit.devstack import DevStack, free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _raise_fd_limit() -> None:
@@ -57,15 +51,7 @@ class ChildSidecar:
             }
         )
         env.update({f"POOLKIT_SIDECAR_{k.upper()}": str(v) for k, v in settings.items()})
-        argv = [
-            sys.executable,
-            "-m",
-            "poolkit.sidecar",
-            "--listen-port",
-            str(self.port),
-            "--http-port",
-            str(self.http_port),
-        ]
+        argv = sidecar_argv(self.port, self.http_port)
         self.lines: list[str] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
@@ -133,13 +119,7 @@ class ChildSidecar:
 
     def stop(self) -> int:
         """SIGTERM, then wait (kill after 30 s); return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_child(self.proc)
         for thread in self._drains:
             thread.join(timeout=10)
-        return self.proc.returncode
+        return code

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from poolkit.devstack import DevStack, find_pg_binary
+from poolkit.devstack import DevStack, find_pg_binary, free_port
 from poolkit.dsn import Dsn
 from poolkit.sidecar.app import Sidecar
 from poolkit.sidecar.config import SidecarSettings, load_sidecar_settings
@@ -151,10 +151,22 @@ def sidecar(sidecar_factory: Callable[..., SidecarThread]) -> SidecarThread:
     return sidecar_factory()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def sidecar_argv(port: int, http_port: int, config_file: Path | None = None) -> list[str]:
+    """The command line of ``python -m poolkit.sidecar`` on these ports (the Dockerfile's entry point)."""
+    argv = [sys.executable, "-m", "poolkit.sidecar", "--listen-port", str(port), "--http-port", str(http_port)]
+    return [*argv, "--config", str(config_file)] if config_file is not None else argv
+
+
+def stop_child(proc: subprocess.Popen[str], timeout: float = 30) -> int:
+    """SIGTERM (the image's STOPSIGNAL), wait, kill if it hangs; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return proc.returncode
 
 
 class SidecarProcess:
@@ -163,17 +175,7 @@ class SidecarProcess:
     def __init__(self, env: dict[str, str], config_file: Path | None = None) -> None:
         self.port = free_port()
         self.http_port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "poolkit.sidecar",
-            "--listen-port",
-            str(self.port),
-            "--http-port",
-            str(self.http_port),
-        ]
-        if config_file is not None:
-            argv += ["--config", str(config_file)]
+        argv = sidecar_argv(self.port, self.http_port, config_file)
         self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -166,7 +166,6 @@ def test_login_retry_wait() -> None:
 def test_may_follow_only_a_fresh_request_on_a_usable_connection() -> None:
     ok = {
         "state": "active",
-        "same_settings": True,
         "being_canceled": False,
         "current_generation": True,
         "writable": True,
@@ -175,7 +174,6 @@ def test_may_follow_only_a_fresh_request_on_a_usable_connection() -> None:
     assert may_follow(**ok)  # type: ignore[arg-type]
     for name, bad in [
         ("state", "idle"),
-        ("same_settings", False),
         ("being_canceled", True),
         ("current_generation", False),
         ("writable", False),
