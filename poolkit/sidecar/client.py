@@ -102,6 +102,7 @@ class ClientConnection(asyncio.Protocol):
         "scanner",
         "secret_key",
         "server",
+        "shape",
         "sql_seen",
         "state",
         "statements",
@@ -180,6 +181,8 @@ class ClientConnection(asyncio.Protocol):
         self.follow_ok = False
         self.follow_keys: list[bytes] | None = None  # the statement keys its pipelinable request binds
         self.follow_binds: list[Bound] = []
+        # Its pipelinable request's shape (shapes.py), kept until its answer times it, only if it queued.
+        self.shape: bytes | None = None
         self.deferring = False
         self.deferred_syncs = 0
         self.request = b""
@@ -240,7 +243,7 @@ class ClientConnection(asyncio.Protocol):
                         server.assigned_at = now
                 self.pending += syncs
             server.shareable = False  # more than one eligible request: nobody may queue behind it
-            server.transport.write(data)  # type: ignore[union-attr]
+            server.write(data)
             return
         if scanner.named_at >= 0:
             self._named_queued()
@@ -359,7 +362,7 @@ class ClientConnection(asyncio.Protocol):
             pool.stats.routed[route.route] += 1
         now = time.monotonic()
         self.follow_ok = ok = self._pipelinable(data, effect, route)
-        if ok and not pool.idle and not pool.waiters:
+        if ok and not pool.waiters:
             target = pool.follow_target(self, now)
             if target is not None:
                 self.request_time = time.time()
@@ -504,6 +507,7 @@ class ClientConnection(asyncio.Protocol):
         """
         plain, self._plain_req = self._plain_req, False
         self.follow_keys = None
+        self.shape = None
         scanner = self.scanner
         if not (
             self.pending == 1
@@ -531,8 +535,13 @@ class ClientConnection(asyncio.Protocol):
                 keys.append(statement.key)
             self.follow_keys = keys
             self.follow_binds = bound
+            if len(keys) == 1:
+                self.shape = keys[0]
             return True
-        return plain and scanner.sql_chunk is data and scanner.named_at < 0
+        if plain and scanner.sql_chunk is data and scanner.named_at < 0:
+            self.shape = self.plain_template
+            return True
+        return False
 
     @staticmethod
     def _autocommit_statement(statement: Statement) -> bool:
@@ -658,10 +667,12 @@ class ClientConnection(asyncio.Protocol):
                     # the server's current ReadyForQuery count, first in its batch.
                     data = self._rewrite(server, data, (server.scanner.ready_total, 0))
             if data:
-                server.write(data)
+                server.send_soon(data)
         # Others may queue behind its request only if nothing in the server's answer is to be rewritten
         # (a Parse the sidecar added for it, say): _split forwards answers untouched.
         server.shareable = self.follow_ok and not server.statements.active
+        server.line_quick = server.shareable and server.pool.times.quick(self.shape)
+        self.shape = None  # its time to the answer includes the trip to the server: not a measure
 
     # ------------------------------------------------------------- named prepared statements (prepared.py)
 

@@ -24,6 +24,7 @@ from poolkit.sidecar.pooling import (
 from poolkit.sidecar.protocol import IDLE
 from poolkit.sidecar.server import ServerConnection
 from poolkit.sidecar.session import PIN_REASONS
+from poolkit.sidecar.shapes import RequestTimes
 from poolkit.sqlnorm import normalize
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class UpstreamPool:
         self.retry_at = 0.0  # no connect attempt before this (server_login_retry after a failure)
         self._retry_timer: asyncio.TimerHandle | None = None
         self.generation = 0
+        self.times = RequestTimes()  # which request shapes run quickly (pipelining joins only those)
         self.draining = False
         self.welcome: list[tuple[str, str]] | None = None
         self.last_error: str | None = None
@@ -178,6 +180,8 @@ class UpstreamPool:
         """A busy server ``client``'s request may queue on (pipelining), the least loaded; ``None`` if none may."""
         best: ServerConnection | None = None
         depth = self.pipeline_depth
+        idle = bool(self.idle)
+        quick = idle and self.times.quick(client.shape)
         for server in self.servers:
             if (
                 len(server.followers) < depth
@@ -189,6 +193,8 @@ class UpstreamPool:
                     current_generation=server.generation == self.generation,
                     writable=server.writable,
                     running_for=now - server.query_started,
+                    idle_elsewhere=idle,
+                    joins_quick_write=quick and server.line_quick and server.unsent,
                 )
             ):
                 best = server

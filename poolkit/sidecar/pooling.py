@@ -35,6 +35,8 @@ def may_follow(
     current_generation: bool,
     writable: bool,
     running_for: float,
+    idle_elsewhere: bool = False,
+    joins_quick_write: bool = False,
 ) -> bool:
     """May a client's pipelinable request queue on this busy server connection (pipeline_depth)?
 
@@ -42,7 +44,14 @@ def may_follow(
     it pipelinable, the client's settings, its statements) and that there is room. No cancel may be on
     its way to it, it must not be retiring (reload) or blocked on writes, and what it runs now must
     have started within :data:`PIPELINE_WINDOW`.
+
+    While another server connection is idle (``idle_elsewhere``) a request queues only where that
+    costs it next to nothing and saves a system call and a server wake-up each (``joins_quick_write``):
+    it is known to be quick (shapes.py), and so is everything on this connection, whose write is still
+    being gathered in this turn of the event loop (requests that arrive together go out together).
     """
+    if idle_elsewhere and not joins_quick_write:
+        return False
     return (
         state == "active" and not being_canceled and current_generation and writable and running_for < PIPELINE_WINDOW
     )

@@ -83,8 +83,10 @@ class ServerConnection(asyncio.Protocol):
         self.write_paused = False
         self.shareable = False
         self.shared = False
+        self.line_quick = False  # every request on it since its client linked is of a quick shape
         self.followers: deque[ClientConnection | None] = deque()
         self._outbox: list[bytes] | None = None
+        self._loop = asyncio.get_running_loop()  # cached: the lookup costs a getpid() per call
         self.peer = ""
         self._reader = MessageReader(side="server", max_message_size=protocol.MAX_INSPECTED_SIZE)
         self._inbox: deque[tuple[bytes, bytes]] = deque()
@@ -142,6 +144,10 @@ class ServerConnection(asyncio.Protocol):
         stats.query_duration.observe(elapsed)
         stats.query_time_total += elapsed
         if client is not None:
+            shape = client.shape
+            if shape is not None:
+                client.shape = None
+                self.pool.times.observe(shape, elapsed)
             client.pending -= ready
             if elapsed >= self.pool.slow_query_seconds > 0:
                 self.pool.slow_query(client, elapsed)
@@ -164,6 +170,11 @@ class ServerConnection(asyncio.Protocol):
         )
 
     @property
+    def unsent(self) -> bool:
+        """Is a write being gathered for the end of this turn of the event loop (:meth:`send_soon`)?"""
+        return self._outbox is not None
+
+    @property
     def writable(self) -> bool:
         transport = self.transport
         return transport is not None and not transport.is_closing() and not self.write_paused
@@ -176,7 +187,10 @@ class ServerConnection(asyncio.Protocol):
             if owner is not None:
                 owner.deferring = True  # what it sends next must wait for the line (client._defer)
         requests: list[bytes] = []
+        quick = self.pool.times.quick
+        line_quick = self.line_quick
         for client in clients:
+            line_quick = line_quick and quick(client.shape)
             if data is None:
                 request = client.buffer[0] if len(client.buffer) == 1 else b"".join(client.buffer)
                 client.buffer = []
@@ -192,23 +206,32 @@ class ServerConnection(asyncio.Protocol):
             client.deferring = True
             self.followers.append(client)
             requests.append(client.request)
+        self.line_quick = line_quick
         self.pool.stats.pipelined_requests += len(clients)
         self._send_soon(requests)
 
+    def send_soon(self, request: bytes) -> None:
+        """Write ``request`` at the end of this turn of the event loop, with whatever else is queued here by then."""
+        self._send_soon([request])
+
     def _send_soon(self, requests: list[bytes]) -> None:
-        # Requests queued in one turn of the event loop (clients' reads come in batches) go out as one
-        # TLS record in one system call, which is what pipelining saves most on.
+        # Requests for one connection in one turn of the event loop (clients' reads come in batches:
+        # the request that takes an idle connection and those that queue behind it) go out as one TLS
+        # record in one system call, which is what pipelining saves most on. The turn ends after the
+        # other sockets ready now are read, so a lone request waits for nothing.
         outbox = self._outbox
         if outbox is None:
             self._outbox = requests
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         else:
             outbox.extend(requests)
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, None
         if outbox:
-            self.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
 
     def forget(self, client: ClientConnection) -> None:
         """``client`` left while its request is in the line: its answer will be dropped."""
@@ -358,6 +381,11 @@ class ServerConnection(asyncio.Protocol):
             client.statements.clear()
 
     def write(self, data: bytes) -> None:
+        """Write ``data`` now, or behind what :meth:`send_soon` queued this turn (order is the protocol)."""
+        outbox = self._outbox
+        if outbox is not None:
+            outbox.append(data)
+            return
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
@@ -366,6 +394,7 @@ class ServerConnection(asyncio.Protocol):
         """Close the connection politely (Terminate) and remember why."""
         if not self.close_reason:
             self.close_reason = reason
+        self._flush()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if self.relay and self.scanner.at_boundary:
@@ -406,7 +435,7 @@ class ServerConnection(asyncio.Protocol):
                 if isinstance(self._lost, ProtocolError):
                     raise self._lost
                 raise ConnectionResetError("the upstream closed the connection")
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:

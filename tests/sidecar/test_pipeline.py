@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -673,3 +675,95 @@ async def test_named_prepared_statements_queue_once_the_server_has_them(sidecar_
         assert got == [(i * 1000 + j) * 3 for j in range(queries)], f"client {i}"
     assert counter(sidecar, "pipelined_requests") > 0
     assert len(server_pids(sidecar)) == 1
+
+
+# ---------------------------------------------------------------- 9. requests that arrive together
+
+
+@contextlib.asynccontextmanager
+async def one_turn(sidecar: SidecarThread, count: int) -> AsyncIterator[None]:
+    """Hold the sidecar's event loop still while the body sends; it resumes once ``count`` client sockets
+    have bytes to read, so that one turn of the loop reads every request (no timing involved)."""
+    assert sidecar.loop is not None
+    entered, release = threading.Event(), threading.Event()
+    ready: list[int] = []
+
+    def hold() -> None:  # runs on the sidecar's loop
+        entered.set()
+        release.wait(WAIT)
+        sockets = [c.transport.get_extra_info("socket") for c in list(sidecar.app.connections)]  # type: ignore[union-attr]
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            readable = select.select(sockets, [], [], 0.01)[0]
+            if len(readable) >= count:
+                break
+        ready.append(len(readable))
+
+    sidecar.loop.call_soon_threadsafe(hold)
+    assert await asyncio.to_thread(entered.wait, WAIT), "the sidecar's loop never ran the hold"
+    try:
+        yield
+    finally:
+        release.set()
+    await eventually(lambda: bool(ready), "the sidecar's loop to go on")
+    assert ready == [count], f"{ready[0]} client sockets were readable at once, not {count}"
+
+
+async def burst(sidecar: SidecarThread, stack: DevStack, clients: list[RawClient], sql: str) -> int:
+    """Every client sends ``sql`` in one turn of the sidecar's loop; how many backends ran it (pg_stat_activity).
+
+    ``sql`` ends in a number unique to the burst: its shape (shapes.py) is the same from burst to burst.
+    """
+    async with one_turn(sidecar, len(clients)):
+        for client in clients:
+            client.send(sql)
+    for client in clients:
+        got, status = await asyncio.wait_for(client.answer(), WAIT)
+        assert status == "I" and got[-1] == "SELECT 1", got
+    async with await psycopg.AsyncConnection.connect(stack.direct_url, autocommit=True) as check:
+        return int(await value(check, "SELECT count(*) FROM pg_stat_activity WHERE query = %s", sql))
+
+
+def quick(sidecar: SidecarThread, shape: str) -> bool:
+    return sidecar.call(lambda app: app.pool.times.quick(shape.encode()))
+
+
+async def test_quick_requests_that_arrive_together_share_one_server_connection(
+    sidecar_factory: Factory, stack: DevStack
+) -> None:
+    """While other server connections are idle, requests that arrive in one turn share one write (one
+    backend) only if their statement is known to run quickly; slow or unknown ones each take a connection."""
+    sidecar = sidecar_factory(max_size=3)
+    clients = [await RawClient.connect(sidecar) for _ in range(6)]
+    for client in clients[:3]:  # three transactions at once: three server connections
+        client.send("BEGIN")
+        assert await asyncio.wait_for(client.answer(), WAIT) == (["BEGIN"], "T")
+    for client in clients[:3]:
+        client.send("COMMIT")
+        assert await asyncio.wait_for(client.answer(), WAIT) == (["COMMIT"], "I")
+    assert len(server_pids(sidecar)) == 3
+
+    fast, slow = "SELECT 1 AS burst_", "SELECT count(*) FROM generate_series(1, 200000) AS burst_"
+    bursts = iter(range(1, 1000))
+    # Unknown shapes spread over the idle connections; the three that find none queue behind, which
+    # times them (the gap between two answers on one connection is PostgreSQL's time, without the trip).
+    for shape in (fast, slow):
+        base = counter(sidecar, "pipelined_requests")
+        assert await burst(sidecar, stack, clients, f"{shape}{next(bursts)}") == 3, f"{shape}: unknown, yet queued"
+        assert counter(sidecar, "pipelined_requests") == base + 3
+    for _ in range(20):  # on a loaded machine one run may be slow: its shape is quick again after some more
+        if quick(sidecar, fast):
+            break
+        await burst(sidecar, stack, clients, f"{fast}{next(bursts)}")
+    assert quick(sidecar, fast)
+    assert not quick(sidecar, slow)
+
+    base = counter(sidecar, "pipelined_requests")
+    assert await burst(sidecar, stack, clients, f"{fast}{next(bursts)}") == 1, "quick requests did not share a write"
+    assert counter(sidecar, "pipelined_requests") == base + 5
+    # The same burst of a slow statement: nobody waits behind it while a connection is idle.
+    base = counter(sidecar, "pipelined_requests")
+    assert await burst(sidecar, stack, clients[:3], f"{slow}{next(bursts)}") == 3, "slow requests queued"
+    assert counter(sidecar, "pipelined_requests") == base
+    for client in clients:
+        await client.close()

@@ -180,3 +180,13 @@ def test_may_follow_only_a_fresh_request_on_a_usable_connection() -> None:
         ("running_for", 0.5),  # a query that has run this long may hold the line much longer
     ]:
         assert not may_follow(**{**ok, name: bad}), name  # type: ignore[arg-type]
+
+
+def test_while_a_connection_is_idle_only_a_quick_request_joins_a_quick_write_in_progress() -> None:
+    ok = {"state": "active", "being_canceled": False, "current_generation": True, "writable": True, "running_for": 0.0}
+    assert may_follow(**ok, idle_elsewhere=False)  # type: ignore[arg-type]
+    # Another connection is idle: queueing here must be worth it (quick request, quick line, one write).
+    assert not may_follow(**ok, idle_elsewhere=True, joins_quick_write=False)  # type: ignore[arg-type]
+    assert may_follow(**ok, idle_elsewhere=True, joins_quick_write=True)  # type: ignore[arg-type]
+    # ... and still only on a usable connection.
+    assert not may_follow(**{**ok, "writable": False}, idle_elsewhere=True, joins_quick_write=True)  # type: ignore[arg-type]
