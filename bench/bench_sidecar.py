@@ -1,16 +1,18 @@
 """Side-by-side pgbench: direct PostgreSQL vs PgBouncer vs the poolkit sidecar; plus idle-client memory.
 
 Usage: .venv/bin/python bench/bench_sidecar.py [--seconds 10] [--pool-size 3] [--idle-clients 5000]
-       [--only simple|prepared]
+       [--only simple|prepared] [--cold]
 
 The prepared case is what the sidecar's named prepared statements buy: pgbench -S -M prepared through
 the sidecar beside -S -M simple through PgBouncer (1.18 cannot run -M prepared in transaction mode).
 
 The sidecar runs twice: as configured by default, and with pipeline_depth=0 (no pipelining across
-clients), which shows what that feature adds. Every target gets the same upstream pool size;
-PgBouncer and the sidecar both reach PostgreSQL over TLS (sslmode=require) and authenticate clients
-with SCRAM; pgbench talks plain TCP to both poolers. Direct PostgreSQL only accepts TLS, so its
-numbers include TLS on every connection.
+clients), which shows what that feature adds. Before the tables every pooler runs a short -c 50 burst so
+that each has its whole pool open, the state a pool is in after any burst: with fewer connections open
+the sidecar puts a -c 10 load on one connection and is faster still (`--cold` measures that instead).
+Every target gets the same upstream pool size; PgBouncer and the sidecar both reach PostgreSQL over TLS
+(sslmode=require) and authenticate clients with SCRAM; pgbench talks plain TCP to both poolers. Direct
+PostgreSQL only accepts TLS, so its numbers include TLS on every connection.
 Machines are noisy: compare the columns of one run, never runs on different days.
 """
 
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from poolkit.devstack import DevStack, find_pg_binary, free_port
@@ -83,6 +86,14 @@ def start_sidecar(
     raise RuntimeError("the sidecar did not start")
 
 
+def server_connections(http_port: int) -> int:
+    """How many upstream connections the sidecar has open (its /metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.finditer(r"^poolkit_sidecar_servers\{[^}]*\} ([\d.e+]+)$", text, re.MULTILINE)
+    return round(sum(float(match.group(1)) for match in found))
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -131,6 +142,7 @@ def main() -> int:
     parser.add_argument("--pool-size", type=int, default=3)
     parser.add_argument("--idle-clients", type=int, default=5000)
     parser.add_argument("--only", choices=["simple", "prepared"], help="run one of the two tables only")
+    parser.add_argument("--cold", action="store_true", help="no warm-up burst: the poolers open connections as needed")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
@@ -160,6 +172,9 @@ def main() -> int:
                 "sidecar": f"postgresql://{credentials}@127.0.0.1:{port}/app?sslmode=disable",
                 "depth0": f"postgresql://{credentials}@127.0.0.1:{flat_port}/app?sslmode=disable",
             }
+            if not args.cold:
+                for target in ("pgbouncer", "sidecar", "depth0"):
+                    pgbench(targets[target], ["-S", "-c", "50"], 2)
             if args.only != "prepared":
                 print(f"pgbench -M simple -j 2 -T {args.seconds}; pool size {args.pool_size} for both poolers")
                 print("depth0: the sidecar with pipeline_depth=0 (no pipelining across clients)")
@@ -189,6 +204,8 @@ def main() -> int:
                         f"{name:<14}{bouncer_tps:>11.0f}{sidecar_tps:>14.0f}{flat_tps:>13.0f}"
                         f"{sidecar_tps / bouncer_tps:>8.2f}"
                     )
+            open_now = server_connections(http_port)
+            print(f"sidecar server connections open after the runs: {open_now} (pool size {args.pool_size})")
             if args.idle_clients:
                 before, after = idle_memory(sidecar.pid, port, stack.app_user, stack.app_password, args.idle_clients)
                 per = (after - before) / args.idle_clients
