@@ -75,6 +75,7 @@ class UpstreamPool:
         self._retry_timer: asyncio.TimerHandle | None = None
         self.generation = 0
         self.times = RequestTimes()  # which request shapes run quickly (pipelining joins only those)
+        self.gathering: set[ServerConnection] = set()  # servers whose write waits for the end of this loop turn
         self.draining = False
         self.welcome: list[tuple[str, str]] | None = None
         self.last_error: str | None = None
@@ -181,8 +182,13 @@ class UpstreamPool:
         best: ServerConnection | None = None
         depth = self.pipeline_depth
         idle = bool(self.idle)
-        quick = idle and self.times.quick(client.shape)
-        for server in self.servers:
+        candidates = self.servers
+        if idle:
+            # Only a quick request may join, and only a write still being gathered (pooling.may_follow).
+            if not self.gathering or not self.times.quick(client.shape):
+                return None
+            candidates = self.gathering
+        for server in candidates:
             if (
                 len(server.followers) < depth
                 and (best is None or len(server.followers) < len(best.followers))
@@ -194,7 +200,7 @@ class UpstreamPool:
                     writable=server.writable,
                     running_for=now - server.query_started,
                     idle_elsewhere=idle,
-                    joins_quick_write=quick and server.line_quick and server.unsent,
+                    joins_quick_write=server.line_quick and server.unsent,
                 )
             ):
                 best = server

@@ -222,12 +222,14 @@ class ServerConnection(asyncio.Protocol):
         outbox = self._outbox
         if outbox is None:
             self._outbox = requests
+            self.pool.gathering.add(self)
             self._loop.call_soon(self._flush)
         else:
             outbox.extend(requests)
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, None
+        self.pool.gathering.discard(self)
         if outbox:
             transport = self.transport
             if transport is not None and not transport.is_closing():
@@ -516,6 +518,7 @@ class ServerConnection(asyncio.Protocol):
             raise ConnectionResetError("the upstream connection is closed")
         self.statements.reset()
         self.relay = False
+        self._flush()  # whatever was written before goes first
         self.transport.write(protocol.query(sql))
         error: dict[str, str] | None = None
         while True:
