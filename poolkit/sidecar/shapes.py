@@ -21,7 +21,8 @@ def decayed_peak(previous: float, seconds: float) -> float:
 class RequestTimes:
     """Run time per request shape (a named statement's key, a plain statement's text without its
     trailing literal), measured only for requests that ran queued behind another: the gap between
-    two ReadyForQuery is then PostgreSQL's time for the request, without the network's.
+    two ReadyForQuery is then PostgreSQL's time for the request (more if it arrived after the one
+    before it had ended), without the network's round trip.
 
     Shapes are SQL text and never leave this object (no log, no metric). Bounded: the oldest shape
     is forgotten first.
