@@ -277,6 +277,7 @@ class UpstreamPool:
             self.being_canceled[server] = left
             return
         self.being_canceled.pop(server, None)
+        server.cancel_over()
         if server in self.held:
             self.held.discard(server)
             self.release(server, time.monotonic())

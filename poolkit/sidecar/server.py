@@ -86,6 +86,7 @@ class ServerConnection(asyncio.Protocol):
         self.line_quick = False  # every request on it since its client linked is of a quick shape
         self.followers: deque[ClientConnection | None] = deque()
         self._outbox: list[bytes] | None = None
+        self._after_cancel: list[bytes] = []  # retried requests, sent once the cancels in flight are done
         self._loop = asyncio.get_running_loop()  # cached: the lookup costs a getpid() per call
         self.peer = ""
         self._reader = MessageReader(side="server", max_message_size=protocol.MAX_INSPECTED_SIZE)
@@ -250,6 +251,7 @@ class ServerConnection(asyncio.Protocol):
         """The connection is gone: the clients still queued on it (each must be told)."""
         followers = [f for f in self.followers if f is not None]
         self.followers.clear()
+        self._after_cancel.clear()
         self.shared = False
         for follower in followers:
             follower.server = None
@@ -307,11 +309,23 @@ class ServerConnection(asyncio.Protocol):
             log.info("pipelined_request_retried", pool=self.pool.name, client=owner.describe())
             owner.pending += 1
             self.followers.append(owner)
-            self._send_soon([owner.request])
+            if self in self.pool.being_canceled:
+                # PostgreSQL signals a canceled backend twice (the process, then its process group); on
+                # a busy machine the second signal can land later and cancel the request sent again.
+                # Once the cancel connection has closed, both have been sent (cancel_over).
+                self._after_cancel.append(owner.request)
+            else:
+                self._send_soon([owner.request])
             return True
         owner.transport.write(answer)
         self.pool.stats.sent_bytes += len(answer)
         return False
+
+    def cancel_over(self) -> None:
+        """No cancel is on its way to this connection any more: send the requests that waited for that."""
+        if self._after_cancel:
+            requests, self._after_cancel = self._after_cancel, []
+            self._send_soon(requests)
 
     def _next_turn(self, done: ClientConnection | None, now: float, resume: list[ClientConnection]) -> None:
         """``done``'s answer is complete: the next request in line (or the pool) gets the connection."""
