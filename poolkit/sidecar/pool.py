@@ -200,7 +200,7 @@ class UpstreamPool:
                     writable=server.writable,
                     running_for=now - server.query_started,
                     idle_elsewhere=idle,
-                    joins_quick_write=server.line_quick and server.unsent,
+                    joins_quick_write=server.line_quick,  # candidates are the writes being gathered
                 )
             ):
                 best = server

@@ -171,11 +171,6 @@ class ServerConnection(asyncio.Protocol):
         )
 
     @property
-    def unsent(self) -> bool:
-        """Is a write being gathered for the end of this turn of the event loop (:meth:`send_soon`)?"""
-        return self._outbox is not None
-
-    @property
     def writable(self) -> bool:
         transport = self.transport
         return transport is not None and not transport.is_closing() and not self.write_paused

@@ -65,6 +65,14 @@ async def eventually(check: Callable[[], bool], what: str, timeout: float = WAIT
         await asyncio.sleep(0.01)
 
 
+async def eventually_async(read: Callable[[], Any], expected: Any, what: str, timeout: float = WAIT) -> None:
+    """Poll the coroutine ``read()`` until it returns ``expected``; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (got := await read()) != expected:
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what} (last: {got!r})"
+        await asyncio.sleep(0.01)
+
+
 def waiters(sidecar: SidecarThread) -> int:
     return sidecar.call(lambda app: len(app.pool.waiters))
 
@@ -765,5 +773,29 @@ async def test_quick_requests_that_arrive_together_share_one_server_connection(
     base = counter(sidecar, "pipelined_requests")
     assert await burst(sidecar, stack, clients[:3], f"{slow}{next(bursts)}") == 3, "slow requests queued"
     assert counter(sidecar, "pipelined_requests") == base
+
+    # Joining stays within one turn: a quick statement that turns slow (it waits for a lock) holds up
+    # nobody who arrives later while a connection is idle.
+    async with await psycopg.AsyncConnection.connect(stack.direct_url, autocommit=True) as setup:
+        await setup.execute("DROP TABLE IF EXISTS pipe_turn; CREATE TABLE pipe_turn (x int)")
+    locking = "SELECT count(*) FROM pipe_turn WHERE x > "
+    for _ in range(20):
+        if quick(sidecar, locking.rstrip()):
+            break
+        await burst(sidecar, stack, clients, f"{locking}{next(bursts)}")
+    assert quick(sidecar, locking.rstrip())
+    lock = await psycopg.AsyncConnection.connect(stack.direct_url)
+    try:
+        await lock.execute("LOCK TABLE pipe_turn IN ACCESS EXCLUSIVE MODE")
+        clients[0].send(f"{locking}{next(bursts)}")
+        async with await psycopg.AsyncConnection.connect(stack.direct_url, autocommit=True) as check:
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s"
+            await eventually_async(lambda: value(check, waiting, "%pipe_turn%"), 1, "the head to wait for the lock")
+        clients[1].send(f"{fast}{next(bursts)}")
+        got, status = await asyncio.wait_for(clients[1].answer(), WAIT)  # answered while the lock is held
+        assert status == "I" and got == ["1", "SELECT 1"], got
+    finally:
+        await lock.close()
+    assert (await asyncio.wait_for(clients[0].answer(), WAIT))[0] == ["0", "SELECT 1"]
     for client in clients:
         await client.close()
