@@ -143,6 +143,16 @@ def translate_connect_error(exc: BaseException, dsn: Dsn, *, connect_timeout: fl
     return ConnectError(f"cannot connect to {target}: {first}", reason="other")
 
 
+def fresh_copy(error: ConnectError) -> ConnectError:
+    """A new error equal to ``error``, to raise to a caller other than the code that first raised it.
+
+    psycopg_pool opens connections in a worker; poolkit remembers the error the worker hit and raises it to
+    the caller waiting for that connection. Raising the same object there would carry the worker's
+    traceback, and the caller's psycopg_pool PoolTimeout as its context, into the caller's traceback.
+    """
+    return type(error)(str(error), reason=error.reason)
+
+
 def is_connect_failure(exc: BaseException) -> bool:
     """True for errors raised while opening a connection (as opposed to running a query)."""
     if isinstance(exc, OSError | TimeoutError | ssl.SSLError):
