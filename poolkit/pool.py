@@ -459,6 +459,8 @@ class _Binding:
             try:
                 conn = await self.driver_pool.getconn(timeout=0.2)
             except PsycopgPoolTimeout:
+                conn = None
+            if conn is None:  # outside the except block: a connect error must not carry the PoolTimeout
                 conn = await self._getconn_slowly(perf_counter() - t0)
         except BaseException:
             sem.release()
