@@ -134,6 +134,14 @@ async def test_a_hook_for_the_other_driver_or_of_the_wrong_kind_is_refused(stack
         poolkit.load_settings(init=hook)
 
 
+async def test_a_hook_that_leaves_session_state_on_the_pooler_is_refused(stack_env: DevStack) -> None:
+    async def init(conn: Any) -> None:
+        await conn.execute("SET search_path TO public")
+
+    with pytest.raises(poolkit.SessionStateError, match="transaction pooler"):
+        await poolkit.create_pool(name="hooks-session", init=init)
+
+
 # ---------------------------------------------------------------- max_waiting
 
 
