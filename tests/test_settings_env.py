@@ -122,7 +122,12 @@ def test_known_names_come_from_the_models_and_the_readme() -> None:
     # Every field of the sidecar's model is known, whatever fields it grows.
     check_sidecar_env({f"POOLKIT_SIDECAR_{field.upper()}": "x" for field in SidecarSettings.model_fields})
     # Every POOLKIT_* name the README mentions is accepted by the check that reads it.
-    documented = set(re.findall(r"\bPOOLKIT_[A-Z0-9_]*[A-Z0-9]\b", README.read_text()))
+    # The README's examples of misspellings are refused; every other POOLKIT_* name it mentions is accepted.
+    misspelt = {"POOLKIT_MAXSIZE", "POOLKIT_POOLED_ULR", "POOLKIT_SIDECAR_MAXSIZE"}
+    for name in misspelt:
+        with pytest.raises(ConfigError, match=f"{name} is not a poolkit setting"):
+            check_sidecar_env({name: "x"})
+    documented = set(re.findall(r"\bPOOLKIT_[A-Z0-9_]*[A-Z0-9]\b", README.read_text())) - misspelt
     library = {name for name in documented if not name.startswith("POOLKIT_SIDECAR_")}
     sidecar = documented - library
     assert {"POOLKIT_MAX_SIZE", "POOLKIT_PG_BINDIR", "POOLKIT_MAX_WAITING"} <= library
