@@ -18,7 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from poolkit.detect import url_tls_problem
+from poolkit.detect import Mode, detect_mode, url_tls_problem
 from poolkit.dsn import Dsn
 from poolkit.errors import ConfigError
 from poolkit.settings import (
@@ -35,6 +35,7 @@ ENV_PREFIX = "POOLKIT_SIDECAR_"
 AuthType = Literal["auto", "scram-sha-256", "trust"]
 ClientTls = Literal["disable", "allow", "require"]
 Upstream = Literal["auto", "pooled", "direct"]
+UpstreamMode = Literal["auto", "session", "transaction"]
 
 # Settings that SIGHUP can change in place; the others need a restart.
 RELOADABLE = frozenset(
@@ -96,6 +97,11 @@ class SidecarSettings(BaseSettings):
     pooled_url: SecretStr | None = Field(None, validation_alias=AliasChoices("pooled_url", *POOLED_URL_ENV))
     direct_url: SecretStr | None = Field(None, validation_alias=AliasChoices("direct_url", *DIRECT_URL_ENV))
     upstream: Upstream = "auto"
+    # What the upstream keeps between transactions: "transaction" (a transaction pooler such as Supavisor
+    # or PgBouncer in transaction mode: each transaction may run on another backend) or "session".
+    # auto: the pooled URL is a transaction pooler unless it is Supabase's session pooler; the direct URL
+    # is a session (see upstream_pooling).
+    upstream_mode: UpstreamMode = "auto"
     sslrootcert: Path | None = Field(
         None, validation_alias=AliasChoices("sslrootcert", f"{ENV_PREFIX}SSLROOTCERT", "POOLKIT_SSLROOTCERT")
     )
@@ -305,6 +311,27 @@ class SidecarSettings(BaseSettings):
     def route(self) -> Literal["pooled", "direct"]:
         """Which configured URL the sidecar forwards to (a metric label)."""
         return "direct" if self.upstream_field() == "direct_url" else "pooled"
+
+    @property
+    def upstream_pooling(self) -> tuple[Literal["session", "transaction"], str]:
+        """Whether the upstream keeps sessions, and why the sidecar thinks so (logged at start)."""
+        if self.upstream_mode != "auto":
+            return self.upstream_mode, f"upstream_mode={self.upstream_mode}"
+        if self.route == "direct":
+            return "session", "the upstream is the direct URL"
+        found = detect_mode(self.upstream_dsn())
+        if found.mode is Mode.SESSION:
+            return "session", found.reason
+        # A pooled URL without markers is still the pooler it is named after: assuming a session there
+        # would break named statements and settings when transactions move between backends, while
+        # assuming a transaction pooler in front of a session costs only a re-prepare per transaction.
+        reason = found.reason if found.mode is Mode.TRANSACTION else "the pooled URL (no session-pooler markers)"
+        return "transaction", reason
+
+    @property
+    def transaction_pooler(self) -> bool:
+        """True when the upstream may run each transaction on a different backend."""
+        return self.upstream_pooling[0] == "transaction"
 
     @property
     def direct_route_enabled(self) -> bool:
