@@ -14,7 +14,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from poolkit.detect import Mode, detect_mode
 from poolkit.errors import ConfigError, SidecarError
 from poolkit.log import get_logger
 from poolkit.sidecar import admin, protocol
@@ -140,6 +139,8 @@ class Sidecar:
             unix_socket=self.unix_socket_path,
             metrics=f"http://{s.http_host}:{self.http_port}/metrics" if s.http_enabled else None,
             upstream=self.pool.dsn.redacted(),
+            upstream_mode=s.upstream_pooling[0],
+            upstream_mode_reason=s.upstream_pooling[1],
             pool=self.pool.name,
             max_size=self.pool.max_size,
             direct=direct.dsn.redacted() if direct is not None else None,
@@ -160,13 +161,13 @@ class Sidecar:
         # A transaction pooler upstream hands its backend to others after each transaction: pinning
         # a connection to it keeps no session state. Only a direct upstream can hold a pin.
         pool = self.pool
-        if pool.direct is None and pool.route == "pooled" and detect_mode(pool.dsn).mode is Mode.TRANSACTION:
+        if pool.direct is None and pool.transaction_pooler:
             log.warning(
-                "sidecar_pins_need_direct_url",
+                "sidecar_session_features_refused",
                 pool=pool.name,
-                detail="the upstream is a transaction pooler and direct_url is not set: clients using "
-                "session features (SET, LISTEN, advisory locks, ...) are pinned to a pooler connection, "
-                "which does not keep session state; set POOLKIT_DIRECT_URL",
+                detail="the upstream is a transaction pooler and direct_url is not set: statements that need "
+                "a session (SET of untracked settings, LISTEN, advisory locks, temporary tables, ...) are "
+                "refused; set POOLKIT_DIRECT_URL to run them on the direct URL",
             )
 
     async def wait_stopped(self) -> None:
