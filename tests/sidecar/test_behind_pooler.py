@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from poolkit.devstack import DevStack, find_pg_binary
 from poolkit.sidecar.prepared import SERVER_NAME_PREFIX, ClientStatements, ServerStatements
 from poolkit.sidecar.protocol import BackendScanner
+
 from .conftest import SidecarThread, run
 
 Factory = Callable[..., SidecarThread]
@@ -242,7 +243,7 @@ def test_settings_follow_each_client_through_the_pooler(
     so behind it the sidecar runs a client that sets it on the direct URL (and refuses it without one:
     test_session_features_through_the_pooler_need_the_direct_url).
     """
-    setup = through(stack, upstream.split("+")[0], direct=upstream.endswith("+direct"))
+    setup = through(stack, upstream.split("+", maxsplit=1)[0], direct=upstream.endswith("+direct"))
     with_interval = upstream != "pgbouncer"
     sidecars = [sidecar_factory(**setup, direct_max_size=8, max_pinned_clients=8) for _ in range(2)]
     zones = ["Asia/Tokyo", "America/New_York", "UTC", "Europe/Paris"]
@@ -310,7 +311,7 @@ def test_pipelining_copy_cancel_and_errors_through_the_pooler(stack: DevStack, s
             assert rows == [(str(n), f"row {n}") for n in range(1000)]
 
             # An error in the middle of a pipeline: what follows it is skipped, the session goes on.
-            with pytest.raises(psycopg.errors.DivisionByZero), conn.pipeline():
+            with pytest.raises(psycopg.errors.DivisionByZero), conn.pipeline():  # noqa: PT012 - the pipeline is the subject
                 first = conn.execute("SELECT %s::int + 1", (1,))
                 conn.execute("SELECT 1 / %s::int", (0,))
                 conn.execute("INSERT INTO behind_pooler_copy VALUES (-1, 'skipped')")
