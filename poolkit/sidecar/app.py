@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from poolkit.detect import SIDECAR_PARAMETER
 from poolkit.errors import ConfigError, SidecarError
 from poolkit.log import get_logger
 from poolkit.sidecar import admin, protocol
@@ -385,6 +386,9 @@ class Sidecar:
         body = b"".join(protocol.parameter_status(name, wanted.get(name.lower(), value)) for name, value in params)
         known = {name.lower() for name, _ in params}
         body += b"".join(protocol.parameter_status(name, value) for name, value in overrides if name not in known)
+        # Says "a poolkit sidecar answers here" to `poolkit check` and to anyone who asks (psql: \conninfo
+        # does not show it; libpq's PQparameterStatus does): named prepared statements are safe here.
+        body += protocol.parameter_status(SIDECAR_PARAMETER, self.settings.upstream_pooling[0])
         if len(self._welcome_cache) >= _WELCOME_CACHE_SIZE:
             self._welcome_cache.clear()
         self._welcome_cache[key] = body

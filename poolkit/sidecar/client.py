@@ -455,7 +455,7 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         reason = next(r for r in effect.pins if r in reasons)
         limit = pool.pin_limit
-        if pool.transaction_pooler and pool.direct is None:
+        if self._pins_nothing():
             # A pin to a transaction pooler's connection pins nothing: the next transaction may run on
             # another backend, without the state, and the state stays behind for someone else.
             log.warning("session_feature_refused", pool=pool.name, client=self.describe(), reason=reason)
@@ -472,6 +472,18 @@ class ClientConnection(asyncio.Protocol):
         pool.stats.pins[reason] += 1
         log.info("client_pinned", pool=pool.name, client=self.describe(), reason=reason)
         return True
+
+    def _pins_nothing(self) -> bool:
+        """Would a pin land on a transaction pooler's connection (which keeps no session)?"""
+        pool = self.pool
+        if not pool.transaction_pooler:
+            return False
+        if pool.direct is None:
+            return True
+        server = self.server or self.linking
+        if server is not None:
+            return server.pool is pool  # mid-transaction on the pooler: the state would stay behind there
+        return self.waiting and self in pool.waiters
 
     def _refuse(self, code: str, text: str, hint: str) -> None:
         """Answer a statement that must not run (with no server, the client goes on)."""

@@ -2,7 +2,8 @@
 
 A client's named statement lives on whichever server connection it gets next, so the sidecar keeps
 the statements per client (name -> the Parse body after the name: query text and parameter types,
-which is also the statement's key) and per server (an LRU of key -> server-side name ``poolkit_<n>``).
+which is also the statement's key) and per server (an LRU of key -> server-side name ``poolkit_<digest>``,
+a digest of the key, so a name left upstream by anyone always stands for the same SQL).
 Client messages are rewritten on their way out (:meth:`ClientStatements.rewrite`):
 
 * Parse(name): the server has the key -> nothing is sent and ParseComplete is synthesised;
@@ -26,7 +27,12 @@ response is synthesised for them.
 Hand-written because no library rewrites a live protocol stream; PgBouncer 1.21+ does the same job
 (``max_prepared_statements``) by tracking every request of a server. Known limit: what a client
 pipelines *behind* a batch that fails (or runs DISCARD ALL) is rewritten before that outcome is known,
-so a statement whose Parse failed there is still renamed (its error then names ``poolkit_<n>``).
+so a statement whose Parse failed there is still renamed (its error then names ``poolkit_<digest>``).
+
+Behind a transaction pooler (``ServerStatements.transaction``) each batch may run on another backend, so
+the server cache holds for one batch: a statement is prepared again in every batch that uses it. Every
+Parse the sidecar sends is preceded by a Close of its name (not an error when it does not exist), so it
+succeeds on whichever backend it lands, whatever an earlier batch or another sidecar left there.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ failure, the raw driver through PgBouncer shows it in the same test.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from poolkit.check import add_arguments
+from poolkit.check import run as run_check
 from poolkit.devstack import DevStack, find_pg_binary
 from poolkit.sidecar.prepared import SERVER_NAME_PREFIX, ClientStatements, ServerStatements
 from poolkit.sidecar.protocol import BackendScanner
@@ -232,6 +236,13 @@ def test_session_features_through_the_pooler_need_the_direct_url(stack: DevStack
         # Pinned to the direct pool: the same backend in every transaction.
         assert listener.execute("SELECT pg_backend_pid()").fetchone() == backend
 
+    # Inside a transaction that began on the pooler, a session feature cannot move: refused, not pinned there.
+    with psycopg.connect(routed.url()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="transaction pooler"):
+            conn.execute("LISTEN jobs")
+    assert routed.call(lambda app: sum(s.pool is app.pool for c in app.pool.pinned for s in [c.server] if s)) == 0
+
 
 @pytest.mark.parametrize("upstream", [*UPSTREAMS, "pgbouncer+direct"])
 def test_settings_follow_each_client_through_the_pooler(
@@ -329,3 +340,34 @@ def test_pipelining_copy_cancel_and_errors_through_the_pooler(stack: DevStack, s
                 assert other.execute("SELECT 7 * 6").fetchone() == (42,)
         finally:
             conn.execute("DROP TABLE behind_pooler_copy")
+
+
+def test_poolkit_check_recognises_the_sidecar(
+    stack: DevStack, sidecar_factory: Factory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a sidecar named statements are safe: `poolkit check` says so instead of "UNSAFE"."""
+    sidecar = sidecar_factory(**through(stack, "pgbouncer"))
+    with psycopg.connect(sidecar.url()) as conn:
+        assert conn.info.parameter_status("poolkit_sidecar") == "transaction"
+    for name in ("POOLKIT_POOLED_URL", "POOLKIT_DIRECT_URL", "DATABASE_URL", "POOLKIT_POOL_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("POOLKIT_DIRECT_URL", stack.url(via="direct", sslmode="verify-full"))
+    monkeypatch.setenv("POOLKIT_SSLROOTCERT", str(stack.ca_file))
+
+    def checked(url: str) -> dict[str, dict[str, Any]]:
+        monkeypatch.setenv("POOLKIT_POOLED_URL", url)
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        run_check(parser.parse_args(["--json"]))
+        results = json.loads(capsys.readouterr().out)
+        return {r["check"]: r for r in results if r["target"] == "pooled"}
+
+    # The failure without it: PgBouncer on a port with no marker is a transaction pooler poolkit would
+    # send named statements to.
+    raw = checked(stack.url(via="pgbouncer", sslmode="verify-full"))
+    assert raw["prepared statements"]["status"] == "fail"
+    assert "UNSAFE" in raw["prepared statements"]["detail"]
+
+    behind = checked(sidecar.url())
+    assert behind["behind"]["data"]["mode"] == "sidecar"
+    assert behind["prepared statements"]["status"] == "ok", behind["prepared statements"]
