@@ -108,7 +108,9 @@ class SidecarSettings(BaseSettings):
     pool_name: str | None = None
     application_name: str = "poolkit-sidecar"
 
-    max_size: int = 3
+    # None: 3 where the upstream keeps sessions (each connection is a database backend), 10 in front of a
+    # transaction pooler (see effective_max_size).
+    max_size: int | None = None
     max_client_conn: int = 10_000
     # The direct upstream beside a pooled one (introspection, DDL, pinned clients); see session.py.
     direct_max_size: int = 3
@@ -179,8 +181,8 @@ class SidecarSettings(BaseSettings):
 
     @field_validator("max_size", "max_client_conn", "direct_max_size")
     @classmethod
-    def _check_count(cls, value: int) -> int:
-        if value < 1:
+    def _check_count(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
             raise ValueError("must be at least 1")
         return value
 
@@ -327,6 +329,23 @@ class SidecarSettings(BaseSettings):
         # assuming a transaction pooler in front of a session costs only a re-prepare per transaction.
         reason = found.reason if found.mode is Mode.TRANSACTION else "the pooled URL (no session-pooler markers)"
         return "transaction", reason
+
+    @property
+    def effective_max_size(self) -> int:
+        """``max_size``, or its default for the upstream.
+
+        In front of a transaction pooler an upstream connection is one of the pooler's clients, not a
+        database backend: idle it holds nothing, and the pooler's own pool size bounds the backends. What
+        it does bound is how many of this sidecar's transactions run at once, and over a network a
+        multi-statement transaction holds its connection for several round trips (TPC-B at 1 ms one way
+        ran at a third of the app's own 10 connections with 3). Ten keeps that bound near a typical app's
+        own pool while a fleet of pods stays far below Supavisor's client limits; single-statement
+        traffic needs far fewer (pipelining across clients shares connections), and the pool opens
+        connections only as the load needs them.
+        """
+        if self.max_size is not None:
+            return self.max_size
+        return 10 if self.transaction_pooler else 3
 
     @property
     def transaction_pooler(self) -> bool:

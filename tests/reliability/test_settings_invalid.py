@@ -152,6 +152,7 @@ SIDECAR = [
     SidecarCase("pooled_url", f"{REMOTE}?sslmode=prefer", ("sslmode=require",)),
     SidecarCase("direct_url", f"mysql://app:{SECRET}@db.example.com/postgres", ("scheme 'mysql'", URL_SHAPE)),
     SidecarCase("upstream", "replica", ("'pooled'", "'direct'")),
+    SidecarCase("upstream_mode", "statement", ("'session'", "'transaction'")),
     SidecarCase("sslrootcert", "/nonexistent/ca.pem", ("no such file",)),
     SidecarCase("max_size", 0, ("at least 1",)),
     SidecarCase("max_client_conn", -5, ("at least 1",)),

@@ -371,3 +371,12 @@ def test_poolkit_check_recognises_the_sidecar(
     behind = checked(sidecar.url())
     assert behind["behind"]["data"]["mode"] == "sidecar"
     assert behind["prepared statements"]["status"] == "ok", behind["prepared statements"]
+
+
+@pytest.mark.parametrize(("upstream", "size"), [("pgbouncer", 10), ("postgres", 3)])
+def test_the_default_upstream_size_follows_the_upstream(
+    stack: DevStack, sidecar_factory: Factory, upstream: str, size: int
+) -> None:
+    sidecar = sidecar_factory(**through(stack, upstream), max_size=None)
+    assert sidecar.call(lambda app: (app.pool.max_size, app.pool.transaction_pooler)) == (size, upstream != "postgres")
+    assert sidecar_factory(**through(stack, upstream), max_size=2).call(lambda app: app.pool.max_size) == 2
