@@ -19,7 +19,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import psycopg
-from cryptography import x509
+
+# asn1crypto (pure Python, scramp's own dependency) reads the certificate's expiry: cryptography, which
+# trustme brings for `poolkit dev`, is not a runtime dependency.
+from asn1crypto import x509
 
 from poolkit import detect
 from poolkit.detect import Mode
@@ -207,8 +210,8 @@ class _Doctor:
         fix = ""
         status: Status = "ok"
         if der:
-            cert = x509.load_der_x509_certificate(der)
-            days = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).days
+            not_after: dt.datetime = x509.Certificate.load(der)["tbs_certificate"]["validity"]["not_after"].native
+            days = (not_after - dt.datetime.now(dt.UTC)).days
             data["certificate_days_left"] = days
             detail += f", certificate valid {days} more day(s)"
             if days < _CERT_WARN_DAYS:

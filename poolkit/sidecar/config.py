@@ -26,12 +26,17 @@ from poolkit.settings import (
     POOLED_URL_ENV,
     FieldError,
     env_label,
+    env_names,
     error_parts,
+    library_env_names,
     redacted_repr_args,
+    unknown_env_problems,
 )
 from poolkit.sidecar.protocol import PG_MAX_MESSAGE_SIZE
 
 ENV_PREFIX = "POOLKIT_SIDECAR_"
+# Read by `poolkit sidecar` itself (the config file's path), not by the settings model.
+CLI_ENV = frozenset({f"{ENV_PREFIX}CONFIG"})
 AuthType = Literal["auto", "scram-sha-256", "trust"]
 ClientTls = Literal["disable", "allow", "require"]
 Upstream = Literal["auto", "pooled", "direct"]
@@ -411,6 +416,7 @@ def load_sidecar_settings(config_file: Path | str | None = None, **overrides: An
     unknown = sorted(set(overrides) - set(SidecarSettings.model_fields))
     if unknown:
         raise ConfigError(f"unknown sidecar setting {unknown[0]!r}")
+    check_sidecar_env()
     cls: type[SidecarSettings] = SidecarSettings
     file_keys: dict[str, Path] = {}
     if config_file is not None:
@@ -435,6 +441,24 @@ def load_sidecar_settings(config_file: Path | str | None = None, **overrides: An
             f"invalid sidecar settings: {_env_label(field)}: is not valid JSON; "
             'give an object such as {"app": "password"}'
         ) from None
+
+
+def check_sidecar_env(environ: dict[str, str] | None = None) -> None:
+    """Raise ConfigError naming each unknown ``POOLKIT_SIDECAR_*`` variable, and each unknown ``POOLKIT_*`` one.
+
+    The known names come from the settings model's fields (and their env aliases), so a new setting is known
+    as soon as it exists. The sidecar reads the library's URL variables too (``POOLKIT_POOLED_URL``, ...),
+    whose misspellings would make it forward somewhere else without a word.
+    """
+    known = env_names(SidecarSettings, ENV_PREFIX) | CLI_ENV
+    problems = unknown_env_problems(known, prefix=ENV_PREFIX, environ=environ)
+    problems += unknown_env_problems(library_env_names(), prefix="POOLKIT_", skip_prefix=ENV_PREFIX, environ=environ)
+    if problems:
+        raise ConfigError(
+            "invalid sidecar settings: "
+            + "; ".join(problems)
+            + ". Rename or unset it: an unknown variable is never read (the README lists the sidecar's settings)"
+        )
 
 
 def _explain(exc: ValidationError, overrides: dict[str, Any], file_keys: dict[str, Path]) -> str:
