@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack, find_pg_binary
+from poolkit.devstack import DevStack, find_pg_binary, free_port
 
-from .conftest import SidecarProcess, SidecarThread, run
+from .conftest import REPO, SidecarProcess, SidecarThread, run
 
 Factory = Callable[..., SidecarThread]
 PSQL = str(find_pg_binary("psql"))
@@ -210,7 +214,9 @@ def test_kill_drops_clients_and_servers_and_pauses(sidecar_factory: Factory, sta
 # ------------------------------------------------------------------ RELOAD, SHUTDOWN, refusals
 
 
-def test_reload_applies_the_file_or_says_why_not(sidecar_process: Callable[..., SidecarProcess], tmp_path: Any) -> None:
+def test_reload_applies_the_file_or_says_why_not(
+    sidecar_process: Callable[..., SidecarProcess], tmp_path: Path
+) -> None:
     config = tmp_path / "sidecar.toml"
     config.write_text("max_size = 1\n")
     process = sidecar_process(config_file=config)
@@ -290,3 +296,62 @@ def test_wrong_password_through_a_pooler_is_an_auth_failure(sidecar_factory: Fac
     metrics = httpx.get(sidecar.metrics_url).text
     assert 'poolkit_sidecar_upstream_errors_total{kind="auth",pool="app"} 1.0' in metrics
     assert 'poolkit_sidecar_upstream_errors_total{kind="connect",pool="app"} 0.0' in metrics
+
+
+# ------------------------------------------------------------------ SHOW CONFIG after SIGHUP
+
+
+def start_sidecar(stack: DevStack, config: Path) -> subprocess.Popen[str]:
+    """``python -m poolkit.sidecar --config FILE`` with every port from the file (no flags override it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POOLKIT_") and k != "DATABASE_URL"}
+    env.update(
+        {
+            "POOLKIT_DIRECT_URL": stack.url(via="direct", sslmode="verify-full"),
+            "POOLKIT_SSLROOTCERT": str(stack.ca_file),
+            "POOLKIT_SIDECAR_UPSTREAM": "direct",
+        }
+    )
+    argv = [sys.executable, "-m", "poolkit.sidecar", "--config", str(config)]
+    return subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_show_config_shows_values_in_effect_and_what_waits_for_a_restart(stack: DevStack, tmp_path: Path) -> None:
+    port, new_port, http_port = free_port(), free_port(), free_port()
+    config = tmp_path / "sidecar.toml"
+    config.write_text(f"listen_port = {port}\nhttp_port = {http_port}\nmax_size = 1\n")
+    proc = start_sidecar(stack, config)
+    try:
+        until(lambda: proc.poll() is not None or accepts(port), "the sidecar to listen")
+        url = f"postgresql://app@127.0.0.1:{port}/poolkit?sslmode=disable"
+        rows = show(url, "CONFIG")
+        keys = [row["key"] for row in rows]
+        assert len(keys) == len(set(keys)), "a setting is shown twice"
+        config_now = {row["key"]: row for row in rows}
+        assert config_now["upstream"]["value"] == "direct"
+        assert config_now["direct_url"]["value"].startswith("postgresql://app:***@")
+        assert stack.app_password not in str(rows)
+        assert (config_now["listen_port"]["value"], config_now["listen_port"]["pending"]) == (str(port), "")
+        assert config_now["listen_port"]["changeable"] == "no"
+        assert (config_now["max_size"]["default"], config_now["max_size"]["changeable"]) == ("3", "yes")
+
+        config.write_text(f"listen_port = {new_port}\nhttp_port = {http_port}\nmax_size = 2\n")
+        proc.send_signal(signal.SIGHUP)
+        until(lambda: {r["key"]: r["value"] for r in show(url, "CONFIG")}["max_size"] == "2", "the reload")
+        after = {row["key"]: row for row in show(url, "CONFIG")}
+        # Still listening where it was: the new port is shown as waiting for a restart, not as in effect.
+        assert (after["listen_port"]["value"], after["listen_port"]["pending"]) == (str(port), str(new_port))
+        assert accepts(port)
+        assert not accepts(new_port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "reload_needs_restart" in stderr
