@@ -66,6 +66,7 @@ RELOADABLE = frozenset(
         "max_pinned_clients",
         "admin_users",
         "stats_users",
+        "pipeline_depth",  # UpstreamPool.configure reads it on every reload
     }
 )
 
