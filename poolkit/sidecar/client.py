@@ -41,6 +41,7 @@ from poolkit.sidecar.session import (
 )
 
 if TYPE_CHECKING:
+    from poolkit.sidecar.admin import Console
     from poolkit.sidecar.app import Sidecar
     from poolkit.sidecar.server import ServerConnection
 
@@ -78,6 +79,7 @@ class ClientConnection(asyncio.Protocol):
         "close_after_release",
         "closed",
         "connect_time",
+        "console",
         "database",
         "deferred_syncs",
         "deferring",
@@ -150,6 +152,7 @@ class ClientConnection(asyncio.Protocol):
         self.connect_time = time.time()
         self.request_time = self.connect_time
         self.admin = False
+        self.console: Console | None = None
         self._startup = StartupReader()
         self._reader: MessageReader | None = None
         self._exchange: ScramServerExchange | None = None
@@ -197,6 +200,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         app = self.app
+        self.process_id = app.next_process_id()  # from the first byte: refused logins are told apart in logs
         if not self.unix:
             peer = transport.get_extra_info("peername")
             if peer:
@@ -1040,6 +1044,15 @@ class ClientConnection(asyncio.Protocol):
                 "transactions or ALTER ROLE ... SET",
             )
             return
+        replication = params.get("replication", "").lower()
+        if replication and replication not in ("false", "off", "no", "0"):
+            self._login_failed(
+                "0A000",
+                f"replication connections (replication={replication}) are not relayed by the poolkit sidecar, "
+                "a transaction pooler: connect pg_basebackup, pg_receivewal and logical replication "
+                "clients to the direct URL (POOLKIT_DIRECT_URL)",
+            )
+            return
         self.admin = self.database == settings.admin_database
         if not self.admin and self.database != self.pool.dsn.database:
             self._login_failed(
@@ -1104,6 +1117,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _logged_in(self, auth_messages: bytes) -> None:
         app = self.app
+        if self.admin:
+            console = app.open_console(self)
+            if isinstance(console, str):
+                self._login_failed("28000", console)  # after the password check, as PgBouncer
+                return
+            self.console = console
         self.process_id, self.secret_key = app.register_cancel_key(self)
         if self.admin:
             self._reader = MessageReader(side="client", max_message_size=protocol.MAX_INSPECTED_SIZE)
@@ -1122,7 +1141,8 @@ class ClientConnection(asyncio.Protocol):
             welcome_params = await self.pool.ensure_welcome()
         except ConnectError as exc:
             self.pool.stats.client_logins["error"] += 1
-            self.fatal("08006", f"pool {self.pool.name!r} cannot reach its upstream: {exc}")
+            problem = "cannot log in to" if isinstance(exc, AuthenticationFailed) else "cannot reach"
+            self.fatal("08006", f"pool {self.pool.name!r} {problem} its upstream: {exc}")
             return
         if not self.closed:
             self._finish_login(auth_messages, welcome_params, READY)
@@ -1153,7 +1173,8 @@ class ClientConnection(asyncio.Protocol):
         if kind == b"X":
             self.transport.close()
         elif kind == b"Q":
-            self.transport.write(self.app.admin_query(protocol.parse_query(body)))
+            assert self.console is not None
+            self.console.query(protocol.parse_query(body))
         elif kind == b"S":
             self.transport.write(protocol.ready_for_query())
         elif kind in (b"P", b"B", b"D", b"E", b"C", b"H"):

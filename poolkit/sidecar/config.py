@@ -7,11 +7,12 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -69,6 +70,9 @@ RELOADABLE = frozenset(
         "max_client_conn",
         "direct_max_size",
         "max_pinned_clients",
+        "admin_users",
+        "stats_users",
+        "pipeline_depth",  # UpstreamPool.configure reads it on every reload
     }
 )
 
@@ -158,6 +162,11 @@ class SidecarSettings(BaseSettings):
     users: dict[str, SecretStr] = Field(default_factory=dict)
     auth_file: Path | None = None
     admin_database: str = "poolkit"
+    # Who may use the admin console (PgBouncer's names, comma-separated or a list). Unset admin_users
+    # means the upstream URL's role: the one user whose password the operator already holds, and who
+    # can do more than any console command upstream anyway. Everyone else is refused at login.
+    admin_users: Annotated[list[str] | None, NoDecode] = None
+    stats_users: Annotated[list[str], NoDecode] = Field(default_factory=list)
     client_tls: ClientTls | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -176,6 +185,26 @@ class SidecarSettings(BaseSettings):
         if cls.config_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
         return tuple(sources)
+
+    @field_validator("admin_users", "stats_users", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        # PgBouncer's format (and the only one an env variable can carry without JSON quoting).
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("admin_users", "stats_users")
+    @classmethod
+    def _check_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not name or "\x00" in name or len(name.encode()) > 63:
+                shown = f"{name[:20]!r}{'...' if len(name) > 20 else ''}"
+                raise ValueError(
+                    f"{shown} is no PostgreSQL role name (1 to 63 bytes, no NUL); "
+                    'give user names separated by commas, e.g. "admin, ops"'
+                )
+        return value
 
     @field_validator("listen_port", "http_port")
     @classmethod
