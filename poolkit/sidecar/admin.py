@@ -1,14 +1,21 @@
-"""The admin console on the virtual ``poolkit`` database: PgBouncer-style SHOW commands, plus PINS and ROUTES."""
+"""The admin console on the virtual ``poolkit`` database: PgBouncer's SHOW and control commands, who may run them."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from pydantic import SecretStr
+
+from poolkit.dsn import Dsn
+from poolkit.log import get_logger
 from poolkit.sidecar import protocol
+from poolkit.sidecar.client import ADMIN, READY
+from poolkit.sidecar.config import RELOADABLE, SidecarSettings
 from poolkit.sidecar.protocol import IDLE
 
 if TYPE_CHECKING:
@@ -18,6 +25,7 @@ if TYPE_CHECKING:
     from poolkit.sidecar.server import ServerConnection
 
 Rows = tuple[list[str], list[list[str | None]]]
+log = get_logger("sidecar")
 
 POOLS_COLUMNS = [
     "database",
@@ -272,14 +280,45 @@ def show_version(app: Sidecar) -> Rows:
     return ["version"], [[f"poolkit sidecar {__version__}"]]
 
 
+def _shown(app: Sidecar, name: str, value: object) -> str:
+    """A setting's value as SHOW CONFIG prints it: URLs redacted, user names without their passwords."""
+    if value is None:
+        return ""
+    if name in ("pooled_url", "direct_url"):
+        return Dsn.parse(str(value)).redacted() if value else ""
+    if name == "users" and isinstance(value, dict):
+        return ",".join(sorted(value))
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def show_config(app: Sidecar) -> Rows:
+    """Every setting as in effect now (``pending``: a value read by SIGHUP that waits for a restart)."""
+    settings = app.settings
     rows: list[list[str | None]] = []
-    for name, value in sorted(app.settings.model_dump().items()):
-        if name in ("pooled_url", "direct_url", "users"):
-            continue  # secrets; the upstream is shown redacted below
-        rows.append([name, "" if value is None else str(value)])
-    rows.append(["upstream", app.pool.dsn.redacted()])
-    return ["key", "value"], rows
+    for name, info in sorted(SidecarSettings.model_fields.items()):
+        value: object = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif name == "users":
+            value = dict(settings.users)
+        elif name == "admin_users":
+            value = admin_users(app)
+        default = info.get_default(call_default_factory=True)
+        pending = app.pending_restart.get(name)
+        rows.append(
+            [
+                name,
+                _shown(app, name, value),
+                "(the upstream URL's role)" if name == "admin_users" else _shown(app, name, default),
+                "yes" if name in RELOADABLE else "no",
+                "" if name not in app.pending_restart else _shown(app, name, pending),
+            ]
+        )
+    # What the pool actually forwards to (upstream=auto picks one of the two URLs).
+    rows.append(["upstream_url", app.pool.dsn.redacted(), "", "yes", ""])
+    return ["key", "value", "default", "changeable", "pending"], rows
 
 
 def show_routes(app: Sidecar) -> Rows:
@@ -293,34 +332,276 @@ def show_routes(app: Sidecar) -> Rows:
     return ["kind", "reason", "total", "pinned_now"], rows
 
 
+DATABASES_COLUMNS = [
+    "name",
+    "host",
+    "port",
+    "database",
+    "force_user",
+    "pool_size",
+    "min_pool_size",
+    "reserve_pool",
+    "pool_mode",
+    "max_connections",
+    "current_connections",
+    "paused",
+    "disabled",
+]
+
+
+def _pools(app: Sidecar) -> list[tuple[UpstreamPool, str]]:
+    """Each upstream pool with the name the console shows for it (clients connect to the first)."""
+    pool = app.pool
+    name = pool.dsn.database
+    pools = [(pool, name)]
+    if pool.direct is not None:
+        pools.append((pool.direct, f"{name}/direct"))
+    return pools
+
+
+def show_databases(app: Sidecar) -> Rows:
+    """The database clients connect to (and its direct route), then the admin console itself, as PgBouncer."""
+    rows: list[list[str | None]] = []
+    for pool, name in _pools(app):
+        size = app.settings.direct_max_size if pool.is_direct else app.settings.max_size
+        dsn = pool.dsn
+        rows.append(
+            [
+                name,
+                dsn.host,
+                str(dsn.port),
+                dsn.database,
+                "",
+                str(size),
+                "0",
+                "0",
+                "transaction",
+                "0",
+                str(len(pool.servers)),
+                "1" if app.paused else "0",
+                "0",
+            ]
+        )
+    console = app.settings.admin_database
+    rows.append([console, "", str(app.port), console, "", "0", "0", "0", "statement", "0", "0", "0", "0"])
+    return DATABASES_COLUMNS, rows
+
+
+def show_users(app: Sidecar) -> Rows:
+    """Users the sidecar knows: configured ones, admin and stats users, and any logged in now."""
+    names = set(app.users.names()) | set(admin_users(app)) | set(app.settings.stats_users)
+    names |= {c.user for c in app.connections if c.user and c.state in (READY, ADMIN)}
+    return ["name", "pool_mode"], [[name, ""] for name in sorted(names)]
+
+
+def show_lists(app: Sidecar) -> Rows:
+    """Counts of the sidecar's internal lists (PgBouncer's rows; the DNS ones are always 0 here)."""
+    pools = _pools(app)
+    logged_in = sum(1 for c in app.connections if c.state in (READY, ADMIN))
+    servers = sum(len(pool.servers) for pool, _ in pools)
+    idle = sum(len(pool.idle) for pool, _ in pools)
+    users = len(show_users(app)[1])
+    items = [
+        ("databases", len(pools) + 1),
+        ("users", users),
+        ("pools", len(pools)),
+        ("free_clients", 0),
+        ("used_clients", logged_in),
+        ("login_clients", len(app.connections) - logged_in),
+        ("free_servers", 0),
+        ("used_servers", servers),
+        ("idle_servers", idle),  # poolkit: of used_servers, those waiting for a client
+        ("dns_names", 0),
+        ("dns_zones", 0),
+        ("dns_queries", 0),
+        ("dns_pending", 0),
+    ]
+    return ["list", "items"], [[name, str(count)] for name, count in items]
+
+
 COMMANDS: dict[str, Callable[[Sidecar], Rows]] = {
     "pools": show_pools,
     "stats": show_stats,
     "clients": show_clients,
     "servers": show_servers,
+    "databases": show_databases,
+    "users": show_users,
+    "lists": show_lists,
     "pins": show_pins,
     "routes": show_routes,
     "version": show_version,
     "config": show_config,
 }
-_SHOW = re.compile(r"^\s*show\s+([a-z_]+)\s*;?\s*$", re.IGNORECASE)
+CONTROL = ("reload", "pause", "resume", "reconnect", "kill", "shutdown")
+HELP = "\n".join(
+    [
+        "\tSHOW HELP|" + "|".join(name.upper() for name in COMMANDS),
+        "\tRELOAD",
+        "\tPAUSE [<db>]",
+        "\tRESUME [<db>]",
+        "\tRECONNECT [<db>]",
+        "\tKILL <db>",
+        "\tSHUTDOWN",
+    ]
+)
+_COMMAND = re.compile(r"^\s*([a-z_]+)(?:\s+([^\s;]+))?\s*;?\s*$", re.IGNORECASE)
+# PAUSE waits for the pool's server connections to close; nothing signals the last one, so it polls.
+_PAUSE_POLL = 0.05
 
 
-def execute(app: Sidecar, sql: str) -> bytes:
-    """Answer one simple query on the admin console (always ends with ReadyForQuery)."""
-    if not sql.strip().rstrip(";").strip():
-        return protocol.empty_query_response() + protocol.ready_for_query()
-    match = _SHOW.match(sql)
-    command = COMMANDS.get(match.group(1).lower()) if match else None
-    if command is None:
-        known = ", ".join(f"SHOW {name.upper()}" for name in COMMANDS)
-        return (
-            protocol.error_response("42601", f"the poolkit admin console understands {known}")
-            + protocol.ready_for_query()
-        )
-    columns, rows = command(app)
+def admin_users(app: Sidecar) -> list[str]:
+    """``admin_users``, or when it is unset the upstream URL's role."""
+    configured = app.settings.admin_users
+    return list(configured) if configured is not None else [app.pool.dsn.user]
+
+
+def console_role(app: Sidecar, user: str) -> str | None:
+    """``"admin"`` (every command), ``"stats"`` (SHOW commands) or None (refused at login)."""
+    if user in admin_users(app):
+        return "admin"
+    if user in app.settings.stats_users:
+        return "stats"
+    return None
+
+
+def refusal(app: Sidecar, user: str) -> str:
+    """The login error of a user who is neither an admin nor a stats user."""
+    return (
+        f'user "{user}" may not use the admin console "{app.settings.admin_database}": add it to '
+        "admin_users (POOLKIT_SIDECAR_ADMIN_USERS) for every command, or to stats_users "
+        "(POOLKIT_SIDECAR_STATS_USERS) for SHOW commands"
+    )
+
+
+class Console:
+    """One admin console session: its user's rights, and its queries answered in order (PAUSE waits)."""
+
+    __slots__ = ("_backlog", "app", "client", "role")
+
+    def __init__(self, app: Sidecar, client: ClientConnection, role: str) -> None:
+        self.app = app
+        self.client = client
+        self.role = role
+        self._backlog: list[str] | None = None  # queries that arrived while one was still being answered
+
+    def query(self, sql: str) -> None:
+        """Answer one simple query (now, or after the one still running)."""
+        if self._backlog is not None:
+            self._backlog.append(sql)
+            return
+        answer = execute(self.app, sql, self)
+        if isinstance(answer, bytes):
+            self._write(answer)
+            return
+        self._backlog = []
+        self.app.spawn(self._answer_later(answer))
+
+    async def _answer_later(self, pending: Coroutine[Any, Any, bytes]) -> None:
+        self._write(await pending)
+        backlog, self._backlog = self._backlog or [], None
+        for sql in backlog:
+            self.query(sql)
+
+    def _write(self, data: bytes) -> None:
+        transport = self.client.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    @property
+    def gone(self) -> bool:
+        return self.client.closed
+
+
+def _error(code: str, text: str) -> bytes:
+    return protocol.error_response(code, text) + protocol.ready_for_query()
+
+
+def _done(tag: str) -> bytes:
+    return protocol.command_complete(tag) + protocol.ready_for_query()
+
+
+def _usage() -> bytes:
+    known = ", ".join([f"SHOW {name.upper()}" for name in ("help", *COMMANDS)] + [c.upper() for c in CONTROL])
+    return _error("42601", f"the poolkit admin console understands {known}")
+
+
+def _rows(columns: list[str], rows: list[list[str | None]]) -> bytes:
     out = [protocol.row_description(columns)]
     out.extend(protocol.data_row(row) for row in rows)
     out.append(protocol.command_complete("SHOW"))
     out.append(protocol.ready_for_query())
     return b"".join(out)
+
+
+def _target_problem(app: Sidecar, verb: str, database: str | None) -> str | None:
+    """Why ``database`` is no valid argument of ``verb`` (None: it names the sidecar's database, or is absent)."""
+    if database is None:
+        return f"{verb.upper()} needs a database name" if verb == "kill" else None
+    if verb in ("reload", "shutdown"):
+        return f"{verb.upper()} takes no argument"
+    names = {name for _, name in _pools(app)} | {app.pool.name}
+    if database in names:
+        return None
+    if database == app.settings.admin_database:
+        return f"{verb.upper()} does not apply to the admin console"
+    return f'no such database: "{database}" (this sidecar serves "{app.pool.dsn.database}")'
+
+
+def execute(app: Sidecar, sql: str, console: Console) -> bytes | Coroutine[Any, Any, bytes]:
+    """Answer one simple query on the admin console (always ends with ReadyForQuery).
+
+    Returns the answer, or for PAUSE a coroutine that returns it once the pool's servers are closed.
+    """
+    if not sql.strip().rstrip(";").strip():
+        return protocol.empty_query_response() + protocol.ready_for_query()
+    match = _COMMAND.match(sql)
+    if match is None:
+        return _usage()
+    verb, argument = match.group(1).lower(), match.group(2)
+    if verb == "show":
+        name = (argument or "").lower()
+        if name == "help":
+            notice = protocol.error_response("00000", "Console usage", severity="NOTICE", detail=HELP, notice=True)
+            return notice + _done("SHOW")
+        command = COMMANDS.get(name)
+        return _usage() if command is None else _rows(*command(app))
+    if verb not in CONTROL:
+        return _usage()
+    if console.role != "admin":
+        return _error(
+            "42501",
+            f'{verb.upper()} needs an admin user: "{console.client.user}" is in stats_users, which may run '
+            "SHOW commands only; add it to admin_users (POOLKIT_SIDECAR_ADMIN_USERS)",
+        )
+    problem = _target_problem(app, verb, argument)
+    if problem is not None:
+        return _error("42601", problem)
+    log.info("admin_command", command=verb.upper(), user=console.client.user, database=argument)
+    if verb == "reload":
+        error = app.reload_now()
+        return _done("RELOAD") if error is None else _error("22023", f"RELOAD failed, nothing changed: {error}")
+    if verb == "pause":
+        app.pause()
+        return _paused(app, console)
+    if verb == "resume":
+        if not app.paused:
+            return _error("55000", "the sidecar is not paused")
+        app.resume()
+        return _done("RESUME")
+    if verb == "reconnect":
+        app.reconnect()
+        return _done("RECONNECT")
+    if verb == "kill":
+        app.kill()
+        return _done("KILL")
+    app.spawn(app.shutdown())  # runs after this answer is written: the drain then closes this console
+    return _done("SHUTDOWN")
+
+
+async def _paused(app: Sidecar, console: Console) -> bytes:
+    """PAUSE's answer, once every server connection is closed (each after its transaction ends)."""
+    while app.paused and app.servers_left() and not console.gone:  # noqa: ASYNC110 - see _PAUSE_POLL
+        await asyncio.sleep(_PAUSE_POLL)
+    if not app.paused:
+        return _error("57014", "PAUSE canceled: RESUME came before the server connections were closed")
+    return _done("PAUSE")

@@ -14,7 +14,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from poolkit.detect import Mode, detect_mode
+from poolkit.detect import SIDECAR_PARAMETER
 from poolkit.errors import ConfigError, SidecarError
 from poolkit.log import get_logger
 from poolkit.sidecar import admin, protocol
@@ -80,6 +80,10 @@ class Sidecar:
         self.unix_socket_path: str | None = None
         self.started_at = time.monotonic()
         self.draining = False
+        self.paused = False  # the admin console's PAUSE/KILL: no server connections until RESUME
+        # Settings a SIGHUP read but that only a restart applies (SHOW CONFIG's "pending").
+        self.pending_restart: dict[str, object] = {}
+        self.reload_error: str | None = None
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._maintenance: list[MaintenanceTask] = []
@@ -140,6 +144,8 @@ class Sidecar:
             unix_socket=self.unix_socket_path,
             metrics=f"http://{s.http_host}:{self.http_port}/metrics" if s.http_enabled else None,
             upstream=self.pool.dsn.redacted(),
+            upstream_mode=s.upstream_pooling[0],
+            upstream_mode_reason=s.upstream_pooling[1],
             pool=self.pool.name,
             max_size=self.pool.max_size,
             direct=direct.dsn.redacted() if direct is not None else None,
@@ -160,13 +166,13 @@ class Sidecar:
         # A transaction pooler upstream hands its backend to others after each transaction: pinning
         # a connection to it keeps no session state. Only a direct upstream can hold a pin.
         pool = self.pool
-        if pool.direct is None and pool.route == "pooled" and detect_mode(pool.dsn).mode is Mode.TRANSACTION:
+        if pool.direct is None and pool.transaction_pooler:
             log.warning(
-                "sidecar_pins_need_direct_url",
+                "sidecar_session_features_refused",
                 pool=pool.name,
-                detail="the upstream is a transaction pooler and direct_url is not set: clients using "
-                "session features (SET, LISTEN, advisory locks, ...) are pinned to a pooler connection, "
-                "which does not keep session state; set POOLKIT_DIRECT_URL",
+                detail="the upstream is a transaction pooler and direct_url is not set: statements that need "
+                "a session (SET of untracked settings, LISTEN, advisory locks, temporary tables, ...) are "
+                "refused; set POOLKIT_DIRECT_URL to run them on the direct URL",
             )
 
     async def wait_stopped(self) -> None:
@@ -233,11 +239,17 @@ class Sidecar:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
 
     def reload(self, settings: SidecarSettings | None = None) -> bool:
-        """Re-read settings (or apply ``settings``) without dropping clients; False if they are invalid."""
+        """Re-read settings (or apply ``settings``) without dropping clients; False if they are invalid.
+
+        Settings that need a restart keep their running values (``settings`` says what is in effect);
+        the new ones wait in ``pending_restart``.
+        """
+        self.reload_error = None
         if settings is None:
             try:
                 settings = load_sidecar_settings(self.config_file, **self.overrides)
             except ConfigError as exc:
+                self.reload_error = str(exc)
                 log.warning("reload_failed", error=str(exc))
                 return False
         old = self.settings.model_dump()
@@ -246,13 +258,20 @@ class Sidecar:
         restart = [k for k in changed if k not in RELOADABLE]
         if restart:
             log.warning("reload_needs_restart", settings=restart)
+        pending = {k: getattr(settings, k) for k in restart}
+        settings = settings.model_copy(update={k: getattr(self.settings, k) for k in restart})
         try:
             users = _users_from(settings)
             self.pool.configure(settings)
             self._configure_direct(settings)
         except ConfigError as exc:
+            self.reload_error = str(exc)
             log.warning("reload_failed", error=str(exc))
             return False
+        if self.paused:
+            for pool in self.upstream_pools():
+                self._hold(pool)  # configure() restored their sizes
+        self.pending_restart = pending
         self.users = users
         self.settings = settings
         self._welcome_cache.clear()
@@ -294,9 +313,13 @@ class Sidecar:
         if self.cancel_keys.get(key) is client:
             del self.cancel_keys[key]
 
-    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+    def next_process_id(self) -> int:
+        """A new connection's number, from its first byte (logs, SHOW CLIENTS, its BackendKeyData)."""
         self._next_pid = self._next_pid + 1 if self._next_pid < 0x7FFFFFFF else 1000
-        key = (self._next_pid, secrets.randbits(31))
+        return self._next_pid
+
+    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        key = (client.process_id, secrets.randbits(31))
         self.cancel_keys[key] = client
         return key
 
@@ -384,13 +407,79 @@ class Sidecar:
         body = b"".join(protocol.parameter_status(name, wanted.get(name.lower(), value)) for name, value in params)
         known = {name.lower() for name, _ in params}
         body += b"".join(protocol.parameter_status(name, value) for name, value in overrides if name not in known)
+        # Says "a poolkit sidecar answers here" to `poolkit check` and to anyone who asks (psql: \conninfo
+        # does not show it; libpq's PQparameterStatus does): named prepared statements are safe here.
+        body += protocol.parameter_status(SIDECAR_PARAMETER, self.settings.upstream_pooling[0])
         if len(self._welcome_cache) >= _WELCOME_CACHE_SIZE:
             self._welcome_cache.clear()
         self._welcome_cache[key] = body
         return body
 
-    def admin_query(self, sql: str) -> bytes:
-        return admin.execute(self, sql)
+    def open_console(self, client: ClientConnection) -> admin.Console | str:
+        """An admin console session for a logged-in client, or why its user may not have one."""
+        role = admin.console_role(self, client.user)
+        if role is None:
+            return admin.refusal(self, client.user)
+        return admin.Console(self, client, role)
+
+    # ------------------------------------------------------------- admin console control commands
+
+    def reload_now(self) -> str | None:
+        """RELOAD: as SIGHUP; the reason it failed, or None."""
+        return None if self.reload() else self.reload_error or "invalid settings"
+
+    def upstream_pools(self) -> list[UpstreamPool]:
+        return [self.pool] if self.pool.direct is None else [self.pool, self.pool.direct]
+
+    def pause(self) -> None:
+        """PAUSE: hand out no server connection; close each as its transaction ends (PgBouncer's PAUSE).
+
+        Clients keep their connections and their next transactions wait (``query_wait_timeout``
+        still applies) until :meth:`resume`.
+        """
+        self.paused = True
+        for pool in self.upstream_pools():
+            self._hold(pool)
+
+    @staticmethod
+    def _hold(pool: UpstreamPool) -> None:
+        # A pool whose max_size is 0 opens nothing, closes every server it is given back
+        # (release: more servers than max_size) and queues every client: a pause, with the pool's
+        # own rules. configure() (resume, reload) restores the sizes. The private calls reuse the
+        # pool's own closing and filling; they belong in pool.py once its rewrite has landed.
+        pool.max_size = 0
+        pool.pipeline_depth = 0  # nobody joins a busy server's pipeline either
+        for server in list(pool.idle):
+            pool._close_idle(server, "pause")
+
+    def servers_left(self) -> bool:
+        """Has any upstream pool a server connection still open (PAUSE waits for none)?"""
+        return any(pool.servers for pool in self.upstream_pools())
+
+    def resume(self) -> None:
+        """RESUME: serve again; waiting clients get server connections at once."""
+        self.paused = False
+        for pool in self.upstream_pools():
+            pool.configure(self.settings)
+            pool._fill()  # open connections for the clients queued meanwhile
+
+    def reconnect(self) -> None:
+        """RECONNECT: every server connection is replaced; idle ones now, busy ones when their transaction ends."""
+        for pool in self.upstream_pools():
+            pool.generation += 1  # release() closes a server of an older generation
+            for server in list(pool.idle):
+                pool._close_idle(server, "reconnect")
+
+    def kill(self) -> None:
+        """KILL: drop every client and server connection of the database now, and stay paused until RESUME."""
+        self.pause()
+        for client in list(self.pool.clients):
+            client.fatal("57P01", "terminating connection: KILL on the poolkit admin console")
+        for pool in self.upstream_pools():
+            pool.generation += 1  # one still connecting closes when it is given back
+            for server in list(pool.servers):
+                if server.state == "active":
+                    pool.close_busy(server, "kill")
 
     def readiness(self) -> tuple[bool, str]:
         if self.draining:

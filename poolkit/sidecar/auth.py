@@ -73,6 +73,10 @@ class UserStore:
     def __len__(self) -> int:
         return len(self._info)
 
+    def names(self) -> list[str]:
+        """The configured user names (for SHOW USERS; never their secrets)."""
+        return list(self._info)
+
     def auth_info(self, user: str) -> AuthInfo:
         return self._info.get(user, self._decoy)
 

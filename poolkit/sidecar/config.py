@@ -7,18 +7,19 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
     TomlConfigSettingsSource,
 )
 
-from poolkit.detect import url_tls_problem
+from poolkit.detect import Mode, detect_mode, url_tls_problem
 from poolkit.dsn import Dsn
 from poolkit.errors import ConfigError
 from poolkit.settings import (
@@ -40,6 +41,7 @@ CLI_ENV = frozenset({f"{ENV_PREFIX}CONFIG"})
 AuthType = Literal["auto", "scram-sha-256", "trust"]
 ClientTls = Literal["disable", "allow", "require"]
 Upstream = Literal["auto", "pooled", "direct"]
+UpstreamMode = Literal["auto", "session", "transaction"]
 
 # Settings that SIGHUP can change in place; the others need a restart.
 RELOADABLE = frozenset(
@@ -68,6 +70,9 @@ RELOADABLE = frozenset(
         "max_client_conn",
         "direct_max_size",
         "max_pinned_clients",
+        "admin_users",
+        "stats_users",
+        "pipeline_depth",  # UpstreamPool.configure reads it on every reload
     }
 )
 
@@ -101,13 +106,20 @@ class SidecarSettings(BaseSettings):
     pooled_url: SecretStr | None = Field(None, validation_alias=AliasChoices("pooled_url", *POOLED_URL_ENV))
     direct_url: SecretStr | None = Field(None, validation_alias=AliasChoices("direct_url", *DIRECT_URL_ENV))
     upstream: Upstream = "auto"
+    # What the upstream keeps between transactions: "transaction" (a transaction pooler such as Supavisor
+    # or PgBouncer in transaction mode: each transaction may run on another backend) or "session".
+    # auto: the pooled URL is a transaction pooler unless it is Supabase's session pooler; the direct URL
+    # is a session (see upstream_pooling).
+    upstream_mode: UpstreamMode = "auto"
     sslrootcert: Path | None = Field(
         None, validation_alias=AliasChoices("sslrootcert", f"{ENV_PREFIX}SSLROOTCERT", "POOLKIT_SSLROOTCERT")
     )
     pool_name: str | None = None
     application_name: str = "poolkit-sidecar"
 
-    max_size: int = 3
+    # None: 3 where the upstream keeps sessions (each connection is a database backend), 10 in front of a
+    # transaction pooler (see effective_max_size).
+    max_size: int | None = None
     max_client_conn: int = 10_000
     # The direct upstream beside a pooled one (introspection, DDL, pinned clients); see session.py.
     direct_max_size: int = 3
@@ -150,6 +162,11 @@ class SidecarSettings(BaseSettings):
     users: dict[str, SecretStr] = Field(default_factory=dict)
     auth_file: Path | None = None
     admin_database: str = "poolkit"
+    # Who may use the admin console (PgBouncer's names, comma-separated or a list). Unset admin_users
+    # means the upstream URL's role: the one user whose password the operator already holds, and who
+    # can do more than any console command upstream anyway. Everyone else is refused at login.
+    admin_users: Annotated[list[str] | None, NoDecode] = None
+    stats_users: Annotated[list[str], NoDecode] = Field(default_factory=list)
     client_tls: ClientTls | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -169,6 +186,26 @@ class SidecarSettings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
         return tuple(sources)
 
+    @field_validator("admin_users", "stats_users", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        # PgBouncer's format (and the only one an env variable can carry without JSON quoting).
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("admin_users", "stats_users")
+    @classmethod
+    def _check_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not name or "\x00" in name or len(name.encode()) > 63:
+                shown = f"{name[:20]!r}{'...' if len(name) > 20 else ''}"
+                raise ValueError(
+                    f"{shown} is no PostgreSQL role name (1 to 63 bytes, no NUL); "
+                    'give user names separated by commas, e.g. "admin, ops"'
+                )
+        return value
+
     @field_validator("listen_port", "http_port")
     @classmethod
     def _check_port(cls, value: int) -> int:
@@ -178,8 +215,8 @@ class SidecarSettings(BaseSettings):
 
     @field_validator("max_size", "max_client_conn", "direct_max_size")
     @classmethod
-    def _check_count(cls, value: int) -> int:
-        if value < 1:
+    def _check_count(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
             raise ValueError("must be at least 1")
         return value
 
@@ -310,6 +347,44 @@ class SidecarSettings(BaseSettings):
     def route(self) -> Literal["pooled", "direct"]:
         """Which configured URL the sidecar forwards to (a metric label)."""
         return "direct" if self.upstream_field() == "direct_url" else "pooled"
+
+    @property
+    def upstream_pooling(self) -> tuple[Literal["session", "transaction"], str]:
+        """Whether the upstream keeps sessions, and why the sidecar thinks so (logged at start)."""
+        if self.upstream_mode != "auto":
+            return self.upstream_mode, f"upstream_mode={self.upstream_mode}"
+        if self.route == "direct":
+            return "session", "the upstream is the direct URL"
+        found = detect_mode(self.upstream_dsn())
+        if found.mode is Mode.SESSION:
+            return "session", found.reason
+        # A pooled URL without markers is still the pooler it is named after: assuming a session there
+        # would break named statements and settings when transactions move between backends, while
+        # assuming a transaction pooler in front of a session costs only a re-prepare per transaction.
+        reason = found.reason if found.mode is Mode.TRANSACTION else "the pooled URL (no session-pooler markers)"
+        return "transaction", reason
+
+    @property
+    def effective_max_size(self) -> int:
+        """``max_size``, or its default for the upstream.
+
+        In front of a transaction pooler an upstream connection is one of the pooler's clients, not a
+        database backend: idle it holds nothing, and the pooler's own pool size bounds the backends. What
+        it does bound is how many of this sidecar's transactions run at once, and over a network a
+        multi-statement transaction holds its connection for several round trips (TPC-B at 1 ms one way
+        ran at a third of the app's own 10 connections with 3). Ten keeps that bound near a typical app's
+        own pool while a fleet of pods stays far below Supavisor's client limits; single-statement
+        traffic needs far fewer (pipelining across clients shares connections), and the pool opens
+        connections only as the load needs them.
+        """
+        if self.max_size is not None:
+            return self.max_size
+        return 10 if self.transaction_pooler else 3
+
+    @property
+    def transaction_pooler(self) -> bool:
+        """True when the upstream may run each transaction on a different backend."""
+        return self.upstream_pooling[0] == "transaction"
 
     @property
     def direct_route_enabled(self) -> bool:

@@ -156,6 +156,7 @@ SIDECAR = [
     SidecarCase("pooled_url", f"{REMOTE}?sslmode=prefer", ("sslmode=require",)),
     SidecarCase("direct_url", f"mysql://app:{SECRET}@db.example.com/postgres", ("scheme 'mysql'", URL_SHAPE)),
     SidecarCase("upstream", "replica", ("'pooled'", "'direct'")),
+    SidecarCase("upstream_mode", "statement", ("'session'", "'transaction'")),
     SidecarCase("sslrootcert", "/nonexistent/ca.pem", ("no such file",)),
     SidecarCase("max_size", 0, ("at least 1",)),
     SidecarCase("max_client_conn", -5, ("at least 1",)),
@@ -180,6 +181,8 @@ SIDECAR = [
     SidecarCase("users", {"": SECRET}, ("non-empty",)),
     SidecarCase("auth_file", "/nonexistent/userlist.txt", ("no such file",)),
     SidecarCase("client_tls", "verify", ("'require'",)),
+    SidecarCase("admin_users", "x" * 64, ("1 to 63 bytes",)),
+    SidecarCase("stats_users", "ops, " + "y" * 70, ("1 to 63 bytes",)),
     SidecarCase("tls_cert_file", "/nonexistent/cert.pem", ("no such file",)),
     SidecarCase("tls_key_file", "/nonexistent/key.pem", ("no such file",)),
 ]
