@@ -21,7 +21,7 @@ from poolkit.sidecar.pooling import (
     take_server_now,
     valid_setting_name,
 )
-from poolkit.sidecar.prepared import Bound, ClientStatements, Statement
+from poolkit.sidecar.prepared import REPREPARED_ANSWER, Bound, ClientStatements, Statement
 from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
 from poolkit.sidecar.server import TRACKED_PARAMETERS
 from poolkit.sidecar.session import (
@@ -110,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         "sql_seen",
         "state",
         "statements",
+        "strip",
         "tap",
         "template_autocommit",
         "tls",
@@ -186,6 +187,8 @@ class ClientConnection(asyncio.Protocol):
         self.follow_ok = False
         self.follow_keys: list[bytes] | None = None  # the statement keys its pipelinable request binds
         self.follow_binds: list[Bound] = []
+        # What the server answers first to its request and the relay removes (prepared.strip_answer).
+        self.strip = b""
         # Its pipelinable request's shape (shapes.py), kept until its answer times it, only if it queued.
         self.shape: bytes | None = None
         self.deferring = False
@@ -535,6 +538,7 @@ class ClientConnection(asyncio.Protocol):
         the requests queued after it.
         """
         plain, self._plain_req = self._plain_req, False
+        self.strip = b""  # a new transaction: nothing of an earlier answer is still owed
         self.follow_keys = None
         self.shape = None
         scanner = self.scanner
@@ -691,6 +695,8 @@ class ClientConnection(asyncio.Protocol):
                 keys = self.follow_keys
                 if self.follow_ok and keys is not None and server.statements.renames_only(keys):
                     data = self.rename_for(server, data, 0)  # the pipelinable shape: names only
+                elif self.follow_ok and keys is not None and server.statements.reprepares(self.follow_binds):
+                    data = self.rename_for(server, data, 0)  # the same, behind a transaction pooler
                 else:
                     # Nothing of this client's is outstanding on the server yet: its first message is at
                     # the server's current ReadyForQuery count, first in its batch.
@@ -752,7 +758,12 @@ class ClientConnection(asyncio.Protocol):
         assert self.statements is not None
         binds, self.follow_binds = self.follow_binds, []
         self.scanner.named_at = -1
-        return self.statements.rename(data, server.statements, binds, server.scanner.ready_total + owed_before)
+        statements = server.statements
+        z = server.scanner.ready_total + owed_before
+        if statements.transaction:
+            self.strip = REPREPARED_ANSWER
+            return self.statements.reprepare(data, statements, binds, z)
+        return self.statements.rename(data, statements, binds, z)
 
     def _rewrite(self, server: ServerConnection, data: bytes, start: tuple[int, int] | None) -> bytes:
         """Rewrite ``data`` for ``server``; answers due now go to the client. Returns the bytes to send."""

@@ -53,6 +53,9 @@ _MISSING_NAME: Final = b"poolkit_missing"
 _U32 = struct.Struct("!I")
 _PARSE_COMPLETE: Final = b"1\x00\x00\x00\x04"
 _CLOSE_COMPLETE: Final = b"3\x00\x00\x00\x04"
+#: What the server answers first to a request :meth:`ClientStatements.reprepare` rewrote, and the relay
+#: removes (:func:`strip_answer`): the Close and the Parse the sidecar put in front of its Bind.
+REPREPARED_ANSWER: Final = _CLOSE_COMPLETE + _PARSE_COMPLETE
 
 # Client message type bytes.
 _P, _B, _D, _C, _E = b"P"[0], b"B"[0], b"D"[0], b"C"[0], b"E"[0]
@@ -158,6 +161,14 @@ class ServerStatements:
             return False
         cache = self.cache
         return all(key in cache for key in keys)
+
+    def reprepares(self, binds: list[Bound]) -> bool:
+        """Would :meth:`ClientStatements.reprepare` serve a request with these Binds here?
+
+        Behind a transaction pooler, a request that binds one statement, first in it: its statement is
+        prepared again in front of it, and the only answers to remove are the first two.
+        """
+        return self.transaction and not self.active and not self.orphans and len(binds) == 1 and binds[0][1] == 0
 
     def discard_all(self) -> None:
         """The session ran DISCARD ALL / DEALLOCATE ALL: nothing is prepared there any more."""
@@ -464,6 +475,34 @@ class ClientStatements:
         self._shift_at = (server, self.z)
         return b"".join(out)
 
+    def reprepare(self, data: bytes, server: ServerStatements, binds: list[Bound], z: int) -> bytes:
+        """:meth:`rename` behind a transaction pooler, for a request :meth:`ServerStatements.reprepares` accepts.
+
+        The statement is closed and parsed again in front of the Bind (its backend may be any), so the
+        answer starts with :data:`REPREPARED_ANSWER`, which the relay strips; nothing else is rewritten,
+        so the request may be pipelined like a plain one.
+        """
+        ((statement, _, portal_end, name_end, length),) = binds
+        key = statement.key
+        server_name = _server_name(key)
+        server.stats["miss"] += 1
+        self.z = z + 1
+        self.t = 0
+        self._shift = 0
+        self._shift_at = (server, self.z)
+        return b"".join(
+            (
+                _close_statement(server_name),
+                _parse(server_name, key),
+                b"B",
+                _U32.pack(length - (name_end - portal_end - 1) + len(server_name)),
+                data[5 : portal_end + 1],
+                server_name,
+                b"\x00",
+                data[name_end + 1 :],
+            )
+        )
+
     def clear(self) -> None:
         """DISCARD ALL / DEALLOCATE ALL ran in this client's session."""
         self.names.clear()
@@ -656,7 +695,7 @@ class ClientStatements:
         parameter types; closing it first (not an error when it does not exist) makes the Parse that
         follows succeed whether or not the backend this batch lands on has it.
         """
-        server_name = SERVER_NAME_PREFIX + hashlib.blake2b(key, digest_size=12).hexdigest().encode()
+        server_name = _server_name(key)
         self._inject(server, _DROP, _close_statement(server_name), server_name=server_name, out=out)
         return server_name
 
@@ -710,6 +749,27 @@ class ClientStatements:
             server._undo(entry)
         else:
             server._add(entry)
+
+
+def strip_answer(expected: bytes, part: bytes) -> tuple[bytes, bytes]:
+    """Remove what is left of ``expected`` from the start of ``part``: (what is still expected, the rest).
+
+    ``expected`` is whole CloseComplete/ParseComplete messages, which differ from anything else the
+    server can send from their first byte on, so if the server answered otherwise (an ErrorResponse
+    instead of the ParseComplete) the first difference is where its own answer starts.
+    """
+    n = min(len(expected), len(part))
+    if part[:n] == expected[:n]:
+        return expected[n:], part[n:]
+    same = 0
+    while part[same] == expected[same]:
+        same += 1
+    return b"", part[same:]
+
+
+def _server_name(key: bytes) -> bytes:
+    """A statement's name upstream: a digest of its text and types, so a name always means the same SQL."""
+    return SERVER_NAME_PREFIX + hashlib.blake2b(key, digest_size=12).hexdigest().encode()
 
 
 def _parse(server_name: bytes, key: bytes) -> bytes:

@@ -175,7 +175,8 @@ def test_pgbench_prepared_through_two_sidecars(
     """pgbench -M prepared: a wrong answer divides by zero, so a failed transaction counts it."""
     script = tmp_path / "checked.sql"
     script.write_text(PGBENCH_CHECKED)
-    sidecars = [sidecar_factory(**through(stack, upstream)) for _ in range(2)]
+    # One upstream connection each: four clients' prepared requests queue on it (pipelining across clients).
+    sidecars = [sidecar_factory(**through(stack, upstream), max_size=1) for _ in range(2)]
     pgbench = str(find_pg_binary("pgbench"))
     procs = [
         run([pgbench, "-n", "-M", "prepared", "-c", "4", "-t", "150", "-f", str(script), s.url()], timeout=180)
@@ -185,6 +186,8 @@ def test_pgbench_prepared_through_two_sidecars(
         assert done.returncode == 0, done.stderr[-2000:]
         assert "number of transactions actually processed: 600/600" in done.stdout, done.stdout
         assert "number of failed transactions: 0" in done.stdout or "failed" not in done.stdout
+    for sidecar in sidecars:
+        assert sidecar.call(lambda app: app.pool.stats.pipelined_requests) > 0
 
 
 def test_a_stale_statement_name_always_means_the_same_sql() -> None:
