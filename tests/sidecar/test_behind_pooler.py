@@ -26,7 +26,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from poolkit.check import add_arguments
 from poolkit.check import run as run_check
 from poolkit.devstack import DevStack, find_pg_binary
-from poolkit.sidecar.prepared import SERVER_NAME_PREFIX, ClientStatements, ServerStatements
+from poolkit.sidecar.prepared import (
+    REPREPARED_ANSWER,
+    SERVER_NAME_PREFIX,
+    ClientStatements,
+    ServerStatements,
+    strip_answer,
+)
 from poolkit.sidecar.protocol import BackendScanner
 
 from .conftest import SidecarThread, run
@@ -383,3 +389,44 @@ def test_the_default_upstream_size_follows_the_upstream(
     sidecar = sidecar_factory(**through(stack, upstream), max_size=None)
     assert sidecar.call(lambda app: (app.pool.max_size, app.pool.transaction_pooler)) == (size, upstream != "postgres")
     assert sidecar_factory(**through(stack, upstream), max_size=2).call(lambda app: app.pool.max_size) == 2
+
+
+def test_strip_answer_removes_only_the_added_answers() -> None:
+    expected = REPREPARED_ANSWER
+    bind_complete = b"2\x00\x00\x00\x04"
+    # Whole, split anywhere, or cut short by the server's own error: the client gets exactly its own answer.
+    assert strip_answer(expected, expected + bind_complete) == (b"", bind_complete)
+    for cut in range(1, len(expected) + 3):
+        stream = expected + bind_complete
+        left, first = strip_answer(expected, stream[:cut])
+        left, second = strip_answer(left, stream[cut:]) if left else (left, stream[cut:])
+        assert (left, first + second) == (b"", bind_complete), cut
+    error = b"E\x00\x00\x00\x0bSERROR\x00\x00"
+    assert strip_answer(expected, expected[:5] + error) == (b"", error)
+    left, part = strip_answer(expected, expected[:3])
+    assert part == b""
+    assert strip_answer(left, expected[3:5] + error) == (b"", error)
+
+
+def test_a_named_statement_whose_table_went_away_fails_cleanly_through_the_pooler(
+    stack: DevStack, sidecar_factory: Factory
+) -> None:
+    """The Parse the sidecar re-sends fails: the client gets PostgreSQL's error, then right answers again."""
+    sidecar = sidecar_factory(**through(stack, "pgbouncer"), max_size=1)
+
+    async def main() -> None:
+        admin = await asyncpg.connect(sidecar.url())
+        await admin.execute(
+            "DROP TABLE IF EXISTS gone_soon; CREATE TABLE gone_soon (n int); INSERT INTO gone_soon VALUES (7)"
+        )
+        conn = await asyncpg.connect(sidecar.url())
+        statement = await conn.prepare("SELECT n * $1::int FROM gone_soon")
+        assert await statement.fetchval(6) == 42
+        await admin.execute("DROP TABLE gone_soon")
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await statement.fetchval(6)
+        assert await conn.fetchval("SELECT $1::int + 1", 41) == 42
+        await conn.close()
+        await admin.close()
+
+    asyncio.run(main())
