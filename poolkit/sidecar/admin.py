@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -136,23 +137,29 @@ def _pool_row(pool: UpstreamPool, clients: dict[str, int], database: str) -> lis
 
 
 def show_pools(app: Sidecar) -> Rows:
-    """One row for the pool; a second, ``<name>/direct``, for the direct upstream when there is one."""
-    pool = app.pool
-    rows = [_pool_row(pool, pool.client_counts(), pool.name)]
-    direct = pool.direct
-    if direct is not None:
-        on_direct = sum(1 for c in pool.clients if c.server is not None and c.server.pool is direct)
-        counts = {"active": on_direct, "waiting": len(direct.waiters)}
-        rows.append(_pool_row(direct, counts, f"{pool.name}/direct"))
+    """A row per pool (per user with user_pools); another, ``<name>/direct``, for each direct upstream."""
+    database = app.pool.name
+    rows = []
+    for pool in app.all_pools():
+        rows.append(_pool_row(pool, pool.client_counts(), database))
+        direct = pool.direct
+        if direct is not None:
+            on_direct = sum(1 for c in pool.clients if c.server is not None and c.server.pool is direct)
+            counts = {"active": on_direct, "waiting": len(direct.waiters)}
+            rows.append(_pool_row(direct, counts, f"{database}/direct"))
     return POOLS_COLUMNS, rows
 
 
 def show_stats(app: Sidecar) -> Rows:
-    pool = app.pool
+    """A row per pool (``user@database`` for a user pool), PgBouncer's columns."""
+    return STATS_COLUMNS, [_stats_row(app, pool) for pool in app.all_pools()]
+
+
+def _stats_row(app: Sidecar, pool: UpstreamPool) -> list[str | None]:
     s = pool.stats
     uptime = max(time.monotonic() - app.started_at, 1e-9)
     xacts, queries = s.transactions, s.queries
-    row: list[str | None] = [
+    return [
         pool.name,
         str(xacts),
         str(queries),
@@ -169,7 +176,6 @@ def show_stats(app: Sidecar) -> Rows:
         str(int(s.query_time_total * 1e6 / queries) if queries else 0),
         str(int(s.wait_time_total * 1e6 / xacts) if xacts else 0),
     ]
-    return STATS_COLUMNS, [row]
 
 
 def _client_row(app: Sidecar, client: ClientConnection, now: float) -> list[str | None]:
@@ -237,13 +243,13 @@ def _server_row(app: Sidecar, server: ServerConnection) -> list[str | None]:
 
 def show_clients(app: Sidecar) -> Rows:
     now = time.monotonic()
-    clients = sorted(app.pool.clients, key=lambda c: c.process_id)
+    clients = sorted((c for pool in app.all_pools() for c in pool.clients), key=lambda c: c.process_id)
     return CONNECTION_COLUMNS, [_client_row(app, c, now) for c in clients]
 
 
 def show_servers(app: Sidecar) -> Rows:
     """Every upstream connection (the direct pool's after the pool's)."""
-    pools = [app.pool] if app.pool.direct is None else [app.pool, app.pool.direct]
+    pools = app.upstream_pools()
     rows = [_server_row(app, s) for pool in pools for s in sorted(pool.servers, key=lambda s: s.ident)]
     return CONNECTION_COLUMNS, rows
 
@@ -252,7 +258,7 @@ def show_pins(app: Sidecar) -> Rows:
     """Clients pinned to a server connection: why, since when, and which upstream connection they hold."""
     now = time.time()
     rows: list[list[str | None]] = []
-    for client in sorted(app.pool.pinned, key=lambda c: c.process_id):
+    for client in sorted((c for pool in app.all_pools() for c in pool.pinned), key=lambda c: c.process_id):
         addr, port = _split_addr(client.peer)
         server = client.server or client.linking
         rows.append(
@@ -323,12 +329,17 @@ def show_config(app: Sidecar) -> Rows:
 
 def show_routes(app: Sidecar) -> Rows:
     """Pins and routed transactions by reason since start (``pinned_now``: clients pinned for it now)."""
-    stats = app.pool.stats
-    now = app.pool.pinned_counts()
+    pins: Counter[str] = Counter()
+    routed: Counter[str] = Counter()
+    now: Counter[str] = Counter()
+    for pool in app.all_pools():  # summed over the user pools
+        pins.update(pool.stats.pins)
+        routed.update(pool.stats.routed)
+        now.update(pool.pinned_counts())
     rows: list[list[str | None]] = [
-        ["pin", reason, str(total), str(now.get(reason, 0))] for reason, total in stats.pins.items()
+        ["pin", reason, str(total), str(now.get(reason, 0))] for reason, total in pins.items()
     ]
-    rows += [["direct", reason, str(total), ""] for reason, total in stats.routed.items()]
+    rows += [["direct", reason, str(total), ""] for reason, total in routed.items()]
     return ["kind", "reason", "total", "pinned_now"], rows
 
 
@@ -364,6 +375,7 @@ def show_databases(app: Sidecar) -> Rows:
     rows: list[list[str | None]] = []
     for pool, name in _pools(app):
         size = app.settings.direct_max_size if pool.is_direct else app.settings.max_size
+        route = [p for p in app.upstream_pools() if p.is_direct == pool.is_direct]  # every user's
         dsn = pool.dsn
         rows.append(
             [
@@ -377,7 +389,7 @@ def show_databases(app: Sidecar) -> Rows:
                 "0",
                 "transaction",
                 "0",
-                str(len(pool.servers)),
+                str(sum(len(p.servers) for p in route)),
                 "1" if app.paused else "0",
                 "0",
             ]
@@ -396,13 +408,13 @@ def show_users(app: Sidecar) -> Rows:
 
 def show_lists(app: Sidecar) -> Rows:
     """Counts of the sidecar's internal lists (PgBouncer's rows; the DNS ones are always 0 here)."""
-    pools = _pools(app)
+    pools = app.upstream_pools()
     logged_in = sum(1 for c in app.connections if c.state in (READY, ADMIN))
-    servers = sum(len(pool.servers) for pool, _ in pools)
-    idle = sum(len(pool.idle) for pool, _ in pools)
+    servers = sum(len(pool.servers) for pool in pools)
+    idle = sum(len(pool.idle) for pool in pools)
     users = len(show_users(app)[1])
     items = [
-        ("databases", len(pools) + 1),
+        ("databases", len(_pools(app)) + 1),
         ("users", users),
         ("pools", len(pools)),
         ("free_clients", 0),
