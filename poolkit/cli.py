@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     if args.command == "dev":
+        try:
+            import trustme  # noqa: F401, PLC0415 - only `poolkit dev` needs it: an extra, not a dependency
+        except ImportError:
+            print(
+                "poolkit dev: the local stack makes its TLS certificates with trustme, which is not installed: "
+                "pip install 'poolkit[devstack]'",
+                file=sys.stderr,
+            )
+            return 1
         from poolkit.devstack import run_dev  # noqa: PLC0415
 
         forwarded: list[str] = []

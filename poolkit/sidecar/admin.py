@@ -299,25 +299,41 @@ def _shown(app: Sidecar, name: str, value: object) -> str:
     return str(value)
 
 
+def _decided(app: Sidecar, name: str) -> tuple[object, str] | None:
+    """For a setting whose unset value is decided at run time: the decision, and the rule (SHOW CONFIG)."""
+    settings = app.settings
+    if name == "admin_users":
+        return admin_users(app), "(the upstream URL's role)"
+    if name == "max_size":
+        return settings.effective_max_size, "(3; 10 in front of a transaction pooler)"
+    if name == "pool_name":
+        return app.pool.name, "(the database name)"
+    if name == "upstream_mode":
+        return settings.upstream_pooling[0], "auto"
+    if name == "client_tls":
+        return settings.effective_client_tls, "(allow with a certificate, else disable)"
+    return None
+
+
 def show_config(app: Sidecar) -> Rows:
     """Every setting as in effect now (``pending``: a value read by SIGHUP that waits for a restart)."""
     settings = app.settings
     rows: list[list[str | None]] = []
     for name, info in sorted(SidecarSettings.model_fields.items()):
         value: object = getattr(settings, name)
+        default: object = info.get_default(call_default_factory=True)
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         elif name == "users":
             value = dict(settings.users)
-        elif name == "admin_users":
-            value = admin_users(app)
-        default = info.get_default(call_default_factory=True)
+        elif (decided := _decided(app, name)) is not None:
+            value, default = decided
         pending = app.pending_restart.get(name)
         rows.append(
             [
                 name,
                 _shown(app, name, value),
-                "(the upstream URL's role)" if name == "admin_users" else _shown(app, name, default),
+                _shown(app, name, default),
                 "yes" if name in RELOADABLE else "no",
                 "" if name not in app.pending_restart else _shown(app, name, pending),
             ]
@@ -374,7 +390,7 @@ def show_databases(app: Sidecar) -> Rows:
     """The database clients connect to (and its direct route), then the admin console itself, as PgBouncer."""
     rows: list[list[str | None]] = []
     for pool, name in _pools(app):
-        size = app.settings.direct_max_size if pool.is_direct else app.settings.max_size
+        size = app.settings.direct_max_size if pool.is_direct else app.settings.effective_max_size
         route = [p for p in app.upstream_pools() if p.is_direct == pool.is_direct]  # every user's
         dsn = pool.dsn
         rows.append(
@@ -501,7 +517,11 @@ class Console:
         if self._backlog is not None:
             self._backlog.append(sql)
             return
-        answer = execute(self.app, sql, self)
+        try:
+            answer = execute(self.app, sql, self)
+        except Exception as exc:  # a bug in one command must not end the operator's session silently
+            log.warning("admin_command_failed", error=repr(exc))
+            answer = _error("XX000", f"the admin console failed on this command: {exc!r}")
         if isinstance(answer, bytes):
             self._write(answer)
             return

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from poolkit.detect import Mode, detect_mode
+from poolkit.detect import SIDECAR_PARAMETER
 from poolkit.dsn import Dsn
 from poolkit.errors import ConfigError, SidecarError
 from poolkit.log import get_logger
@@ -167,6 +167,8 @@ class Sidecar:
             unix_socket=self.unix_socket_path,
             metrics=f"http://{s.http_host}:{self.http_port}/metrics" if s.http_enabled else None,
             upstream=self.pool.dsn.redacted(),
+            upstream_mode=s.upstream_pooling[0],
+            upstream_mode_reason=s.upstream_pooling[1],
             pool=self.pool.name,
             max_size=self.pool.max_size,
             direct=direct.dsn.redacted() if direct is not None else None,
@@ -187,13 +189,13 @@ class Sidecar:
         # A transaction pooler upstream hands its backend to others after each transaction: pinning
         # a connection to it keeps no session state. Only a direct upstream can hold a pin.
         pool = self.pool
-        if pool.direct is None and pool.route == "pooled" and detect_mode(pool.dsn).mode is Mode.TRANSACTION:
+        if pool.direct is None and pool.transaction_pooler:
             log.warning(
-                "sidecar_pins_need_direct_url",
+                "sidecar_session_features_refused",
                 pool=pool.name,
-                detail="the upstream is a transaction pooler and direct_url is not set: clients using "
-                "session features (SET, LISTEN, advisory locks, ...) are pinned to a pooler connection, "
-                "which does not keep session state; set POOLKIT_DIRECT_URL",
+                detail="the upstream is a transaction pooler and direct_url is not set: statements that need "
+                "a session (SET of untracked settings, LISTEN, advisory locks, temporary tables, ...) are "
+                "refused; set POOLKIT_DIRECT_URL to run them on the direct URL",
             )
 
     async def wait_stopped(self) -> None:
@@ -435,6 +437,9 @@ class Sidecar:
         body = b"".join(protocol.parameter_status(name, wanted.get(name.lower(), value)) for name, value in params)
         known = {name.lower() for name, _ in params}
         body += b"".join(protocol.parameter_status(name, value) for name, value in overrides if name not in known)
+        # Says "a poolkit sidecar answers here" to `poolkit check` and to anyone who asks (psql: \conninfo
+        # does not show it; libpq's PQparameterStatus does): named prepared statements are safe here.
+        body += protocol.parameter_status(SIDECAR_PARAMETER, self.settings.upstream_pooling[0])
         if len(self._welcome_cache) >= _WELCOME_CACHE_SIZE:
             self._welcome_cache.clear()
         self._welcome_cache[key] = body

@@ -33,6 +33,8 @@ from poolkit.sidecar.session import (
     autocommit_head,
     chunk_effect,
     decide,
+    no_session_hint,
+    no_session_message,
     pin_limit_hint,
     pin_limit_message,
     quick_nothing,
@@ -438,6 +440,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _apply(self, effect: Effect) -> bool:
         """Apply a statement's pins and clears; False (and the client is answered) when over the limit."""
+        if effect.sets and self.pool.transaction_pooler:
+            effect = effect.behind_transaction_pooler()
         reasons = effect.apply(self.pin_reasons)
         if self.pin_reason:
             if effect.clears:
@@ -455,18 +459,15 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         reason = next(r for r in effect.pins if r in reasons)
         limit = pool.pin_limit
+        if self._pins_nothing():
+            # A pin to a transaction pooler's connection pins nothing: the next transaction may run on
+            # another backend, without the state, and the state stays behind for someone else.
+            log.warning("session_feature_refused", pool=pool.name, client=self.describe(), reason=reason)
+            self._refuse("0A000", no_session_message(reason), no_session_hint())
+            return False
         if len(pool.pinned) >= limit:
-            text = pin_limit_message(pool=pool.name, limit=limit, reason=reason)
             log.warning("pin_limit_reached", pool=pool.name, client=self.describe(), reason=reason, limit=limit)
-            if self.server is not None or self.linking is not None:
-                # Mid-transaction the statement cannot be answered for the server: end this client
-                # (its transaction is rolled back) rather than run it unpinned.
-                self.fatal("53400", text, hint=pin_limit_hint())
-            else:
-                if self.waiting:
-                    self.waiting = False
-                    self._forget_wait()
-                self._fail_queued("53400", text, pin_limit_hint())
+            self._refuse("53400", pin_limit_message(pool=pool.name, limit=limit, reason=reason), pin_limit_hint())
             return False
         self.pin_reason = reason
         self.pin_reasons = reasons
@@ -475,6 +476,30 @@ class ClientConnection(asyncio.Protocol):
         pool.stats.pins[reason] += 1
         log.info("client_pinned", pool=pool.name, client=self.describe(), reason=reason)
         return True
+
+    def _pins_nothing(self) -> bool:
+        """Would a pin land on a transaction pooler's connection (which keeps no session)?"""
+        pool = self.pool
+        if not pool.transaction_pooler:
+            return False
+        if pool.direct is None:
+            return True
+        server = self.server or self.linking
+        if server is not None:
+            return server.pool is pool  # mid-transaction on the pooler: the state would stay behind there
+        return self.waiting and self in pool.waiters
+
+    def _refuse(self, code: str, text: str, hint: str) -> None:
+        """Answer a statement that must not run (with no server, the client goes on)."""
+        if self.server is not None or self.linking is not None:
+            # Mid-transaction the statement cannot be answered for the server: end this client
+            # (its transaction is rolled back) rather than run it without what it needs.
+            self.fatal(code, text, hint=hint)
+        else:
+            if self.waiting:
+                self.waiting = False
+                self._forget_wait()
+            self._fail_queued(code, text, hint)
 
     def _unpin(self, why: str) -> None:
         log.info("client_unpinned", pool=self.pool.name, client=self.describe(), reason=self.pin_reason, why=why)

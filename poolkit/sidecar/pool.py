@@ -116,7 +116,10 @@ class UpstreamPool:
         self.name = settings.effective_pool_name
         self.route = "direct" if self.is_direct else settings.route
         self.label = f"{self.name} (direct)" if self.is_direct else self.name  # for messages, not metrics
-        self.max_size = settings.direct_max_size if self.is_direct else settings.max_size
+        self.max_size = settings.direct_max_size if self.is_direct else settings.effective_max_size
+        # Decided per pool: the direct URL is always a session. A change of URL retires the old servers,
+        # so every server keeps the mode it was opened with.
+        self.transaction_pooler = not self.is_direct and settings.transaction_pooler
         self.query_wait_timeout = settings.query_wait_timeout
         self.slow_query_seconds = settings.slow_query_seconds
         self.pipeline_depth = settings.pipeline_depth

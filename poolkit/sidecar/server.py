@@ -68,7 +68,10 @@ class ServerConnection(asyncio.Protocol):
         self.defaults: dict[str, str] = {}  # lower-case name -> value at login
         self.current: dict[str, str] = {}  # lower-case name -> value now
         self.statements = ServerStatements(
-            self.scanner, pool.settings.max_prepared_statements, pool.stats.prepared_statements
+            self.scanner,
+            pool.settings.max_prepared_statements,
+            pool.stats.prepared_statements,
+            transaction=pool.transaction_pooler,
         )
         # The settings key of the last client this session was aligned for: when the next client
         # has the same key, comparing settings is skipped (the usual case: one app, one key).
