@@ -95,3 +95,14 @@ def test_a_wrong_upstream_password_for_a_user_is_an_auth_failure(
 def test_user_pools_need_users_with_passwords(stack: DevStack) -> None:
     with pytest.raises(ConfigError, match=r"user_pools .*needs users with passwords"):
         upstream_settings(stack, user_pools=True)  # trust auth: no passwords to log in upstream with
+
+
+def test_a_reload_with_the_right_password_fixes_a_users_pool(
+    sidecar_factory: Factory, stack: DevStack, bob: str
+) -> None:
+    sidecar = sidecar_factory(users={"app": stack.app_password, "bob": "stale-pw"}, user_pools=True)
+    with pytest.raises(psycopg.OperationalError, match="cannot log in to its upstream"):
+        psycopg.connect(sidecar.url(user="bob", password="stale-pw"))
+    fixed = upstream_settings(stack, users={"app": stack.app_password, "bob": BOB_PASSWORD}, user_pools=True)
+    assert sidecar.call(lambda app: app.reload(fixed))  # what SIGHUP does with the edited file
+    assert identity(sidecar.url(user="bob", password=BOB_PASSWORD)) == ("bob", "bob")
