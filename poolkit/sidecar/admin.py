@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -136,23 +137,29 @@ def _pool_row(pool: UpstreamPool, clients: dict[str, int], database: str) -> lis
 
 
 def show_pools(app: Sidecar) -> Rows:
-    """One row for the pool; a second, ``<name>/direct``, for the direct upstream when there is one."""
-    pool = app.pool
-    rows = [_pool_row(pool, pool.client_counts(), pool.name)]
-    direct = pool.direct
-    if direct is not None:
-        on_direct = sum(1 for c in pool.clients if c.server is not None and c.server.pool is direct)
-        counts = {"active": on_direct, "waiting": len(direct.waiters)}
-        rows.append(_pool_row(direct, counts, f"{pool.name}/direct"))
+    """A row per pool (per user with user_pools); another, ``<name>/direct``, for each direct upstream."""
+    database = app.pool.name
+    rows = []
+    for pool in app.all_pools():
+        rows.append(_pool_row(pool, pool.client_counts(), database))
+        direct = pool.direct
+        if direct is not None:
+            on_direct = sum(1 for c in pool.clients if c.server is not None and c.server.pool is direct)
+            counts = {"active": on_direct, "waiting": len(direct.waiters)}
+            rows.append(_pool_row(direct, counts, f"{database}/direct"))
     return POOLS_COLUMNS, rows
 
 
 def show_stats(app: Sidecar) -> Rows:
-    pool = app.pool
+    """A row per pool (``user@database`` for a user pool), PgBouncer's columns."""
+    return STATS_COLUMNS, [_stats_row(app, pool) for pool in app.all_pools()]
+
+
+def _stats_row(app: Sidecar, pool: UpstreamPool) -> list[str | None]:
     s = pool.stats
     uptime = max(time.monotonic() - app.started_at, 1e-9)
     xacts, queries = s.transactions, s.queries
-    row: list[str | None] = [
+    return [
         pool.name,
         str(xacts),
         str(queries),
@@ -169,7 +176,6 @@ def show_stats(app: Sidecar) -> Rows:
         str(int(s.query_time_total * 1e6 / queries) if queries else 0),
         str(int(s.wait_time_total * 1e6 / xacts) if xacts else 0),
     ]
-    return STATS_COLUMNS, [row]
 
 
 def _client_row(app: Sidecar, client: ClientConnection, now: float) -> list[str | None]:
@@ -237,13 +243,13 @@ def _server_row(app: Sidecar, server: ServerConnection) -> list[str | None]:
 
 def show_clients(app: Sidecar) -> Rows:
     now = time.monotonic()
-    clients = sorted(app.pool.clients, key=lambda c: c.process_id)
+    clients = sorted((c for pool in app.all_pools() for c in pool.clients), key=lambda c: c.process_id)
     return CONNECTION_COLUMNS, [_client_row(app, c, now) for c in clients]
 
 
 def show_servers(app: Sidecar) -> Rows:
     """Every upstream connection (the direct pool's after the pool's)."""
-    pools = [app.pool] if app.pool.direct is None else [app.pool, app.pool.direct]
+    pools = app.upstream_pools()
     rows = [_server_row(app, s) for pool in pools for s in sorted(pool.servers, key=lambda s: s.ident)]
     return CONNECTION_COLUMNS, rows
 
@@ -252,7 +258,7 @@ def show_pins(app: Sidecar) -> Rows:
     """Clients pinned to a server connection: why, since when, and which upstream connection they hold."""
     now = time.time()
     rows: list[list[str | None]] = []
-    for client in sorted(app.pool.pinned, key=lambda c: c.process_id):
+    for client in sorted((c for pool in app.all_pools() for c in pool.pinned), key=lambda c: c.process_id):
         addr, port = _split_addr(client.peer)
         server = client.server or client.linking
         rows.append(
@@ -293,25 +299,41 @@ def _shown(app: Sidecar, name: str, value: object) -> str:
     return str(value)
 
 
+def _decided(app: Sidecar, name: str) -> tuple[object, str] | None:
+    """For a setting whose unset value is decided at run time: the decision, and the rule (SHOW CONFIG)."""
+    settings = app.settings
+    if name == "admin_users":
+        return admin_users(app), "(the upstream URL's role)"
+    if name == "max_size":
+        return settings.effective_max_size, "(3; 10 in front of a transaction pooler)"
+    if name == "pool_name":
+        return app.pool.name, "(the database name)"
+    if name == "upstream_mode":
+        return settings.upstream_pooling[0], "auto"
+    if name == "client_tls":
+        return settings.effective_client_tls, "(allow with a certificate, else disable)"
+    return None
+
+
 def show_config(app: Sidecar) -> Rows:
     """Every setting as in effect now (``pending``: a value read by SIGHUP that waits for a restart)."""
     settings = app.settings
     rows: list[list[str | None]] = []
     for name, info in sorted(SidecarSettings.model_fields.items()):
         value: object = getattr(settings, name)
+        default: object = info.get_default(call_default_factory=True)
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         elif name == "users":
             value = dict(settings.users)
-        elif name == "admin_users":
-            value = admin_users(app)
-        default = info.get_default(call_default_factory=True)
+        elif (decided := _decided(app, name)) is not None:
+            value, default = decided
         pending = app.pending_restart.get(name)
         rows.append(
             [
                 name,
                 _shown(app, name, value),
-                "(the upstream URL's role)" if name == "admin_users" else _shown(app, name, default),
+                _shown(app, name, default),
                 "yes" if name in RELOADABLE else "no",
                 "" if name not in app.pending_restart else _shown(app, name, pending),
             ]
@@ -323,12 +345,17 @@ def show_config(app: Sidecar) -> Rows:
 
 def show_routes(app: Sidecar) -> Rows:
     """Pins and routed transactions by reason since start (``pinned_now``: clients pinned for it now)."""
-    stats = app.pool.stats
-    now = app.pool.pinned_counts()
+    pins: Counter[str] = Counter()
+    routed: Counter[str] = Counter()
+    now: Counter[str] = Counter()
+    for pool in app.all_pools():  # summed over the user pools
+        pins.update(pool.stats.pins)
+        routed.update(pool.stats.routed)
+        now.update(pool.pinned_counts())
     rows: list[list[str | None]] = [
-        ["pin", reason, str(total), str(now.get(reason, 0))] for reason, total in stats.pins.items()
+        ["pin", reason, str(total), str(now.get(reason, 0))] for reason, total in pins.items()
     ]
-    rows += [["direct", reason, str(total), ""] for reason, total in stats.routed.items()]
+    rows += [["direct", reason, str(total), ""] for reason, total in routed.items()]
     return ["kind", "reason", "total", "pinned_now"], rows
 
 
@@ -363,7 +390,8 @@ def show_databases(app: Sidecar) -> Rows:
     """The database clients connect to (and its direct route), then the admin console itself, as PgBouncer."""
     rows: list[list[str | None]] = []
     for pool, name in _pools(app):
-        size = app.settings.direct_max_size if pool.is_direct else app.settings.max_size
+        size = app.settings.direct_max_size if pool.is_direct else app.settings.effective_max_size
+        route = [p for p in app.upstream_pools() if p.is_direct == pool.is_direct]  # every user's
         dsn = pool.dsn
         rows.append(
             [
@@ -377,7 +405,7 @@ def show_databases(app: Sidecar) -> Rows:
                 "0",
                 "transaction",
                 "0",
-                str(len(pool.servers)),
+                str(sum(len(p.servers) for p in route)),
                 "1" if app.paused else "0",
                 "0",
             ]
@@ -396,13 +424,13 @@ def show_users(app: Sidecar) -> Rows:
 
 def show_lists(app: Sidecar) -> Rows:
     """Counts of the sidecar's internal lists (PgBouncer's rows; the DNS ones are always 0 here)."""
-    pools = _pools(app)
+    pools = app.upstream_pools()
     logged_in = sum(1 for c in app.connections if c.state in (READY, ADMIN))
-    servers = sum(len(pool.servers) for pool, _ in pools)
-    idle = sum(len(pool.idle) for pool, _ in pools)
+    servers = sum(len(pool.servers) for pool in pools)
+    idle = sum(len(pool.idle) for pool in pools)
     users = len(show_users(app)[1])
     items = [
-        ("databases", len(pools) + 1),
+        ("databases", len(_pools(app)) + 1),
         ("users", users),
         ("pools", len(pools)),
         ("free_clients", 0),
@@ -489,7 +517,11 @@ class Console:
         if self._backlog is not None:
             self._backlog.append(sql)
             return
-        answer = execute(self.app, sql, self)
+        try:
+            answer = execute(self.app, sql, self)
+        except Exception as exc:  # a bug in one command must not end the operator's session silently
+            log.warning("admin_command_failed", error=repr(exc))
+            answer = _error("XX000", f"the admin console failed on this command: {exc!r}")
         if isinstance(answer, bytes):
             self._write(answer)
             return

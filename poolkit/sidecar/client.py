@@ -1134,6 +1134,12 @@ class ClientConnection(asyncio.Protocol):
                 self._login_failed("28000", console)  # after the password check, as PgBouncer
                 return
             self.console = console
+        else:
+            pool = app.pool_for(self.user)
+            if isinstance(pool, str):
+                self._login_failed("28000", pool)
+                return
+            self.pool = pool
         self.process_id, self.secret_key = app.register_cancel_key(self)
         if self.admin:
             self._reader = MessageReader(side="client", max_message_size=protocol.MAX_INSPECTED_SIZE)

@@ -9,7 +9,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -167,6 +175,10 @@ class SidecarSettings(BaseSettings):
     # can do more than any console command upstream anyway. Everyone else is refused at login.
     admin_users: Annotated[list[str] | None, NoDecode] = None
     stats_users: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A pool per user, logging in upstream as the client's user with its password from users/auth_file
+    # (PgBouncer's pools per user). Off: every client runs upstream as the URL's role (PgBouncer's
+    # force_user), the simple default. Needs a restart: clients are bound to their pool at login.
+    user_pools: bool = False
     client_tls: ClientTls | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -204,6 +216,17 @@ class SidecarSettings(BaseSettings):
                     f"{shown} is no PostgreSQL role name (1 to 63 bytes, no NUL); "
                     'give user names separated by commas, e.g. "admin, ops"'
                 )
+        return value
+
+    @field_validator("user_pools")
+    @classmethod
+    def _check_user_pools(cls, value: bool, info: ValidationInfo) -> bool:
+        users, auth_file = info.data.get("users"), info.data.get("auth_file")
+        if value and (info.data.get("auth_type") == "trust" or not (users or auth_file)):
+            raise ValueError(
+                "needs users with passwords (users or auth_file, and auth_type scram-sha-256 or auto): "
+                "each user's pool logs in upstream with that user's password"
+            )
         return value
 
     @field_validator("listen_port", "http_port")

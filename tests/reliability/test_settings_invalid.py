@@ -183,6 +183,7 @@ SIDECAR = [
     SidecarCase("client_tls", "verify", ("'require'",)),
     SidecarCase("admin_users", "x" * 64, ("1 to 63 bytes",)),
     SidecarCase("stats_users", "ops, " + "y" * 70, ("1 to 63 bytes",)),
+    SidecarCase("user_pools", True, ("needs users with passwords",)),
     SidecarCase("tls_cert_file", "/nonexistent/cert.pem", ("no such file",)),
     SidecarCase("tls_key_file", "/nonexistent/key.pem", ("no such file",)),
 ]

@@ -340,7 +340,11 @@ def test_show_config_shows_values_in_effect_and_what_waits_for_a_restart(stack: 
         assert stack.app_password not in str(rows)
         assert (config_now["listen_port"]["value"], config_now["listen_port"]["pending"]) == (str(port), "")
         assert config_now["listen_port"]["changeable"] == "no"
-        assert (config_now["max_size"]["default"], config_now["max_size"]["changeable"]) == ("3", "yes")
+        max_size = config_now["max_size"]
+        assert (max_size["value"], max_size["changeable"]) == ("1", "yes")
+        assert max_size["default"] == "(3; 10 in front of a transaction pooler)"
+        assert config_now["upstream_mode"]["value"] == "session"  # auto, decided: a direct upstream
+        assert config_now["admin_users"]["value"] == "app"  # unset: the upstream URL's role
 
         config.write_text(f"listen_port = {new_port}\nhttp_port = {http_port}\nmax_size = 2\n")
         proc.send_signal(signal.SIGHUP)
