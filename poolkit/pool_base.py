@@ -317,8 +317,12 @@ class PoolBase:
         )
 
     def too_many_waiting(self) -> TooManyWaiting:
-        """The error for a caller refused because ``max_waiting`` callers already wait."""
-        return TooManyWaiting(
+        """Count and log a caller refused because ``max_waiting`` callers already wait; return the error.
+
+        Counted and logged as exhaustion (``poolkit_pool_acquire_timeouts_total``, ``pool_exhausted`` with
+        ``timeout_s=0``): the pool is exhausted, and the exhaustion alert must see these callers too.
+        """
+        error = TooManyWaiting(
             f"pool {self.name!r} ({self.route}, {self.driver}) is exhausted and {self.waiting} caller(s) already "
             f"wait for one of its {self.max_size} connection(s), the max_waiting limit: this one was refused at "
             "once. Raise POOLKIT_MAX_WAITING (0: no limit), or " + exhaustion_hint(self.max_size, self.profile),
@@ -327,6 +331,8 @@ class PoolBase:
             waiting=self.waiting,
             timeout=0.0,
         )
+        self.observer.exhausted(error, in_use=self.gauge_values()[0], hint="raise POOLKIT_MAX_WAITING")
+        return error
 
     def exhausted(self, limit: float) -> PoolTimeout:
         """Count and log a caller giving up after ``limit`` seconds; return the PoolTimeout to raise.

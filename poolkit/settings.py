@@ -286,7 +286,9 @@ def unknown_env_problems(
     Names compare case-insensitively, as pydantic-settings reads them. A misspelt variable would otherwise be
     ignored without a word (``POOLKIT_MAXSIZE=5`` leaves max_size at 1).
     """
-    known_upper = sorted({name.upper() for name in known})
+    known_upper = {name.upper() for name in known}
+    # Compared without the shared prefix, which would make every name look alike.
+    tails = {k.removeprefix(prefix): k for k in sorted(known_upper) if k.startswith(prefix)}
     problems = []
     for name in sorted(os.environ if environ is None else environ):
         upper = name.upper()
@@ -294,8 +296,6 @@ def unknown_env_problems(
             continue
         if skip_prefix is not None and upper.startswith(skip_prefix):
             continue
-        # Compared without the shared prefix, which would make every name look alike.
-        tails = {k.removeprefix(prefix): k for k in known_upper if k.startswith(prefix)}
         close = difflib.get_close_matches(upper.removeprefix(prefix), tails, n=1, cutoff=0.6)
         hint = f"did you mean {tails[close[0]]}?" if close else "no setting is named like it"
         problems.append(f"{name} is not a poolkit setting ({hint})")

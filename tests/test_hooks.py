@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from psycopg.types.numeric import FloatLoader
 
 import poolkit
@@ -32,6 +33,15 @@ def poll_sync(predicate: Any, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.01)
+
+
+def timeouts(pool: Any) -> float:
+    """``poolkit_pool_acquire_timeouts_total`` of ``pool``, as a scrape reads it."""
+    name, driver, route = pool.metric_labels
+    value = REGISTRY.get_sample_value(
+        "poolkit_pool_acquire_timeouts_total", {"pool": name, "driver": driver, "route": route}
+    )
+    return value or 0.0
 
 
 # ---------------------------------------------------------------- asyncpg: init, setup, reset
@@ -154,9 +164,11 @@ async def test_max_waiting_refuses_the_caller_beyond_the_queue(stack_env: DevSta
             waiter = asyncio.create_task(pool.fetchval("SELECT 7"))
             await poll(lambda: pool.waiting == 1)
             started = time.monotonic()
+            before = timeouts(pool)
             with pytest.raises(TooManyWaiting, match=r"1 caller\(s\) already wait .*max_waiting limit"):
                 await pool.fetchval("SELECT 1")
             assert time.monotonic() - started < 5  # refused at once, not after acquire_timeout (30 s)
+            assert timeouts(pool) == before + 1  # seen by the exhaustion metric (and its alert)
         assert await waiter == 7  # the queued caller was served
         # Without the limit, a third caller queues and waits out its acquire_timeout.
         async with unlimited.acquire():
