@@ -37,6 +37,7 @@ succeeds on whichever backend it lands, whatever an earlier batch or another sid
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections import OrderedDict, deque
@@ -767,8 +768,13 @@ def strip_answer(expected: bytes, part: bytes) -> tuple[bytes, bytes]:
     return b"", part[same:]
 
 
+@functools.lru_cache(maxsize=4096)
 def _server_name(key: bytes) -> bytes:
-    """A statement's name upstream: a digest of its text and types, so a name always means the same SQL."""
+    """A statement's name upstream: a digest of its text and types, so a name always means the same SQL.
+
+    Cached: behind a transaction pooler every request that binds a statement needs its name (and a
+    bytes object keeps its hash, so the lookup costs less than the digest).
+    """
     return SERVER_NAME_PREFIX + hashlib.blake2b(key, digest_size=12).hexdigest().encode()
 
 
