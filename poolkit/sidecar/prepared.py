@@ -55,8 +55,8 @@ _U32 = struct.Struct("!I")
 _PARSE_COMPLETE: Final = b"1\x00\x00\x00\x04"
 _CLOSE_COMPLETE: Final = b"3\x00\x00\x00\x04"
 #: What the server answers first to a request :meth:`ClientStatements.reprepare` rewrote, and the relay
-#: removes (:func:`strip_answer`): the Close and the Parse the sidecar put in front of its Bind.
-REPREPARED_ANSWER: Final = _CLOSE_COMPLETE + _PARSE_COMPLETE
+#: removes (:func:`strip_answer`): the Parse the sidecar put in front of its Bind.
+REPREPARED_ANSWER: Final = _PARSE_COMPLETE
 
 # Client message type bytes.
 _P, _B, _D, _C, _E = b"P"[0], b"B"[0], b"D"[0], b"C"[0], b"E"[0]
@@ -167,7 +167,7 @@ class ServerStatements:
         """Would :meth:`ClientStatements.reprepare` serve a request with these Binds here?
 
         Behind a transaction pooler, a request that binds one statement, first in it: its statement is
-        prepared again in front of it, and the only answers to remove are the first two.
+        prepared again in front of it, and the only answer to remove is the first.
         """
         return self.transaction and not self.active and not self.orphans and len(binds) == 1 and binds[0][1] == 0
 
@@ -479,13 +479,13 @@ class ClientStatements:
     def reprepare(self, data: bytes, server: ServerStatements, binds: list[Bound], z: int) -> bytes:
         """:meth:`rename` behind a transaction pooler, for a request :meth:`ServerStatements.reprepares` accepts.
 
-        The statement is closed and parsed again in front of the Bind (its backend may be any), so the
-        answer starts with :data:`REPREPARED_ANSWER`, which the relay strips; nothing else is rewritten,
-        so the request may be pipelined like a plain one.
+        The statement is parsed again in front of the Bind as the unnamed statement (its backend may be
+        any, and nothing is left there for others to see or trip over), so the answer starts with
+        :data:`REPREPARED_ANSWER`, which the relay strips; nothing else is rewritten, so the request may
+        be pipelined like a plain one. The request has no unnamed statement of the client's to displace:
+        :meth:`bound` accepts only Binds of named statements.
         """
         ((statement, _, portal_end, name_end, length),) = binds
-        key = statement.key
-        server_name = _server_name(key)
         server.stats["miss"] += 1
         self.z = z + 1
         self.t = 0
@@ -493,12 +493,10 @@ class ClientStatements:
         self._shift_at = (server, self.z)
         return b"".join(
             (
-                _close_statement(server_name),
-                _parse(server_name, key),
+                _parse(b"", statement.key),
                 b"B",
-                _U32.pack(length - (name_end - portal_end - 1) + len(server_name)),
+                _U32.pack(length - (name_end - portal_end - 1)),
                 data[5 : portal_end + 1],
-                server_name,
                 b"\x00",
                 data[name_end + 1 :],
             )
@@ -580,6 +578,12 @@ class ClientStatements:
             elif kind == _E:
                 t += 1
             elif kind == _S or kind == _Q or kind == _F:  # noqa: PLR1714, SIM109 - cheaper than a tuple
+                if kind == _S and server.transaction and server.cache and server.cache_z == self.z:
+                    if pos > run:
+                        out.append(data[run:pos])
+                        run = pos
+                    self.t = t
+                    self._close_batch(server, out)
                 self.z += 1
                 t = 0
                 self._shift = 0
@@ -687,6 +691,17 @@ class ClientStatements:
         self._inject(server, _INJECTED, _parse(server_name, key), key=key, server_name=server_name, out=out)
         self._evict(server, out)
         return server_name
+
+    def _close_batch(self, server: ServerStatements, out: list[bytes]) -> None:
+        """Behind a transaction pooler, before a batch's Sync: close what it prepared (answers swallowed).
+
+        The backend goes to other clients, other sidecars' too, after the Sync; nothing of this client's
+        stays there for them to see in ``pg_prepared_statements``. (After an error PostgreSQL skips these
+        Closes; the names left then are closed before their next Parse anyway.)
+        """
+        for server_name in server.cache.values():
+            self._inject(server, _DROP, _close_statement(server_name), server_name=server_name, out=out)
+        server.cache.clear()
 
     def _drop_name(self, server: ServerStatements, key: bytes, out: list[bytes]) -> bytes:
         """The server name for ``key``, closed first (answer swallowed) so that a Parse of it cannot fail.

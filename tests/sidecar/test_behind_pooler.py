@@ -430,3 +430,35 @@ def test_a_named_statement_whose_table_went_away_fails_cleanly_through_the_poole
         await admin.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_what_pg_prepared_statements_shows_other_clients(
+    stack: DevStack, sidecar_factory: Factory, upstream: str
+) -> None:
+    """Behind a transaction pooler nothing of a client's statements stays on a backend after its batch.
+
+    With a session upstream the sidecar's clients share one upstream role's server connections, and a
+    statement prepared there stays in that connection's cache, visible to the next client on it.
+    """
+    sidecar = sidecar_factory(**through(stack, upstream), max_size=1)
+    marker = f"secret_marker_{upstream}"
+
+    async def main() -> list[str]:
+        owner = await asyncpg.connect(sidecar.url())
+        statement = await owner.prepare(f"SELECT $1::int + 1 AS {marker}")
+        assert await statement.fetchval(41) == 42
+        with psycopg.connect(sidecar.url(), autocommit=True) as conn:
+            conn.execute(f"SELECT %s::int AS {marker}_2", (1,), prepare=True)
+        other = await asyncpg.connect(sidecar.url(), statement_cache_size=0)
+        seen = [r[0] for r in await other.fetch("SELECT statement FROM pg_prepared_statements")]
+        await other.close()
+        await owner.close()
+        return seen
+
+    seen = asyncio.run(main())
+    leaked = [s for s in seen if marker in s]
+    if upstream == "pgbouncer":
+        assert leaked == [], leaked
+    else:
+        assert leaked, seen  # the session upstream's shared cache, as documented
