@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol
 
 from poolkit.errors import ConfigError
 
 if TYPE_CHECKING:
-    from poolkit.pool import Pool
-    from poolkit.sync_pool import SyncPool
+    from poolkit.driver import AsyncDriver, Transaction
+
+
+class AsyncPoolLike(Protocol):
+    """What :func:`as_user` needs of an async pool (``poolkit.Pool``)."""
+
+    @property
+    def adapter(self) -> AsyncDriver: ...
+    def acquire(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Any]: ...
+
+
+class SyncPoolLike(Protocol):
+    """What :func:`as_user_sync` needs of a sync pool (``poolkit.SyncPool``)."""
+
+    def acquire(self, *, timeout: float | None = None) -> AbstractContextManager[Any]: ...
+
 
 # PostgREST/Supabase read these: `auth.uid()` reads request.jwt.claim.sub in older projects and
 # request.jwt.claims ->> 'sub' in newer ones, so both are set.
@@ -21,7 +36,7 @@ _MAX_IDENTIFIER_BYTES = 63
 
 # One round trip for both settings. `true` = is_local: the values end with the transaction, which is
 # what makes this safe through a transaction pooler (the next client on the server connection sees '').
-_SET_CLAIMS_ASYNCPG = f"SELECT set_config('{CLAIMS_SETTING}', $1, true), set_config('{SUB_SETTING}', $2, true)"
+_SET_CLAIMS = f"SELECT set_config('{CLAIMS_SETTING}', $1, true), set_config('{SUB_SETTING}', $2, true)"
 _SET_CLAIMS_PSYCOPG = f"SELECT set_config('{CLAIMS_SETTING}', %s, true), set_config('{SUB_SETTING}', %s, true)"
 
 
@@ -60,32 +75,23 @@ def claims_json(claims: Mapping[str, Any] | None) -> tuple[str, str]:
 class UserSession:
     """``async with`` body of :func:`as_user`: yields the driver's connection inside the scoped transaction."""
 
-    def __init__(self, pool: Pool, claims: Mapping[str, Any] | None, role: str | None) -> None:
+    def __init__(self, pool: AsyncPoolLike, claims: Mapping[str, Any] | None, role: str | None) -> None:
         self._pool = pool
         self._claims, self._sub = claims_json(claims)
         self._role = quote_role(role) if role is not None else None
         self._acquire: Any = None
         self._conn: Any = None
-        self._tx: Any = None
+        self._tx: Transaction | None = None
 
     async def __aenter__(self) -> Any:
+        driver = self._pool.adapter
         acquire = self._pool.acquire()
         conn = await acquire.__aenter__()
         try:
-            if self._pool.driver == "asyncpg":
-                tx = conn.transaction()
-                await tx.start()
-                self._tx = tx
-                await conn.execute(_SET_CLAIMS_ASYNCPG, self._claims, self._sub)
-                if self._role is not None:
-                    await conn.execute(f"SET LOCAL ROLE {self._role}")
-            else:
-                tx = conn.transaction()
-                await tx.__aenter__()
-                self._tx = tx
-                await conn.execute(_SET_CLAIMS_PSYCOPG, (self._claims, self._sub))
-                if self._role is not None:
-                    await conn.execute(f"SET LOCAL ROLE {self._role}")
+            self._tx = await driver.begin(conn)
+            await driver.execute(conn, driver.sql(_SET_CLAIMS), (self._claims, self._sub), None)
+            if self._role is not None:
+                await driver.execute(conn, f"SET LOCAL ROLE {self._role}", (), None)
         except BaseException as exc:
             await self._finish(exc)
             await acquire.__aexit__(type(exc), exc, exc.__traceback__)
@@ -97,15 +103,10 @@ class UserSession:
         tx, self._tx = self._tx, None
         if tx is None:
             return
-        if self._pool.driver == "asyncpg":
-            if exc is None:
-                await tx.commit()
-            else:
-                await tx.rollback()
-        elif exc is None:
-            await tx.__aexit__(None, None, None)
+        if exc is None:
+            await tx.commit()
         else:
-            await tx.__aexit__(type(exc), exc, exc.__traceback__)
+            await tx.rollback()
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         acquire, self._acquire = self._acquire, None
@@ -121,7 +122,7 @@ class UserSession:
 class SyncUserSession:
     """``with`` body of :func:`as_user_sync`: the psycopg connection inside the scoped transaction."""
 
-    def __init__(self, pool: SyncPool, claims: Mapping[str, Any] | None, role: str | None) -> None:
+    def __init__(self, pool: SyncPoolLike, claims: Mapping[str, Any] | None, role: str | None) -> None:
         self._pool = pool
         self._claims, self._sub = claims_json(claims)
         self._role = quote_role(role) if role is not None else None
@@ -160,7 +161,9 @@ class SyncUserSession:
         acquire.__exit__(exc_type, exc, tb)
 
 
-def as_user(pool: Pool, claims: Mapping[str, Any] | None, *, role: str | None = "authenticated") -> UserSession:
+def as_user(
+    pool: AsyncPoolLike, claims: Mapping[str, Any] | None, *, role: str | None = "authenticated"
+) -> UserSession:
     """A transaction that runs as a Supabase-style user, for row-level-security policies.
 
     ``async with as_user(pool, {"sub": user_id, "role": "authenticated"}) as conn:`` begins a
@@ -175,7 +178,7 @@ def as_user(pool: Pool, claims: Mapping[str, Any] | None, *, role: str | None = 
 
 
 def as_user_sync(
-    pool: SyncPool, claims: Mapping[str, Any] | None, *, role: str | None = "authenticated"
+    pool: SyncPoolLike, claims: Mapping[str, Any] | None, *, role: str | None = "authenticated"
 ) -> SyncUserSession:
     """The sync variant of :func:`as_user` for a :class:`poolkit.SyncPool` (``with ... as conn``)."""
     return SyncUserSession(pool, claims, role)
