@@ -11,10 +11,12 @@ import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from poolkit.errors import ConfigError
-from poolkit.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from poolkit.settings import Settings
 
 # OIDs of json, jsonb and their arrays: asyncpg returns these as text, psycopg as Python objects.
 _JSON_OIDS = frozenset({114, 3802, 199, 3807})
@@ -235,7 +237,9 @@ async def compare(sql: str, *args: Any, settings: Settings | None = None) -> Com
     to ``$1..$n``); literals, quoted names, dollar-quoted bodies and comments are never touched.
     The connections come from the configured pooled URL; the transactions always roll back.
     """
-    from poolkit.pool import Pool  # noqa: PLC0415 - pool imports the drivers; compare is rarely used
+    # Here, not at the top: `import poolkit` imports this module, and must not load pydantic or the pools.
+    from poolkit.pool import Pool  # noqa: PLC0415
+    from poolkit.settings import load_settings  # noqa: PLC0415
 
     cfg = settings if settings is not None else load_settings()
     if cfg.env != "development":
