@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
 # OIDs of json, jsonb and their arrays: asyncpg returns these as text, psycopg as Python objects.
 _JSON_OIDS = frozenset({114, 3802, 199, 3807})
-_DOLLAR_PARAM = re.compile(r"\$(\d+)")
 _DOLLAR_QUOTE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
 _IDENT_CHAR = re.compile(r"[A-Za-z0-9_$]")
 
