@@ -119,7 +119,7 @@ def _style(sql: str) -> str:
     return "percent" if has_percent else "dollar"
 
 
-def normalise(value: Any, *, json_column: bool = False) -> Any:
+def normalise(value: Any, *, json_column: bool = False) -> Any:  # noqa: PLR0911, PLR0912 - one branch per value type, read top to bottom as the rules table they are
     """A driver-neutral form of one value: what both drivers should agree on.
 
     Aware datetimes go to UTC, UUID subclasses to uuid.UUID, JSON text (asyncpg) to Python objects,

@@ -245,7 +245,7 @@ class AsyncpgAcquire(Acquire):
 
     __slots__ = ()
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> Any:  # noqa: PLR0912, PLR0915 - inline on purpose: every acquisition runs it, a helper would add a frame
         pool = self._pool
         # The binding of the running loop, without a dict lookup or a coroutine when it is the last one used.
         binding: Any = pool._hot
