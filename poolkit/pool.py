@@ -42,7 +42,7 @@ class Pool(AsyncShortcuts, PoolBase):
     # -- the loop binding -------------------------------------------------------------------------------------
 
     async def _binding(self) -> Binding:
-        # The slow path of _Acquire: the fast one reuses `_hot` when it belongs to the running loop. Forked
+        # The slow path of the driver's Acquire: the fast one reuses `_hot` when it belongs to the running loop. Forked
         # children never get that far: the at-fork hook (pool_base.install_fork_hook) clears `_hot`.
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed: create a new one (or call poolkit.get_pool() again)")
