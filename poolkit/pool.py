@@ -15,7 +15,7 @@ from typing import Any
 from poolkit.driver import Acquire, AsyncDriver, Binding, async_driver
 from poolkit.errors import ConnectError, PoolClosed
 from poolkit.pool_base import ConnectionHooks, PoolBase, Route, neutralise_fd
-from poolkit.rls import UserSession
+from poolkit.rls_async import UserSession
 from poolkit.settings import Settings, load_settings
 from poolkit.shortcuts_async import AsyncShortcuts
 from poolkit.state import get_state

@@ -11,17 +11,21 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from psycopg_pool import ConnectionPool
 
 from poolkit import psycopg_sync
 from poolkit.errors import PoolClosed
 from poolkit.pool_base import ConnectionHooks, PoolBase, Route, neutralise_fd
-from poolkit.rls import SyncUserSession
+from poolkit.rls_sync import SyncSessionDriver, SyncUserSession
 from poolkit.settings import Settings, load_settings
 from poolkit.shortcuts_sync import SyncQueries, SyncShortcuts
 from poolkit.state import get_state
+
+
+class _SyncAdapter(SyncQueries, SyncSessionDriver, Protocol):
+    """The driver side of the sync pool's shortcuts and RLS sessions: ``poolkit.psycopg_sync``."""
 
 
 class SyncPool(SyncShortcuts, PoolBase):
@@ -42,7 +46,7 @@ class SyncPool(SyncShortcuts, PoolBase):
         self._recorder = self.observer.recorder(locked=True)
         self._tally = self._recorder.tally
         #: The shortcuts' driver methods (generated from the async pool's psycopg ones).
-        self.adapter: SyncQueries = psycopg_sync
+        self.adapter: _SyncAdapter = psycopg_sync
 
     def _driver_pool(self) -> ConnectionPool[Any]:
         if self._closed:
