@@ -312,8 +312,19 @@ def _call_args(tokens: list[Token], open_index: int) -> list[list[Token]]:
     return args
 
 
+#: Settings that change how a query is planned, never its result: a session-level change of one leaves
+#: nothing a later transaction could see in its answers. asyncpg turns ``jit`` off around its type
+#: introspection (the first array, enum, range or composite result) and back with
+#: ``set_config('jit', ..., false)``; treating that as session state would pin, or behind a transaction
+#: pooler refuse, every asyncpg client that reads an array.
+PLANNER_ONLY_SETTINGS = frozenset({"jit"})
+
+
 def _lex_bool_arg(tokens: list[Token], open_index: int) -> bool | None:
+    """set_config's ``is_local`` if known; ``True`` too for a planner-only setting (see PLANNER_ONLY_SETTINGS)."""
     args = _call_args(tokens, open_index)
+    if args and len(args[0]) == 1 and args[0][0][0] == "s" and args[0][0][1].lower() in PLANNER_ONLY_SETTINGS:
+        return True
     if len(args) < 3:
         return None
     arg = args[2]
@@ -557,6 +568,14 @@ def _pg_bool(node: Any) -> bool | None:
     return None
 
 
+def _pg_set_config_local(args: list[Any]) -> bool | None:
+    """:func:`_lex_bool_arg` for pglast's tree."""
+    const = args[0].get("A_Const") if args and isinstance(args[0], dict) else None
+    if isinstance(const, dict) and str(const.get("sval", {}).get("sval", "")).lower() in PLANNER_ONLY_SETTINGS:
+        return True
+    return _pg_bool(args[2]) if len(args) > 2 else None
+
+
 def _pg_dml(root: Any) -> str:
     found: set[str] = set()
     stack = [root]
@@ -584,7 +603,7 @@ def _pg_dml(root: Any) -> str:
                 found.add("temp_table")
             elif schema in (None, "pg_catalog") and names:
                 args = call.get("args", [])
-                third = _pg_bool(args[2]) if names[-1] == "set_config" and len(args) > 2 else None
+                third = _pg_set_config_local(args) if names[-1] == "set_config" else None
                 reason = _function_reason(names[-1], third)
                 if reason:
                     found.add(reason)

@@ -301,6 +301,8 @@ def _set_effect(tokens: list[_Token]) -> Effect:
         return _PIN["session_set"]
     if _word(tokens, value_at) == "default" and value_at == len(tokens) - 1:
         return NOTHING  # SET x TO DEFAULT is RESET x
+    if name in routing.PLANNER_ONLY_SETTINGS:
+        return NOTHING  # changes plans, never answers
     if name in TRACKED_PARAMETERS:
         # Reported by ParameterStatus: the relay carries it for this client; a transaction pooler
         # carries only some (POOLER_RESTORED) across backends itself.

@@ -462,3 +462,33 @@ def test_what_pg_prepared_statements_shows_other_clients(
         assert leaked == [], leaked
     else:
         assert leaked, seen  # the session upstream's shared cache, as documented
+
+
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_asyncpg_type_introspection_through_the_sidecar(
+    stack: DevStack, sidecar_factory: Factory, upstream: str
+) -> None:
+    """asyncpg turns jit off and back around its first array/enum/composite result: neither pinned nor refused.
+
+    Behind a transaction pooler with no direct URL a session setting is refused (search_path, below), so
+    before jit counted as planner-only every asyncpg client that read an array lost its connection there.
+    """
+    sidecar = sidecar_factory(**through(stack, upstream), max_pinned_clients=1)
+
+    async def client(cid: int) -> None:
+        conn = await asyncpg.connect(sidecar.url())
+        try:
+            assert await conn.fetchval("SELECT array[$1::int, 2]::int[]", cid) == [cid, 2]
+            assert (await conn.fetchval("SELECT int4range($1::int, 10)", cid)).lower == cid
+            assert await conn.fetchval("SELECT ROW($1::int, 'x')::record", cid) == (cid, "x")
+            if upstream == "pgbouncer":
+                with pytest.raises(asyncpg.FeatureNotSupportedError):
+                    await conn.execute("SET search_path TO public")
+        finally:
+            await conn.close()
+
+    async def main() -> None:
+        await asyncio.gather(*(client(c) for c in range(4)))
+
+    asyncio.run(main())
+    assert sidecar.call(lambda app: (len(app.pool.pinned), app.pool.stats.pins["session_set"])) == (0, 0)
