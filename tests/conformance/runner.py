@@ -190,10 +190,15 @@ class Comparison:
             for test in self.unexpected:
                 bouncer = self.results.get("pgbouncer", {}).get(test)
                 also = f" [PgBouncer: {bouncer.outcome}]" if bouncer is not None else ""
-                lines.append(f"  {test}{also}\n      {self.results['sidecar'][test].message}")
+                first = (self.results["sidecar"][test].message.splitlines() or [""])[0]
+                lines.append(f"  {test}{also}\n      {first}")
         if self.known_but_passing_bouncer:
-            lines.append(f"{KNOWN_FILE.name} lists tests that pass through PgBouncer (not transaction pooling's):")
+            lines.append(f"listed in {KNOWN_FILE.name} but passed through PgBouncer this time (check the reason):")
             lines.extend(f"  {t}" for t in self.known_but_passing_bouncer)
+        unselected = sorted(self.known.keys() - self.results["direct"].keys())
+        if unselected:
+            lines.append(f"listed in {KNOWN_FILE.name} but not in the selection:")
+            lines.extend(f"  {t}" for t in unselected)
         if self.known_now_passing:
             lines.append(f"listed in {KNOWN_FILE.name} but passed through the sidecar this time:")
             lines.extend(f"  {t}" for t in self.known_now_passing)
