@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .runner import KNOWN_FILE, Comparison, load_known, run
+from .runner import KNOWN_FILE, Comparison, Outcome, load_known, run
 
 
 def test_known_failures_file_is_well_formed() -> None:
@@ -20,6 +20,25 @@ def test_known_failures_file_is_well_formed() -> None:
     for test, reason in known.items():
         assert test.startswith("tests/test_") and "::" in test, f"{KNOWN_FILE.name}: {test} is not a node id"
         assert len(reason.split()) >= 4, f"{KNOWN_FILE.name}: {test} needs a reason a reader can check"
+
+
+def test_the_verdict_counts_only_sidecar_failures_outside_the_known_file() -> None:
+    """The comparison on outcomes as the runner records them (pure: no server)."""
+    p, f, s = Outcome("passed"), Outcome("failed", "boom"), Outcome("skipped")
+    results = {
+        "direct": {"a": p, "b": p, "c": p, "d": f, "e": s, "k": p},
+        "sidecar": {"a": p, "b": f, "c": f, "d": f, "e": s, "k": p},
+        "pgbouncer": {"b": f, "c": p},
+    }
+    comparison = Comparison(results=results, known={"c": "reason", "k": "reason"}, modes=tuple(results))
+    assert comparison.sidecar_regressions == {"b", "c"}  # d fails direct too; e is skipped
+    assert comparison.unexpected == ["b"]
+    assert not comparison.ok
+    assert comparison.known_now_passing == ["k"]
+    assert comparison.known_but_passing_bouncer == ["c"]
+    assert comparison.counts()["sidecar"] == {"passed": 2, "failed": 3, "skipped": 1}
+    assert "UNEXPECTED sidecar failures (1)" in comparison.report()
+    assert Comparison(results=results, known={"b": "r", "c": "r"}, modes=tuple(results)).ok
 
 
 @pytest.mark.slow
