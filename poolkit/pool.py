@@ -25,10 +25,10 @@ from poolkit.detect import Mode
 from poolkit.dsn import Dsn
 from poolkit.errors import ConnectError, ConnectTimeout, PoolClosed
 from poolkit.observe import Observer, Recorder
-from poolkit.pool_base import PoolBase, Route, SessionGuard, psycopg_pool_options
+from poolkit.pool_base import ConnectionHooks, PoolBase, Route, SessionGuard, psycopg_pool_options
 from poolkit.settings import Settings
 from poolkit.state import get_state
-from poolkit.translate import translate_connect_error, translate_query_error
+from poolkit.translate import fresh_copy, translate_connect_error, translate_query_error
 
 _IDLE = TransactionStatus.IDLE
 _UNKNOWN = TransactionStatus.UNKNOWN  # libpq's status of a broken connection
@@ -284,6 +284,7 @@ class _Binding:
         self.driver_pool: Any = None
         self.guard: AsyncGenerator[None, None] | None = None
         self.asyncpg = owner.driver == "asyncpg"
+        self.max_waiting = owner.max_waiting
         self.max_lifetime = owner.settings.max_lifetime
         self.recorder = owner.observer.recorder()
         self.tally = self.recorder.tally
@@ -293,7 +294,11 @@ class _Binding:
 
     async def open(self) -> None:
         o = self.owner
+        hooks = o.hooks
         if o.driver == "asyncpg":
+            reset = _rollback_only if o.mode is Mode.TRANSACTION else _reset_session
+            if hooks.reset is not None:
+                reset = functools.partial(_reset_then, reset, hooks.reset)
             self.driver_pool = await asyncpg.create_pool(
                 min_size=o.settings.min_size,
                 max_size=o.max_size,
@@ -302,7 +307,9 @@ class _Binding:
                 # query (about 4 µs, as much as all of poolkit's own work per query).
                 max_inactive_connection_lifetime=0,
                 connect=self._asyncpg_connect,
-                reset=_rollback_only if o.mode is Mode.TRANSACTION else _reset_session,
+                reset=reset,
+                init=hooks.init,
+                setup=hooks.setup,
                 connection_class=PoolkitAsyncpgConnection,
                 **o.asyncpg_connect_kwargs(),
             )
@@ -310,9 +317,12 @@ class _Binding:
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
                 kwargs=o.psycopg_connect_kwargs(),
                 connection_class=o.psycopg_connection_class(),
-                configure=self._psycopg_configure,
                 check=_check_if_suspect,
-                **psycopg_pool_options(o.settings, max_size=o.max_size, name=o.name),
+                # configure: the app's hook runs inside _psycopg_configure, after poolkit's own set-up.
+                **{
+                    **psycopg_pool_options(o.settings, max_size=o.max_size, name=o.name, hooks=hooks),
+                    "configure": self._psycopg_configure,
+                },
             )
             await pool.open(wait=o.settings.min_size > 0, timeout=o.settings.connect_timeout)
             self.driver_pool = pool
@@ -376,6 +386,9 @@ class _Binding:
     async def _psycopg_configure(self, conn: Any) -> None:
         # Per connection, not on the per-pool class: each event loop's binding has its own Recorder.
         conn._poolkit_rec = self.recorder
+        configure = self.owner.hooks.configure
+        if configure is not None:
+            await configure(conn)
 
     def _asyncpg_closed(self, conn: Any, _ref: Any) -> None:
         self.conns.discard(conn)
@@ -420,6 +433,8 @@ class _Binding:
         sem = self.sem
         t0 = perf_counter()
         if sem.locked():
+            if self.max_waiting and o.waiting >= self.max_waiting:
+                raise o.too_many_waiting()
             limit = o.settings.acquire_timeout if timeout is None else timeout
             self.tally.waited()
             o.waiting += 1
@@ -444,6 +459,8 @@ class _Binding:
             try:
                 conn = await self.driver_pool.getconn(timeout=0.2)
             except PsycopgPoolTimeout:
+                conn = None
+            if conn is None:  # outside the except block: a connect error must not carry the PoolTimeout
                 conn = await self._getconn_slowly(perf_counter() - t0)
         except BaseException:
             sem.release()
@@ -462,7 +479,7 @@ class _Binding:
         while True:
             error = o.observer.recent_connect_error(within=monotonic() - start)
             if error is not None:
-                raise error from None
+                raise fresh_copy(error)
             if monotonic() >= deadline:
                 raise ConnectTimeout(
                     f"pool {o.name!r} could not open a connection to {o.dsn.host}:{o.dsn.port} within "
@@ -616,6 +633,12 @@ async def _check_if_suspect(conn: Any) -> None:
             raise
 
 
+async def _reset_then(first: Callable[[Any], Any], then: Callable[[Any], Any], conn: Any) -> None:
+    # poolkit's reset (session clean-up), then the app's reset hook.
+    await first(conn)
+    await then(conn)
+
+
 async def _rollback_only(conn: Any) -> None:
     # Behind a transaction pooler the session state that asyncpg's default RESET ALL clears cannot exist
     # (every transaction may land on another server, and the session guard refuses statements that would
@@ -632,10 +655,10 @@ class Pool(PoolBase):
     ``$1`` for asyncpg, ``%s`` for psycopg).
     """
 
-    def __init__(self, settings: Settings, *, route: Route = "pooled") -> None:
+    def __init__(self, settings: Settings, *, route: Route = "pooled", hooks: ConnectionHooks | None = None) -> None:
         self._bindings: dict[int, _Binding] = {}
         self._hot: _Binding | None = None
-        super().__init__(settings, route=route, driver=settings.driver)
+        super().__init__(settings, route=route, driver=settings.driver, hooks=hooks)
         self._opening: dict[int, asyncio.Future[_Binding]] = {}
         self._pid = os.getpid()
         self._psycopg_class: type[Any] | None = None
@@ -759,6 +782,13 @@ class Pool(PoolBase):
         """``async with pool.acquire() as conn``: a connection, or PoolTimeout after ``acquire_timeout``."""
         return _Acquire(self, timeout)
 
+    def connection(self, timeout: float | None = None) -> _Acquire:
+        """``async with pool.connection() as conn``: psycopg_pool's name for :meth:`acquire`, same behaviour.
+
+        With psycopg the block commits on success and rolls back on error, as psycopg_pool's does.
+        """
+        return _Acquire(self, timeout)
+
     def as_user(self, claims: Any, *, role: str | None = "authenticated") -> Any:
         """``async with pool.as_user(claims) as conn``: a transaction under RLS claims and role (poolkit.rls)."""
         from poolkit.rls import as_user  # noqa: PLC0415 - poolkit.rls refers back to this module
@@ -869,6 +899,8 @@ class _Acquire:
         # asyncpg's queue right now (opening one is bounded by connect_timeout).
         t0 = perf_counter()
         must_wait = binding.claimed >= binding.max_size
+        if must_wait and binding.max_waiting and self._pool.waiting >= binding.max_waiting:
+            raise self._pool.too_many_waiting()
         binding.claimed += 1
         if not must_wait:
             try:
@@ -969,19 +1001,36 @@ def _neutralise_fd(fd: int) -> None:
 
 
 async def create_pool(
-    *, driver: str | None = None, open: bool = True, settings: Settings | None = None, **overrides: Any
+    *,
+    driver: str | None = None,
+    open: bool = True,
+    settings: Settings | None = None,
+    init: Callable[[Any], Coroutine[Any, Any, Any]] | None = None,
+    setup: Callable[[Any], Coroutine[Any, Any, Any]] | None = None,
+    configure: Callable[[Any], Coroutine[Any, Any, Any]] | None = None,
+    reset: Callable[[Any], Coroutine[Any, Any, Any]] | None = None,
+    **overrides: Any,
 ) -> Pool:
     """Create an async pool from the environment plus keyword overrides, and check it can connect.
 
     ``driver`` is ``"asyncpg"`` (default) or ``"psycopg"``. Every setting of :class:`poolkit.Settings`
     can be passed by keyword. With ``open=False`` nothing connects until the first acquire.
+
+    Connection hooks, async functions that take the connection, as the drivers' own pools take them:
+    asyncpg's ``init`` (once per new connection: ``set_type_codec``, ...) and ``setup`` (every checkout),
+    psycopg_pool's ``configure`` (once per new connection: ``conn.adapters``, ...), and ``reset`` (when a
+    connection comes back, after poolkit's own clean-up; both drivers). See
+    :class:`poolkit.pool_base.ConnectionHooks`.
     """
     from poolkit.settings import load_settings  # noqa: PLC0415 - keeps import order simple for reloads
 
     if driver is not None:
         overrides["driver"] = driver
     cfg = settings if settings is not None and not overrides else load_settings(**overrides)
-    pool = Pool(cfg)
+    hooks = ConnectionHooks.for_driver(
+        cfg.driver, asynchronous=True, init=init, setup=setup, configure=configure, reset=reset
+    )
+    pool = Pool(cfg, hooks=hooks)
     if open:
         try:
             await pool.open()

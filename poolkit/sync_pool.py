@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -15,10 +16,10 @@ from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
 from poolkit.errors import ConnectTimeout, PoolClosed
 from poolkit.observe import Observer, Recorder
 from poolkit.pool import _neutralise_fd, _sql, socket_has_data
-from poolkit.pool_base import PoolBase, Route, SessionGuard, psycopg_pool_options
+from poolkit.pool_base import ConnectionHooks, PoolBase, Route, SessionGuard, psycopg_pool_options
 from poolkit.settings import Settings
 from poolkit.state import get_state
-from poolkit.translate import translate_connect_error, translate_query_error
+from poolkit.translate import fresh_copy, translate_connect_error, translate_query_error
 
 
 class _ObservedCursor(psycopg.Cursor[Any]):
@@ -136,11 +137,11 @@ class SyncPool(PoolBase):
     psycopg_pool's ``connection()``.
     """
 
-    def __init__(self, settings: Settings, *, route: Route = "pooled") -> None:
+    def __init__(self, settings: Settings, *, route: Route = "pooled", hooks: ConnectionHooks | None = None) -> None:
         self.in_use = 0
         self._pool: ConnectionPool[Any] | None = None
         self._pid = os.getpid()
-        super().__init__(settings, route=route, driver="psycopg-sync")
+        super().__init__(settings, route=route, driver="psycopg-sync", hooks=hooks)
         self._lock = threading.Lock()
         self._sem = threading.BoundedSemaphore(self.max_size)
         # One Tally for every thread: written under self._lock (acquire path) or the recorder's lock (queries).
@@ -174,7 +175,7 @@ class SyncPool(PoolBase):
                     kwargs=self._connect_kwargs(),
                     connection_class=cls,
                     check=_check_if_suspect,
-                    **psycopg_pool_options(self.settings, max_size=self.max_size, name=self.name),
+                    **psycopg_pool_options(self.settings, max_size=self.max_size, name=self.name, hooks=self.hooks),
                 )
                 new.open(wait=self.settings.min_size > 0, timeout=self.settings.connect_timeout)
                 self._pool = new
@@ -210,14 +211,24 @@ class SyncPool(PoolBase):
         """``with pool.acquire() as conn``: a connection, or PoolTimeout after ``acquire_timeout``."""
         return _SyncAcquire(self, timeout)
 
+    def connection(self, timeout: float | None = None) -> _SyncAcquire:
+        """``with pool.connection() as conn``: psycopg_pool's name for :meth:`acquire`, same behaviour."""
+        return _SyncAcquire(self, timeout)
+
     def _get(self, timeout: float | None) -> Any:
         pool = self._driver_pool()
         t0 = time.perf_counter()
         if not self._sem.acquire(blocking=False):
             limit = self.settings.acquire_timeout if timeout is None else timeout
             with self._lock:
-                self.waiting += 1
-                self._tally.waited()
+                if self.max_waiting and self.waiting >= self.max_waiting:
+                    refused = self.too_many_waiting()
+                else:
+                    refused = None
+                    self.waiting += 1
+                    self._tally.waited()
+            if refused is not None:
+                raise refused
             timed_out = None
             try:
                 got = self._sem.acquire(timeout=limit)
@@ -257,11 +268,13 @@ class SyncPool(PoolBase):
             try:
                 return pool.getconn(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
             except PsycopgPoolTimeout:
-                error = self.observer.recent_connect_error(within=time.monotonic() - start)
-                if error is not None:
-                    raise error from None
-                if time.monotonic() >= deadline:
-                    raise
+                pass
+            # Outside the except block: the error must not carry psycopg_pool's PoolTimeout as its context.
+            error = self.observer.recent_connect_error(within=time.monotonic() - start)
+            if error is not None:
+                raise fresh_copy(error)
+            if time.monotonic() >= deadline:
+                raise PsycopgPoolTimeout(f"no connection within {self.settings.connect_timeout:g}s")
 
     def _put(self, conn: Any, exc: BaseException | None) -> None:
         try:
@@ -349,13 +362,25 @@ class _SyncAcquire:
             self._pool._put(conn, exc)
 
 
-def create_sync_pool(*, open: bool = True, settings: Settings | None = None, **overrides: Any) -> SyncPool:
-    """Create a sync psycopg pool from the environment plus keyword overrides, and check it can connect."""
+def create_sync_pool(
+    *,
+    open: bool = True,
+    settings: Settings | None = None,
+    configure: Callable[[Any], Any] | None = None,
+    reset: Callable[[Any], Any] | None = None,
+    **overrides: Any,
+) -> SyncPool:
+    """Create a sync psycopg pool from the environment plus keyword overrides, and check it can connect.
+
+    ``configure`` (once per new connection) and ``reset`` (when a connection comes back, after poolkit's
+    own clean-up) are psycopg_pool's hooks: plain functions that take the connection.
+    """
     from poolkit.settings import load_settings  # noqa: PLC0415
 
     overrides.setdefault("driver", "psycopg")
     cfg = settings if settings is not None and list(overrides) == ["driver"] else load_settings(**overrides)
-    pool = SyncPool(cfg)
+    hooks = ConnectionHooks.for_driver("psycopg", asynchronous=False, configure=configure, reset=reset)
+    pool = SyncPool(cfg, hooks=hooks)
     if open:
         try:
             pool.open()
