@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 Factory = Callable[..., "SidecarThread"]
 CLIENTS = 40
-OPS = 48
+OPS = 80
 VARIANTS = 7
 KINDS = ("asyncpg", "asyncpg-prepare", "psycopg", "psycopg-prepare", "psycopg-tx")
 
