@@ -240,8 +240,16 @@ def fetch_suite(version: str | None = None) -> Path:
     """
     version = version or peer_version()
     root = cache_dir() / f"{PEER}-{version}"
-    if (root / "tests" / "__init__.py").exists():
-        return root
+    if not (root / "tests" / "__init__.py").exists():
+        _download(version, root)
+    # Written on every run, so a cached suite always runs with this runner's plugin and configuration: our
+    # pytest, not asyncpg's own configuration (its addopts need options and plugins we do not install).
+    (root / "pytest.ini").write_text("[pytest]\n")
+    (root / "_conformance_plugin.py").write_text(_PLUGIN)
+    return root
+
+
+def _download(version: str, root: Path) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="conformance-", dir=root.parent) as tmp:
         argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", PEER, "--dest", tmp]
@@ -258,16 +266,11 @@ def fetch_suite(version: str | None = None) -> Path:
         with tarfile.open(sdists[0]) as archive:
             members = [m for m in archive.getmembers() if m.name.startswith(prefix)]
             archive.extractall(staging, members=members, filter="data")
-        suite = staging / f"{PEER}-{version}"
-        # The suite runs from here with our pytest, not with asyncpg's own configuration (its addopts need
-        # options and plugins this project does not install).
-        (suite / "pytest.ini").write_text("[pytest]\n")
-        (suite / "_conformance_plugin.py").write_text(_PLUGIN)
-        with contextlib.suppress(FileExistsError, OSError):
-            suite.rename(root)
+        # Another run may have unpacked it meanwhile: then its copy is used.
+        with contextlib.suppress(OSError):
+            (staging / f"{PEER}-{version}").rename(root)
     if not (root / "tests" / "__init__.py").exists():
         raise ConformanceError(f"{root} has no tests/ after fetching the {PEER} {version} sdist")
-    return root
 
 
 # ------------------------------------------------------------------------------------------------ targets
