@@ -59,13 +59,17 @@ IGNORED_FILES = {
     # Starts subinterpreters importing asyncpg: nothing to do with a server.
     "tests/test_subinterpreters.py": "no server involved",
 }
-# Deselected by node id (nothing about a server is lost: each has a faster sibling that stays selected).
+# Deselected by node id: slow ones (each has a faster sibling that stays selected) and one that is timing.
 DESELECTED = {
     # 6 s direct: introspection over 1,000 types; test_introspection_* keep the cache paths covered.
     "tests/test_introspection.py::TestIntrospection::test_introspection_on_large_db": "slow (6 s direct)",
     # 4 s direct, longer through a pooler: 100 MB of COPY; the other COPY tests stay.
     "tests/test_copy.py::TestCopyTo::test_copy_to_table_large_rows": "slow (100 MB COPY)",
     "tests/test_copy.py::TestCopyFrom::test_copy_from_table_large_rows": "slow (100 MB COPY)",
+    # Whether asyncpg sees the server's error before it has written all 128 rows of 32 kB depends on socket
+    # buffers: it failed direct in one run of four, and more often through any proxy (sidecar and PgBouncer
+    # alike), whose buffers take the rows in. A comparison cannot rely on it.
+    "tests/test_execute.py::TestExecuteMany::test_executemany_server_failure_during_writes": "timing (buffers)",
 }
 # A peer test that hangs is a failure, not a reason to wait for the session timeout.
 TEST_TIMEOUT = 15
