@@ -30,6 +30,7 @@ import asyncio
 import random
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -218,6 +219,7 @@ def pgbench_table(side: Side, delay_ms: float, seconds: int, targets: str) -> li
                 + "  ".join(
                     f"({t}) " + " ".join(f"{role} {us:,.0f}" for role, us in run.cpu_us.items())
                     for t, run in runs.items()
+                    if not run.result.errors  # (a failed run's few transactions say nothing per transaction)
                 )
             )
             print(lines[-1], flush=True)
@@ -338,6 +340,8 @@ def main() -> int:
     targets = "".join(t for t in TARGETS if t in only) or "abcd"
     parts = {p for p in ("pgbench", "drivers") if p in only} or {"pgbench", "drivers"}
     delays = [float(d) for d in args.delays.split(",")]
+    # SIGTERM unwinds like Ctrl-C: the with-blocks stop the sidecars, PgBouncers, relays and the stack.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
 

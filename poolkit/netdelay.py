@@ -39,6 +39,10 @@ def _cache_dir() -> pathlib.Path:
 
 def build_netdelay(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
     """The ``netdelay`` binary for this source, compiled with ``$CC`` or ``cc`` if it is not cached yet."""
+    if not _SOURCE.is_file():
+        raise DevStackError(
+            f"{_SOURCE} is missing: the delay relay is development tooling, run it from a source checkout of poolkit"
+        )
     source = _SOURCE.read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:16]
     directory = pathlib.Path(cache_dir) if cache_dir is not None else _cache_dir()
@@ -58,7 +62,7 @@ def build_netdelay(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.P
     os.close(fd)
     try:
         done = subprocess.run(
-            [found, "-O2", "-Wall", "-Wextra", "-Werror", "-o", partial, str(_SOURCE)],
+            [found, "-O2", "-Wall", "-Wextra", "-o", partial, str(_SOURCE)],
             capture_output=True,
             text=True,
             check=False,

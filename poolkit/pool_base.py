@@ -6,6 +6,7 @@ import inspect
 import logging
 import os
 import re
+import select
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Self
@@ -33,6 +34,40 @@ _UNDOES_STATE = re.compile(
 # Distinct statement texts remembered as harmless per pool; beyond that they are classified each time
 # (cached by poolkit.routing too), which bounds memory for apps that build SQL with literals in it.
 _CLEAN_MAX = 4096
+
+
+def sql_text(query: Any, conn: Any) -> str:
+    """The text of a statement as the app passed it: str, bytes, or a psycopg ``sql.Composable``."""
+    if type(query) is str:
+        return query
+    if isinstance(query, bytes):
+        return query.decode("utf-8", "replace")
+    return str(query.as_string(conn))
+
+
+def socket_has_data(fd: int) -> bool:
+    """True if an idle connection's socket is readable: EOF or a message the server sent unasked
+    (``terminating connection due to administrator command``, a shutdown notice)."""
+    try:
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+def neutralise_fd(fd: int) -> None:
+    """Point a forked child's copy of a connection's descriptor at /dev/null.
+
+    Whatever the child's copies of the driver objects write later (libpq's Terminate, a TLS close_notify)
+    then cannot reach the parent's session.
+    """
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _after_fork_in_child() -> None:
@@ -263,7 +298,7 @@ class PoolBase:
         count_routed(self.name, self.driver, decision.route.value, decision.reason)
         return target
 
-    def _psycopg_kwargs(self, cursor_factory: type[Any]) -> dict[str, Any]:
+    def psycopg_kwargs(self, cursor_factory: type[Any]) -> dict[str, Any]:
         """psycopg's connect arguments for this pool's target, with poolkit's timed cursor."""
         kwargs = detect.psycopg_connect_kwargs(
             self.dsn,

@@ -74,7 +74,7 @@ def translate_query_error(exc: BaseException, mode: Mode, *, pool: str = "") -> 
     return PreparedStatementError(f"{first_line}{where}: {hint}")
 
 
-def translate_connect_error(exc: BaseException, dsn: Dsn, *, connect_timeout: float) -> ConnectError:
+def translate_connect_error(exc: BaseException, dsn: Dsn, *, connect_timeout: float) -> ConnectError:  # noqa: PLR0911 - one return per failure class, each with its own fix
     """Explain why a connection to ``dsn`` failed, with the fix. The message never holds the password."""
     target = f"{dsn.host}:{dsn.port}" if not dsn.is_unix_socket else dsn.host
     text = redact(str(exc), dsn.password)

@@ -97,6 +97,30 @@ def test_a_large_transfer_arrives_intact_and_in_order_both_ways(echo_port: int) 
     assert relay.stats == {"accepted": 1, "bytes_up": len(payload), "bytes_down": len(payload)}
 
 
+def test_many_connections_at_once_each_get_their_own_bytes_back(echo_port: int) -> None:
+    payloads = [os.urandom(256 * 1024 + n) for n in range(30)]
+    echoed: list[bytes] = [b""] * len(payloads)
+
+    def one(index: int, port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(payloads[index])
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(1 << 16):
+                chunks.append(chunk)
+            echoed[index] = b"".join(chunks)
+
+    with DelayRelay("127.0.0.1", echo_port, 0.25) as relay:
+        threads = [threading.Thread(target=one, args=(i, relay.port)) for i in range(len(payloads))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert [len(e) for e in echoed] == [len(p) for p in payloads]
+    assert echoed == payloads, "bytes of one connection reached another, or arrived out of order"
+    assert relay.stats["accepted"] == len(payloads)
+
+
 def test_stop_ends_open_connections_and_a_dead_target_resets_clients(echo_port: int) -> None:
     relay = DelayRelay("127.0.0.1", echo_port, 1.0).start()
     sock = socket.create_connection(("127.0.0.1", relay.port), timeout=30)
