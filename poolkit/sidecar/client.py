@@ -21,7 +21,7 @@ from poolkit.sidecar.pooling import (
     take_server_now,
     valid_setting_name,
 )
-from poolkit.sidecar.prepared import REPREPARED_ANSWER, Bound, ClientStatements, Statement
+from poolkit.sidecar.prepared import AnswerHead, Bound, ClientStatements, Statement
 from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
 from poolkit.sidecar.server import TRACKED_PARAMETERS
 from poolkit.sidecar.session import (
@@ -87,6 +87,7 @@ class ClientConnection(asyncio.Protocol):
         "follow_binds",
         "follow_keys",
         "follow_ok",
+        "head",
         "held_answer",
         "held_effects",
         "input_paused",
@@ -110,7 +111,6 @@ class ClientConnection(asyncio.Protocol):
         "sql_seen",
         "state",
         "statements",
-        "strip",
         "tap",
         "template_autocommit",
         "tls",
@@ -187,8 +187,8 @@ class ClientConnection(asyncio.Protocol):
         self.follow_ok = False
         self.follow_keys: list[bytes] | None = None  # the statement keys its pipelinable request binds
         self.follow_binds: list[Bound] = []
-        # What the server answers first to its request and the relay removes (prepared.strip_answer).
-        self.strip = b""
+        # The head of its request's answer that the relay checks and removes (prepared.AnswerHead).
+        self.head: AnswerHead | None = None
         # Its pipelinable request's shape (shapes.py), kept until its answer times it, only if it queued.
         self.shape: bytes | None = None
         self.deferring = False
@@ -538,7 +538,7 @@ class ClientConnection(asyncio.Protocol):
         the requests queued after it.
         """
         plain, self._plain_req = self._plain_req, False
-        self.strip = b""  # a new transaction: nothing of an earlier answer is still owed
+        self.head = None  # a new transaction: nothing of an earlier answer is still owed
         self.follow_keys = None
         self.shape = None
         scanner = self.scanner
@@ -761,7 +761,7 @@ class ClientConnection(asyncio.Protocol):
         statements = server.statements
         z = server.scanner.ready_total + owed_before
         if statements.transaction:
-            self.strip = REPREPARED_ANSWER
+            self.head = AnswerHead(binds[0][0])
             return self.statements.reprepare(data, statements, binds, z)
         return self.statements.rename(data, statements, binds, z)
 

@@ -6,8 +6,9 @@ which is also the statement's key) and per server (an LRU of key -> server-side 
 a digest of the key, so a name left upstream by anyone always stands for the same SQL).
 Client messages are rewritten on their way out (:meth:`ClientStatements.rewrite`):
 
-* Parse(name): the server has the key -> nothing is sent and ParseComplete is synthesised;
-  otherwise Parse(server name). A second Parse of a live name fails like PostgreSQL's (42P05).
+* Parse(name): Close(server name) + Parse(server name), even where the server has the key (a
+  client prepares again when PostgreSQL said the statement's result type changed, and must get a new
+  one). A second Parse of a live name fails like PostgreSQL's (42P05).
 * Bind / Describe(S) with a known name: renamed; a server lacking it first gets a Parse whose
   ParseComplete the client never sees.
 * Close(S): answered here (CloseComplete); server statements stay cached for every client.
@@ -53,10 +54,17 @@ _MISSING_NAME: Final = b"poolkit_missing"
 
 _U32 = struct.Struct("!I")
 _PARSE_COMPLETE: Final = b"1\x00\x00\x00\x04"
+_DESCRIBE_UNNAMED: Final = b"D\x00\x00\x00\x06S\x00"
+B_READY_BYTE: Final = b"Z"[0]
+# What PostgreSQL answers when a prepared statement's result types changed under it, with the fields
+# drivers recognise it by (asyncpg: the routine, RevalidateCachedQuery in plancache.c, since the text
+# is translated).
+_PLAN_CHANGED_FIELDS: Final = (
+    b"SERROR\x00VERROR\x00C0A000\x00Mcached plan must not change result type\x00"
+    b"Fplancache.c\x00RRevalidateCachedQuery\x00\x00"
+)
+_PLAN_CHANGED: Final = b"E" + _U32.pack(4 + len(_PLAN_CHANGED_FIELDS)) + _PLAN_CHANGED_FIELDS
 _CLOSE_COMPLETE: Final = b"3\x00\x00\x00\x04"
-#: What the server answers first to a request :meth:`ClientStatements.reprepare` rewrote, and the relay
-#: removes (:func:`strip_answer`): the Parse the sidecar put in front of its Bind.
-REPREPARED_ANSWER: Final = _PARSE_COMPLETE
 
 # Client message type bytes.
 _P, _B, _D, _C, _E = b"P"[0], b"B"[0], b"D"[0], b"C"[0], b"E"[0]
@@ -66,7 +74,6 @@ _PARSE_DONE, _CLOSE_DONE, _ERROR = b"1"[0], b"3"[0], b"E"[0]
 
 # What an outstanding entry stands for. Synthesised answers come first: they wait for a position
 # instead of a server message.
-_SYNTH_PARSE = 1  # a Parse answered here (the server had the statement)
 _SYNTH_CLOSE = 2  # a client's Close(S), answered here
 _PARSE = 3  # the client's Parse, sent under the server name: undo the caches if it fails
 _INJECTED = 4  # a Parse the sidecar added: swallow its ParseComplete
@@ -76,20 +83,146 @@ _DROP = 7  # a Close the sidecar sends before each Parse it sends: swallow its C
 
 
 class Statement:
-    """A client's named statement: its key (the Parse body after the name), and whether that Parse failed."""
+    """A client's named statement: its key (the Parse body after the name), and whether that Parse failed.
 
-    __slots__ = ("autocommit", "failed", "key")
+    ``described`` is how the server described it (ParameterDescription, then RowDescription or NoData)
+    the first time the sidecar prepared it again on its own (see :class:`AnswerHead`); ``pinned`` is the
+    key with the parameter types of that description, so that a Parse sent again keeps the types the
+    client encodes its parameters for, as a prepared statement's types are kept in PostgreSQL.
+    """
+
+    __slots__ = ("autocommit", "described", "failed", "key", "pinned")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.failed = False
         self.autocommit: bool | None = None  # may it be pipelined across clients (client.py decides)
+        self.described: bytes | None = None
+        self.pinned = key
+
+    def describe(self, description: bytes) -> None:
+        """Remember the server's description of this statement, and pin its parameter types."""
+        self.described = description
+        (length,) = _U32.unpack_from(description, 1)
+        types = description[5 : 1 + length]  # int16 count, then the type OIDs
+        text_end = self.key.index(0) + 1
+        self.pinned = self.key[:text_end] + types
+
+
+class AnswerHead:
+    """The head of the answer to a request :meth:`ClientStatements.reprepare` wrote, which its client must not see.
+
+    The request starts with the sidecar's Parse and Describe of the statement, so the answer starts with
+    ParseComplete, ParameterDescription and RowDescription (or NoData). :meth:`feed` removes them and
+    compares the description with the one the statement had before: if a schema change gave it other
+    result or parameter types, the client (whose driver decodes by the old ones) gets what PostgreSQL
+    says of a prepared statement in that case, ``0A000 cached plan must not change result type``, and
+    none of the answer (PostgreSQL refuses before running it; here the statement has run: a read-only
+    one is unaffected, and a write's parameters kept their types, see :attr:`Statement.pinned`). An
+    error from the server (the Parse failed) is passed on from where it starts.
+    """
+
+    __slots__ = ("_buf", "_failing", "_partial", "_skip", "done", "statement")
+
+    def __init__(self, statement: Statement) -> None:
+        self.statement = statement
+        self.done = False
+        self._buf = b""
+        self._failing = False
+        self._skip = 0
+        self._partial = b""
+
+    def feed(self, part: bytes) -> bytes:
+        """The client's share of ``part``, the next bytes of this request's answer."""
+        if self._failing:
+            return self._drop(part)
+        buf = self._buf + part if self._buf else part
+        n = len(buf)
+        ends = []
+        pos = 0
+        for expected in (b"1", b"t", b"Tn"):
+            if n - pos < 5:
+                break
+            (length,) = _U32.unpack_from(buf, pos + 1)
+            if buf[pos] not in expected:
+                self.done = True  # the server's own answer (an error) starts here
+                return buf[pos:]
+            pos += 1 + length
+            if pos > n:
+                break
+            ends.append(pos)
+        if len(ends) < 3:
+            self._buf = buf
+            return b""
+        self._buf = b""
+        description = buf[ends[0] : ends[2]]
+        statement = self.statement
+        if statement.described is None or statement.described == description:
+            if statement.described is None:
+                statement.describe(description)
+            self.done = True
+            return buf[ends[2] :]
+        if _result_types(description) == _result_types(statement.described):
+            statement.described = description  # the same types (a table made again): not a change
+            self.done = True
+            return buf[ends[2] :]
+        self._failing = True
+        return self._drop(buf[ends[2] :])
+
+    def _drop(self, data: bytes) -> bytes:
+        """Drop the rest of the answer; at its ReadyForQuery, answer with the error instead."""
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        pos = self._skip
+        n = len(data)
+        while pos < n:
+            if n - pos < 5:
+                self._partial = data[pos:]
+                self._skip = 0
+                return b""
+            (length,) = _U32.unpack_from(data, pos + 1)
+            if data[pos] == B_READY_BYTE and pos + 1 + length <= n:
+                self.done = True
+                return _PLAN_CHANGED + data[pos : pos + 1 + length]
+            pos += 1 + length
+        self._skip = pos - n
+        return b""
+
+
+def _result_types(description: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Parameter types, and each result column's name and type (OID, size, modifier), of a description."""
+    (length,) = _U32.unpack_from(description, 1)
+    params = description[5 : 1 + length]
+    rows = description[1 + length :]
+    columns: list[tuple[bytes, bytes]] = []
+    if rows[:1] == b"T":
+        pos = 7
+        for _ in range(int.from_bytes(rows[5:7], "big")):
+            name_end = rows.index(0, pos)
+            # name, then table OID (4) and column number (2), which a table made again changes, then
+            # type OID (4), size (2), modifier (4) and format (2)
+            columns.append((rows[pos:name_end], rows[name_end + 7 : name_end + 17]))
+            pos = name_end + 19
+    return params, columns
 
 
 class _Expect:
     """One rewritten request whose answer must be dropped, replaced or synthesised (or undone)."""
 
-    __slots__ = ("action", "client", "error", "generation", "key", "name", "server_name", "statement", "t", "z")
+    __slots__ = (
+        "action",
+        "cached",
+        "client",
+        "error",
+        "generation",
+        "key",
+        "name",
+        "server_name",
+        "statement",
+        "t",
+        "z",
+    )
 
     def __init__(self, action: int, z: int, t: int) -> None:
         self.action = action
@@ -102,6 +235,9 @@ class _Expect:
         self.statement: Statement | None = None
         self.generation = 0
         self.error = b""
+        # A Parse of a statement the server had: if the batch is skipped, the Close before it did not
+        # run either, and the server still has it.
+        self.cached = False
 
 
 class ServerStatements:
@@ -348,7 +484,7 @@ class ServerStatements:
             if head.action >= _PARSE or head.z != self.rz or head.t != self.rt:
                 break
             queue.popleft()
-            out.append(_PARSE_COMPLETE if head.action == _SYNTH_PARSE else _CLOSE_COMPLETE)
+            out.append(_CLOSE_COMPLETE)
         return pos
 
     def _answer(self, entry: _Expect, type_byte: int) -> bytes | None:
@@ -364,6 +500,7 @@ class ServerStatements:
             self.orphans.append(entry.server_name)
         elif action == _PARSE:
             if type_byte == _ERROR:
+                entry.cached = False  # the Close before it ran: the server has it no more
                 self._undo(entry)
         elif action == _FAIL and type_byte == _ERROR:
             return entry.error
@@ -374,14 +511,16 @@ class ServerStatements:
     def _undo(self, entry: _Expect) -> None:
         """``entry``'s request never ran (or failed): make the caches say so again."""
         action = entry.action
-        if action in (_PARSE, _INJECTED):
+        if entry.cached:
+            self.cache.setdefault(entry.key, entry.server_name)
+        elif action in (_PARSE, _INJECTED):
             self._uncache(entry.key, entry.server_name)
         elif action == _CLOSE:
             self.orphans.append(entry.server_name)  # it may still exist: close it later
         client, statement = entry.client, entry.statement
         if client is None or statement is None or client.generation != entry.generation:
             return
-        if action in (_SYNTH_PARSE, _PARSE):
+        if action == _PARSE:
             statement.failed = True  # a skipped Close of it must not bring it back
             if client.names.get(entry.name) is statement:
                 del client.names[entry.name]
@@ -479,11 +618,11 @@ class ClientStatements:
     def reprepare(self, data: bytes, server: ServerStatements, binds: list[Bound], z: int) -> bytes:
         """:meth:`rename` behind a transaction pooler, for a request :meth:`ServerStatements.reprepares` accepts.
 
-        The statement is parsed again in front of the Bind as the unnamed statement (its backend may be
-        any, and nothing is left there for others to see or trip over), so the answer starts with
-        :data:`REPREPARED_ANSWER`, which the relay strips; nothing else is rewritten, so the request may
-        be pipelined like a plain one. The request has no unnamed statement of the client's to displace:
-        :meth:`bound` accepts only Binds of named statements.
+        The statement is parsed again (with its pinned parameter types) and described in front of the
+        Bind, as the unnamed statement (its backend may be any, and nothing is left there for others to
+        see or trip over), so the answer starts with what :class:`AnswerHead` checks and removes; nothing
+        else is rewritten, so the request may be pipelined like a plain one. The request has no unnamed
+        statement of the client's to displace: :meth:`bound` accepts only Binds of named statements.
         """
         ((statement, _, portal_end, name_end, length),) = binds
         server.stats["miss"] += 1
@@ -493,7 +632,8 @@ class ClientStatements:
         self._shift_at = (server, self.z)
         return b"".join(
             (
-                _parse(b"", statement.key),
+                _parse(b"", statement.pinned),
+                _DESCRIBE_UNNAMED,
                 b"B",
                 _U32.pack(length - (name_end - portal_end - 1)),
                 data[5 : portal_end + 1],
@@ -616,7 +756,7 @@ class ClientStatements:
                     run = end
                     self.t = t
                     if kind == _C:
-                        self._synthesise(server, _SYNTH_CLOSE, name, names.pop(name, None), answers)
+                        self._synthesise_close(server, name, names.pop(name, None), answers)
                     else:
                         statement = names.get(name)
                         if statement is not None:
@@ -658,12 +798,10 @@ class ClientStatements:
         statement = self.names[name] = Statement(key)
         stats = server.stats
         cache = server._cache_for(self.z)
-        if key in cache:
-            cache.move_to_end(key)
-            stats["hit"] += 1
-            self._synthesise(server, _SYNTH_PARSE, name, statement, answers)
-            return
+        # Even where the server has the statement, it is prepared afresh: a client prepares again after
+        # PostgreSQL told it the statement's result type changed (0A000), and must then get a new one.
         stats["miss"] += 1
+        cached = key in cache
         server_name = cache[key] = self._drop_name(server, key, out)
         self._inject(
             server,
@@ -674,6 +812,7 @@ class ClientStatements:
             out=out,
             statement=statement,
             name=name,
+            cached=cached,
         )
         self._shift -= 1  # it replaced the client's Parse
         self._evict(server, out)
@@ -734,8 +873,10 @@ class ClientStatements:
         statement: Statement | None = None,
         name: bytes = b"",
         error: bytes = b"",
+        cached: bool = False,
     ) -> None:
         entry = _Expect(action, self.z, self.t)
+        entry.cached = cached
         entry.key = key
         entry.server_name = server_name
         entry.error = error
@@ -749,38 +890,22 @@ class ClientStatements:
         self.t += 1
         self._shift += 1
 
-    def _synthesise(
-        self, server: ServerStatements, action: int, name: bytes, statement: Statement | None, answers: list[bytes]
+    def _synthesise_close(
+        self, server: ServerStatements, name: bytes, statement: Statement | None, answers: list[bytes]
     ) -> None:
         self._shift -= 1  # the client's message, answered here
-        entry = _Expect(action, self.z, self.t)
+        entry = _Expect(_SYNTH_CLOSE, self.z, self.t)
         entry.name = name
         entry.statement = statement
         entry.client = self
         entry.generation = self.generation
         due = server._due(self.z, self.t)
         if due > 0:
-            answers.append(_PARSE_COMPLETE if action == _SYNTH_PARSE else _CLOSE_COMPLETE)
+            answers.append(_CLOSE_COMPLETE)
         elif due < 0:
             server._undo(entry)
         else:
             server._add(entry)
-
-
-def strip_answer(expected: bytes, part: bytes) -> tuple[bytes, bytes]:
-    """Remove what is left of ``expected`` from the start of ``part``: (what is still expected, the rest).
-
-    ``expected`` is whole CloseComplete/ParseComplete messages, which differ from anything else the
-    server can send from their first byte on, so if the server answered otherwise (an ErrorResponse
-    instead of the ParseComplete) the first difference is where its own answer starts.
-    """
-    n = min(len(expected), len(part))
-    if part[:n] == expected[:n]:
-        return expected[n:], part[n:]
-    same = 0
-    while part[same] == expected[same]:
-        same += 1
-    return b"", part[same:]
 
 
 @functools.lru_cache(maxsize=4096)

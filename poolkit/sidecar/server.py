@@ -13,7 +13,7 @@ from poolkit.log import get_logger
 from poolkit.sidecar import protocol
 from poolkit.sidecar.auth import UpstreamAuth, UpstreamTls
 from poolkit.sidecar.pooling import should_release
-from poolkit.sidecar.prepared import ServerStatements, strip_answer
+from poolkit.sidecar.prepared import ServerStatements
 from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader, error_codes
 
 if TYPE_CHECKING:
@@ -128,8 +128,11 @@ class ServerConnection(asyncio.Protocol):
             return  # an idle server's notice or notification: nobody to tell
         if self.statements.active:
             data = self.statements.responses(data)  # answers for rewritten requests (prepared.py)
-        if client.strip:
-            client.strip, data = strip_answer(client.strip, data)
+        head = client.head
+        if head is not None:
+            data = head.feed(data)
+            if head.done:
+                client.head = None
         client.transport.write(data)
         self.pool.stats.sent_bytes += len(data)
         if ready:
@@ -291,8 +294,11 @@ class ServerConnection(asyncio.Protocol):
         if held is not None:
             held.append(part)  # a cancel meant for another client may have hit it: see _retried
         else:
-            if owner.strip:
-                owner.strip, part = strip_answer(owner.strip, part)
+            head = owner.head
+            if head is not None:
+                part = head.feed(part)
+                if head.done:
+                    owner.head = None
             owner.transport.write(part)
             self.pool.stats.sent_bytes += len(part)
 
@@ -320,8 +326,11 @@ class ServerConnection(asyncio.Protocol):
             else:
                 self._send_soon([owner.request])
             return True
-        if owner.strip:
-            owner.strip, answer = strip_answer(owner.strip, answer)
+        head = owner.head
+        if head is not None:
+            answer = head.feed(answer)
+            if head.done:
+                owner.head = None
         owner.transport.write(answer)
         self.pool.stats.sent_bytes += len(answer)
         return False

@@ -27,11 +27,11 @@ from poolkit.check import add_arguments
 from poolkit.check import run as run_check
 from poolkit.devstack import DevStack, find_pg_binary
 from poolkit.sidecar.prepared import (
-    REPREPARED_ANSWER,
     SERVER_NAME_PREFIX,
+    AnswerHead,
     ClientStatements,
     ServerStatements,
-    strip_answer,
+    Statement,
 )
 from poolkit.sidecar.protocol import BackendScanner
 
@@ -391,21 +391,79 @@ def test_the_default_upstream_size_follows_the_upstream(
     assert sidecar_factory(**through(stack, upstream), max_size=2).call(lambda app: app.pool.max_size) == 2
 
 
-def test_strip_answer_removes_only_the_added_answers() -> None:
-    expected = REPREPARED_ANSWER
-    bind_complete = b"2\x00\x00\x00\x04"
-    # Whole, split anywhere, or cut short by the server's own error: the client gets exactly its own answer.
-    assert strip_answer(expected, expected + bind_complete) == (b"", bind_complete)
-    for cut in range(1, len(expected) + 3):
-        stream = expected + bind_complete
-        left, first = strip_answer(expected, stream[:cut])
-        left, second = strip_answer(left, stream[cut:]) if left else (left, stream[cut:])
-        assert (left, first + second) == (b"", bind_complete), cut
-    error = b"E\x00\x00\x00\x0bSERROR\x00\x00"
-    assert strip_answer(expected, expected[:5] + error) == (b"", error)
-    left, part = strip_answer(expected, expected[:3])
-    assert part == b""
-    assert strip_answer(left, expected[3:5] + error) == (b"", error)
+def _msg(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + (4 + len(body)).to_bytes(4, "big") + body
+
+
+def _row_description(type_oid: int, table_oid: int = 16384) -> bytes:
+    field = b"b\x00" + table_oid.to_bytes(4, "big") + (2).to_bytes(2, "big") + type_oid.to_bytes(4, "big")
+    return _msg(b"T", (1).to_bytes(2, "big") + field + (4).to_bytes(2, "big") + b"\xff\xff\xff\xff" + b"\x00\x00")
+
+
+def test_answer_head_removes_the_added_answers_and_refuses_a_changed_statement() -> None:
+    parse_complete = _msg(b"1")
+    params = _msg(b"t", (1).to_bytes(2, "big") + (23).to_bytes(4, "big"))
+    rest = _msg(b"2") + _msg(b"D", b"\x00\x01\x00\x00\x00\x01x") + _msg(b"C", b"SELECT 1\x00") + _msg(b"Z", b"I")
+    statement = Statement(b"SELECT b FROM t WHERE a = $1\x00\x00\x00")
+    # The first time: the description is kept, and the parameter types are pinned for the next Parse.
+    head = AnswerHead(statement)
+    assert head.feed(parse_complete + params + _row_description(23) + rest) == rest and head.done
+    assert statement.pinned == b"SELECT b FROM t WHERE a = $1\x00" + (1).to_bytes(2, "big") + (23).to_bytes(4, "big")
+    # The same description, split anywhere: exactly the client's own answer.
+    stream = parse_complete + params + _row_description(23) + rest
+    for cut in range(1, len(stream)):
+        head = AnswerHead(statement)
+        got = head.feed(stream[:cut])
+        got += stream[cut:] if head.done else head.feed(stream[cut:])
+        assert got == rest, cut
+    # A table made again (other table OID, same types) is not a change.
+    head = AnswerHead(statement)
+    assert head.feed(parse_complete + params + _row_description(23, table_oid=99999) + rest) == rest
+    # Another result type: the client gets PostgreSQL's error for a prepared statement, and its ReadyForQuery.
+    for cut in (3, 20, 60):
+        stream = parse_complete + params + _row_description(25) + rest
+        head = AnswerHead(statement)
+        got = head.feed(stream[:cut])
+        got += stream[cut:] if head.done else head.feed(stream[cut:])
+        assert b"cached plan must not change result type" in got and b"0A000" in got
+        assert got.endswith(_msg(b"Z", b"I")) and _msg(b"D", b"\x00\x01\x00\x00\x00\x01x") not in got
+    # The Parse failed: the server's error is the client's answer.
+    error = _msg(b"E", b"SERROR\x00C42P01\x00Mrelation does not exist\x00\x00")
+    head = AnswerHead(statement)
+    assert head.feed(error + _msg(b"Z", b"I")) == error + _msg(b"Z", b"I")
+
+
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_a_schema_change_under_a_cached_statement_never_gives_a_wrong_answer(
+    stack: DevStack, sidecar_factory: Factory, upstream: str
+) -> None:
+    """asyncpg keeps `SELECT * FROM t` and decodes its column as int4; the column becomes text.
+
+    PostgreSQL answers the old prepared statement with 0A000 and asyncpg prepares it again. A Parse the
+    sidecar sends again would describe the new type while the client decodes the old one (1234 as text
+    read as int4 is 825373492): the sidecar answers 0A000 too.
+    """
+    sidecar = sidecar_factory(**through(stack, upstream), max_size=1)
+    table = f"schema_change_{upstream}"
+
+    async def main() -> None:
+        admin = await asyncpg.connect(sidecar.url(), statement_cache_size=0)
+        await admin.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (a int, b int)")
+        await admin.execute(f"INSERT INTO {table} VALUES (1, 1234)")
+        conn = await asyncpg.connect(sidecar.url())
+        try:
+            for _ in range(3):
+                assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {table} WHERE a = $1", 1)] == [(1, 1234)]
+            await admin.execute(f"ALTER TABLE {table} ALTER COLUMN b TYPE text")
+            # asyncpg re-prepares on 0A000 outside a transaction: the answer is right, in the new type.
+            assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {table} WHERE a = $1", 1)] == [(1, "1234")]
+            assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {table} WHERE a = $1", 1)] == [(1, "1234")]
+        finally:
+            await conn.close()
+            await admin.execute(f"DROP TABLE {table}")
+            await admin.close()
+
+    asyncio.run(main())
 
 
 def test_a_named_statement_whose_table_went_away_fails_cleanly_through_the_pooler(
