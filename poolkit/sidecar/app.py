@@ -32,6 +32,7 @@ from poolkit.sidecar.metrics import make_registry
 from poolkit.sidecar.pool import UpstreamPool
 from poolkit.sidecar.pooling import forward_cancel
 from poolkit.sidecar.protocol import IDLE
+from poolkit.sidecar.startup import StartupChecks
 
 if TYPE_CHECKING:
     from poolkit.sidecar.server import ServerConnection
@@ -39,6 +40,11 @@ if TYPE_CHECKING:
 log = get_logger("sidecar")
 _WELCOME_CACHE_SIZE = 256
 _CANCEL_TIMEOUT = 10.0
+# The process ids the sidecar gives clients lie above Linux's largest possible pid_max (PID_MAX_LIMIT,
+# 2**22): no real backend can have one, so pg_terminate_backend(<the pid a client was told>) (a common
+# pattern in tests) fails instead of killing whichever backend happens to have that pid.
+_PID_FLOOR = 1 << 22
+_PID_CEILING = 0x7FFFFFFF
 
 
 def _users_from(settings: SidecarSettings) -> UserStore:
@@ -72,7 +78,7 @@ class Sidecar:
         if settings.effective_client_tls != "disable" and settings.tls_cert_file and settings.tls_key_file:
             self.client_tls_context = client_tls_context(settings.tls_cert_file, settings.tls_key_file)
         self.connections: set[ClientConnection] = set()
-        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self.cancel_keys: dict[int, ClientConnection] = {}  # the process id a client was given -> it
         self.registry = make_registry(lambda: [self.pool])
         self.http = OpsHttpServer(self.registry, self.readiness)
         self.port = 0
@@ -85,8 +91,8 @@ class Sidecar:
         self._maintenance: list[MaintenanceTask] = []
         self._direct_maintenance: list[MaintenanceTask] = []
         self._stopped: asyncio.Event | None = None
-        self._next_pid = secrets.randbelow(1 << 20) + 1000
         self._welcome_cache: dict[tuple[int, tuple[tuple[str, str], ...]], bytes] = {}
+        self.startup_checks = StartupChecks()  # what the upstream made of clients' startup parameters
 
     # ------------------------------------------------------------- lifecycle
 
@@ -290,15 +296,22 @@ class Sidecar:
     def client_closed(self, client: ClientConnection) -> None:
         self.connections.discard(client)
         self.pool.clients.discard(client)
-        key = (client.process_id, client.secret_key)
-        if self.cancel_keys.get(key) is client:
-            del self.cancel_keys[key]
+        if self.cancel_keys.get(client.process_id) is client:
+            del self.cancel_keys[client.process_id]
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
-        self._next_pid = self._next_pid + 1 if self._next_pid < 0x7FFFFFFF else 1000
-        key = (self._next_pid, secrets.randbits(31))
-        self.cancel_keys[key] = client
-        return key
+        """A (process id, secret key) for ``client``'s BackendKeyData: random, the pid unique and never a real pid.
+
+        As PgBouncer does, both are random rather than counted, so one client's key says nothing about
+        another's; the secret is all 32 bits, from :mod:`secrets`.
+        """
+        keys = self.cancel_keys
+        while True:
+            pid = _PID_FLOOR + 1 + secrets.randbelow(_PID_CEILING - _PID_FLOOR)
+            if pid not in keys:
+                break
+        keys[pid] = client
+        return pid, int.from_bytes(secrets.token_bytes(4), "big", signed=True)
 
     def cancel(self, process_id: int, secret_key: int, requester: asyncio.BaseTransport | None = None) -> None:
         """A CancelRequest: forward it to the backend now running that client's query.
@@ -306,7 +319,9 @@ class Sidecar:
         ``requester`` (the connection the request came on) is closed once forwarding is over: a
         client that waits for that close knows its cancel can no longer reach anyone's query.
         """
-        client = self.cancel_keys.get((process_id, secret_key))
+        client = self.cancel_keys.get(process_id)
+        if client is not None and client.secret_key != secret_key:
+            client = None  # a wrong secret is no cancel at all (PostgreSQL only logs it)
         server = client.server if client is not None else None
         if client is not None and server is not None and server.backend_pid:
             if server.shared and server.client is not client and client.pending > 0:
@@ -323,6 +338,12 @@ class Sidecar:
                         follower.held_answer = []
                 # The server serves nobody else until this cancel is done (UpstreamPool.release).
                 server.pool.cancel_started(server)
+                # Priority: a result of many small messages keeps the loop busy relaying, and each step of
+                # the cancel (accept, connect, TLS, send) would wait behind a chunk of it; the canceled
+                # result can wait instead, in the socket buffers, until the cancel is out (_send_cancel).
+                transport = server.transport
+                if transport is not None and not transport.is_closing():
+                    transport.pause_reading()
                 self.spawn(self._send_cancel(server, requester))
                 return
         elif client is not None and client.waiting:
@@ -343,6 +364,14 @@ class Sidecar:
         try:
             await self._forward_cancel(pool, server.backend_pid, server.backend_key)
         finally:
+            if pool.being_canceled.get(server) == 1:  # the last cancel on its way there
+                transport, client = server.transport, server.client
+                if (
+                    transport is not None
+                    and not transport.is_closing()
+                    and not (client is not None and client.write_paused)
+                ):
+                    transport.resume_reading()
             pool.cancel_done(server)
             if requester is not None:
                 requester.close()

@@ -518,10 +518,11 @@ class ServerConnection(asyncio.Protocol):
         self._reader = MessageReader(side="server", max_message_size=protocol.MAX_INSPECTED_SIZE)
         self.relay = True
 
-    async def run_internal(self, sql: str) -> dict[str, str] | None:
+    async def run_internal(self, sql: str, rows: list[bytes] | None = None) -> dict[str, str] | None:
         """Run ``sql`` as a simple query the client never sees; return the first error's fields, if any.
 
-        ParameterStatus changes are recorded in ``current``. The server must be at ReadyForQuery.
+        ParameterStatus changes are recorded in ``current``; DataRow bodies go to ``rows`` when given.
+        The server must be at ReadyForQuery.
         """
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the upstream connection is closed")
@@ -534,6 +535,8 @@ class ServerConnection(asyncio.Protocol):
             kind, body = await self._next_message()
             if kind == b"E" and error is None:
                 error = protocol.parse_error_fields(body)
+            elif kind == b"D" and rows is not None:
+                rows.append(body)
             elif kind == b"C" and body in (b"DISCARD ALL\x00", b"DEALLOCATE ALL\x00"):
                 self.statements.discard_all()  # the reset query: nothing stays prepared
             elif kind == b"S":

@@ -1,0 +1,165 @@
+"""Time to cancel a streaming result, and LISTEN/NOTIFY delivery latency: direct vs PgBouncer vs the sidecar.
+
+Usage: .venv/bin/python bench/bench_cancel.py [--rounds 7] [--rows 3000000] [--notifies 300]
+
+Cancel: a client reads ``COPY (SELECT generate_series(1, rows)) TO STDOUT`` (many messages of a few bytes
+each, the case where a relay is busiest per byte); after 1 MB it calls psycopg's ``cancel_safe()``. Three
+numbers per round: how long ``cancel_safe()`` blocked (the cancel connection is closed once the cancel was
+passed on: the time for the cancel to *leave*), the time from the call to the ``QueryCanceled`` error (the
+time for the cancel to *land*), and the bytes of result that arrived in between. Targets: PostgreSQL direct
+(TLS), PgBouncer 1.18 in transaction mode, the sidecar in front of PostgreSQL, and the sidecar in front of
+PgBouncer; the poolers reach PostgreSQL over TLS, clients talk plain TCP to them.
+
+Notify: a client LISTENs through the target; another, connected directly, sends ``NOTIFY``; the latency is
+from just before the NOTIFY is sent to its arrival at the listener (PgBouncer in transaction mode cannot
+deliver notifications to a client between transactions, so it is not in that table).
+
+Medians with the range of the rounds. Machines are noisy: compare the columns of one run, never runs on
+different days.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg import errors
+
+from poolkit.devstack import DevStack, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+_CANCEL_AFTER = 1 << 20
+
+
+def start_sidecar(
+    upstream_url: str, port: int, http_port: int, *, pooled: bool, direct_url: str
+) -> subprocess.Popen[str]:
+    """``python -m poolkit.sidecar`` (uvloop, as deployed) with trust auth on loopback.
+
+    In front of a pooler it also gets the direct URL, as deployed: a LISTENing client is pinned to it.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POOLKIT_") and k != "DATABASE_URL"}
+    env.update(
+        {
+            "POOLKIT_POOLED_URL" if pooled else "POOLKIT_DIRECT_URL": upstream_url,
+            "POOLKIT_SIDECAR_UPSTREAM": "pooled" if pooled else "direct",
+            "POOLKIT_SIDECAR_MAX_SIZE": "3",
+            "POOLKIT_SIDECAR_AUTH_TYPE": "trust",
+        }
+    )
+    if pooled:
+        env["POOLKIT_DIRECT_URL"] = direct_url
+    argv = [sys.executable, "-m", "poolkit.sidecar", "--listen-port", str(port), "--http-port", str(http_port)]
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the sidecar did not start")
+
+
+def cancel_once(url: str, rows: int) -> tuple[float, float, int]:
+    """(seconds cancel_safe() blocked, seconds from the cancel to the error, bytes received in between)."""
+    with psycopg.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+        received = 0
+        after = -1
+        started = left = 0.0
+        try:
+            with cur.copy(f"COPY (SELECT generate_series(1, {rows})) TO STDOUT") as copy:
+                for block in copy:
+                    received += len(block)
+                    if after >= 0:
+                        after += len(block)
+                    elif received >= _CANCEL_AFTER:
+                        started = time.perf_counter()
+                        conn.cancel_safe()
+                        left = time.perf_counter() - started
+                        after = 0
+        except errors.QueryCanceled:
+            return left, time.perf_counter() - started, after
+        raise RuntimeError(f"the COPY of {rows} rows ended before the cancel landed: raise --rows")
+
+
+def notify_latencies(listen_url: str, notify_url: str, count: int) -> list[float]:
+    """Seconds from just before each NOTIFY is sent to its arrival at a listener connected to ``listen_url``."""
+    arrived: queue.Queue[float] = queue.Queue()
+    with psycopg.connect(listen_url, autocommit=True) as listener, psycopg.connect(notify_url, autocommit=True) as tx:
+        listener.execute("LISTEN bench_cancel")
+
+        def listen() -> None:
+            for _ in listener.notifies(stop_after=count, timeout=60):
+                arrived.put(time.perf_counter())
+
+        thread = threading.Thread(target=listen, daemon=True)
+        thread.start()
+        latencies = []
+        for i in range(count):
+            sent = time.perf_counter()
+            tx.execute(f"NOTIFY bench_cancel, '{i}'")
+            latencies.append(arrived.get(timeout=30) - sent)
+        thread.join(timeout=30)
+    return latencies
+
+
+def spread(values: list[float], scale: float, unit: str) -> str:
+    ordered = sorted(values)
+    return f"{statistics.median(ordered) * scale:8.2f} {unit} ({ordered[0] * scale:.2f}-{ordered[-1] * scale:.2f})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rows", type=int, default=3_000_000)
+    parser.add_argument("--notifies", type=int, default=300)
+    args = parser.parse_args()
+    with DevStack() as stack:
+        direct = stack.url(via="direct")
+        targets = {"direct": direct, "pgbouncer": stack.url(via="pgbouncer", sslmode="disable")}
+        direct_tls = stack.url(via="direct", sslmode="require")
+        children = []
+        try:
+            for name, upstream, pooled in (
+                ("sidecar", direct_tls, False),
+                ("sidecar->pgbouncer", stack.url(via="pgbouncer", sslmode="require"), True),
+            ):
+                port = free_port()
+                children.append(start_sidecar(upstream, port, free_port(), pooled=pooled, direct_url=direct_tls))
+                targets[name] = f"postgresql://{stack.app_user}@127.0.0.1:{port}/{stack.database}?sslmode=disable"
+            print(f"cancel after 1 MB of COPY (SELECT generate_series(1, {args.rows})) TO STDOUT, {args.rounds} rounds")
+            print(f"{'target':<20} {'cancel leaves':>30} {'error arrives':>30} {'bytes after the cancel':>32}")
+            for name, url in targets.items():
+                cancel_once(url, args.rows)  # warm: connections open, code paths hot
+                results = [cancel_once(url, args.rows) for _ in range(args.rounds)]
+                left = spread([r[0] for r in results], 1000, "ms")
+                landed = spread([r[1] for r in results], 1000, "ms")
+                after = spread([float(r[2]) for r in results], 1 / 1e6, "MB")
+                print(f"{name:<20} {left:>30} {landed:>30} {after:>32}")
+            print(f"\nLISTEN/NOTIFY delivery, {args.notifies} notifications sent by a direct connection")
+            for name, url in targets.items():
+                if name == "pgbouncer":
+                    continue
+                latencies = notify_latencies(url, direct, args.notifies)
+                p99 = sorted(latencies)[int(len(latencies) * 0.99) - 1]
+                print(f"{name:<20} median {statistics.median(latencies) * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms")
+        finally:
+            for child in children:
+                child.terminate()
+                child.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
