@@ -39,6 +39,7 @@ class Greeting:
     error: dict[str, str] | None = None
     ready: bool = False
     shown: dict[str, str | None] = field(default_factory=dict)
+    key: tuple[int, int] | None = None  # BackendKeyData: (process id, secret key)
 
 
 async def login(
@@ -83,6 +84,8 @@ async def login(
             elif kind == b"E":
                 greeting.error = protocol.parse_error_fields(body)
                 return greeting
+            elif kind == b"K":
+                greeting.key = protocol.parse_backend_key_data(body)
             elif kind == b"Z":
                 greeting.ready = True
                 break
