@@ -3,12 +3,14 @@
 Usage: .venv/bin/python bench/bench_cancel.py [--rounds 7] [--rows 3000000] [--notifies 300]
 
 Cancel: a client reads ``COPY (SELECT generate_series(1, rows)) TO STDOUT`` (many messages of a few bytes
-each, the case where a relay is busiest per byte); after 1 MB it calls psycopg's ``cancel_safe()``. Three
-numbers per round: how long ``cancel_safe()`` blocked (the cancel connection is closed once the cancel was
-passed on: the time for the cancel to *leave*), the time from the call to the ``QueryCanceled`` error (the
-time for the cancel to *land*), and the bytes of result that arrived in between. Targets: PostgreSQL direct
-(TLS), PgBouncer 1.18 in transaction mode, the sidecar in front of PostgreSQL, and the sidecar in front of
-PgBouncer; the poolers reach PostgreSQL over TLS, clients talk plain TCP to them.
+each, the case where a relay is busiest per byte); after 1 MB it sends a cancel. Three numbers per round: how
+long the cancel connection stayed open (it is closed once the cancel was passed on: the time for the cancel
+to *leave*), the time from the cancel to the ``QueryCanceled`` error (the time for it to *land*), and the
+bytes of result that arrived in between. Two clients: a fast one (the raw protocol, reading 1 MB at a time,
+as a C client would; the relay is then the bottleneck) and psycopg (``cancel_safe()``, a Python loop per
+row; the client is then the bottleneck). Targets: PostgreSQL direct (TLS), PgBouncer 1.18 in transaction
+mode, the sidecar in front of PostgreSQL, and the sidecar in front of PgBouncer; the poolers reach
+PostgreSQL over TLS, clients talk plain TCP to them.
 
 Notify: a client LISTENs through the target; another, connected directly, sends ``NOTIFY``; the latency is
 from just before the NOTIFY is sent to its arrival at the listener (PgBouncer in transaction mode cannot
@@ -21,9 +23,11 @@ different days.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import queue
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -35,6 +39,9 @@ import psycopg
 from psycopg import errors
 
 from poolkit.devstack import DevStack, free_port
+from poolkit.sidecar import protocol
+from poolkit.sidecar.auth import UpstreamAuth
+from poolkit.sidecar.protocol import MessageReader
 
 REPO = Path(__file__).resolve().parents[1]
 _CANCEL_AFTER = 1 << 20
@@ -93,6 +100,84 @@ def cancel_once(url: str, rows: int) -> tuple[float, float, int]:
         raise RuntimeError(f"the COPY of {rows} rows ended before the cancel landed: raise --rows")
 
 
+async def _open(port: int, ca_file: str | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    if ca_file is not None:
+        writer.write(protocol.ssl_request())
+        await writer.drain()
+        if await reader.readexactly(1) != b"S":
+            raise RuntimeError("the server refused TLS")
+        await writer.start_tls(ssl.create_default_context(cafile=ca_file), server_hostname="localhost")
+    return reader, writer
+
+
+async def _cancel(port: int, key: tuple[int, int], ca_file: str | None) -> float:
+    """Send a CancelRequest; when (perf_counter) the server closed the connection: the cancel was passed on."""
+    reader, writer = await _open(port, ca_file)
+    writer.write(protocol.cancel_request(*key))
+    await writer.drain()
+    await reader.read()
+    closed = time.perf_counter()
+    writer.close()
+    return closed
+
+
+async def _fast_cancel_once(
+    port: int, user: str, password: str | None, ca_file: str | None, rows: int
+) -> tuple[float, float, int]:
+    reader, writer = await _open(port, ca_file)
+    writer.write(protocol.startup_message({"user": user, "database": "app"}))
+    auth, messages = UpstreamAuth(user, password), MessageReader(side="server", max_message_size=1 << 20)
+    key: tuple[int, int] | None = None
+    ready = False
+    while not ready:
+        for kind, body in messages.feed(await reader.read(65536)):
+            if kind == b"R":
+                reply = auth.respond(*protocol.parse_auth_request(body))
+                if reply is not None:
+                    writer.write(reply)
+            elif kind == b"K":
+                key = protocol.parse_backend_key_data(body)
+            elif kind == b"E":
+                raise RuntimeError(protocol.parse_error_fields(body).get("M"))
+            elif kind == b"Z":
+                ready = True
+    assert key is not None
+    writer.write(protocol.query(f"COPY (SELECT generate_series(1, {rows})) TO STDOUT"))
+    received, after = 0, -1
+    started = 0.0
+    cancel: asyncio.Task[float] | None = None
+    try:
+        while True:
+            data = await reader.read(1 << 20)
+            if not data:
+                raise RuntimeError("the connection closed")
+            received += len(data)
+            if after >= 0:
+                after += len(data)
+            elif received >= _CANCEL_AFTER:
+                started = time.perf_counter()
+                after = 0
+                cancel = asyncio.ensure_future(_cancel(port, key, ca_file))
+            # The ErrorResponse's SQLSTATE field, found without walking every message (that would make this
+            # client the bottleneck); digits of the series never contain a C.
+            if b"C57014\x00" in data:
+                landed = time.perf_counter() - started
+                assert cancel is not None
+                return await cancel - started, landed, after
+            if b"CCOPY " in data:
+                raise RuntimeError(f"the COPY of {rows} rows ended before the cancel landed: raise --rows")
+    finally:
+        writer.close()
+
+
+def fast_cancel_once(
+    port: int, user: str, password: str | None, ca_file: str | None, rows: int
+) -> tuple[float, float, int]:
+    """Like :func:`cancel_once` with a client that reads as fast as a C client (the raw protocol, 1 MB reads)."""
+    return asyncio.run(_fast_cancel_once(port, user, password, ca_file, rows))
+
+
 def notify_latencies(listen_url: str, notify_url: str, count: int) -> list[float]:
     """Seconds from just before each NOTIFY is sent to its arrival at a listener connected to ``listen_url``."""
     arrived: queue.Queue[float] = queue.Queue()
@@ -130,6 +215,7 @@ def main() -> int:
         targets = {"direct": direct, "pgbouncer": stack.url(via="pgbouncer", sslmode="disable")}
         direct_tls = stack.url(via="direct", sslmode="require")
         children = []
+        sidecar_ports: dict[str, int] = {}
         try:
             for name, upstream, pooled in (
                 ("sidecar", direct_tls, False),
@@ -138,15 +224,27 @@ def main() -> int:
                 port = free_port()
                 children.append(start_sidecar(upstream, port, free_port(), pooled=pooled, direct_url=direct_tls))
                 targets[name] = f"postgresql://{stack.app_user}@127.0.0.1:{port}/{stack.database}?sslmode=disable"
-            print(f"cancel after 1 MB of COPY (SELECT generate_series(1, {args.rows})) TO STDOUT, {args.rounds} rounds")
-            print(f"{'target':<20} {'cancel leaves':>30} {'error arrives':>30} {'bytes after the cancel':>32}")
-            for name, url in targets.items():
-                cancel_once(url, args.rows)  # warm: connections open, code paths hot
-                results = [cancel_once(url, args.rows) for _ in range(args.rounds)]
-                left = spread([r[0] for r in results], 1000, "ms")
-                landed = spread([r[1] for r in results], 1000, "ms")
-                after = spread([float(r[2]) for r in results], 1 / 1e6, "MB")
-                print(f"{name:<20} {left:>30} {landed:>30} {after:>32}")
+                sidecar_ports[name] = port
+            ports = {"direct": stack.pg_port, "pgbouncer": stack.pgbouncer_port, **sidecar_ports}
+            for client in ("fast", "psycopg"):
+                rows = args.rows * 4 if client == "fast" else args.rows
+                print(f"\n{client} client: cancel after 1 MB of COPY (SELECT generate_series(1, {rows})) TO STDOUT")
+                print(f"{'target':<20} {'cancel leaves':>30} {'error arrives':>30} {'bytes after the cancel':>32}")
+                for name, url in targets.items():
+                    # The fast client logs in itself: SCRAM to PostgreSQL (TLS) and PgBouncer, trust to the sidecars.
+                    password = stack.app_password if name in ("direct", "pgbouncer") else None
+                    ca_file = str(stack.ca_file) if name == "direct" else None
+                    results = []
+                    for _ in range(args.rounds + 1):  # the first warms: connections open, code paths hot
+                        if client == "fast":
+                            results.append(fast_cancel_once(ports[name], stack.app_user, password, ca_file, rows))
+                        else:
+                            results.append(cancel_once(url, rows))
+                    results = results[1:]
+                    left = spread([r[0] for r in results], 1000, "ms")
+                    landed = spread([r[1] for r in results], 1000, "ms")
+                    after = spread([float(r[2]) for r in results], 1 / 1e6, "MB")
+                    print(f"{name:<20} {left:>30} {landed:>30} {after:>32}")
             print(f"\nLISTEN/NOTIFY delivery, {args.notifies} notifications sent by a direct connection")
             for name, url in targets.items():
                 if name == "pgbouncer":

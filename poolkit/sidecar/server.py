@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 log = get_logger("sidecar")
 _QUERY_CANCELED = "57014"
+# Bytes relayed from one server connection before the event loop gets to run everything else once. libuv
+# reads a readable socket up to 32 times (256 KiB each) per loop turn: a large result of small messages
+# then kept every other socket waiting for hundreds of milliseconds per turn on a busy box, a CancelRequest
+# among them (issue 15). One turn per 512 KiB costs a few microseconds against milliseconds of relaying.
+_TURN_BUDGET = 512 * 1024
 
 # Parameters PostgreSQL reports with ParameterStatus that a client may change and expects to keep
 # across transactions (PgBouncer's "varcache" set).
@@ -95,6 +100,8 @@ class ServerConnection(asyncio.Protocol):
         self._ssl_byte: asyncio.Future[bytes] | None = None
         self._lost: BaseException | None = None
         self._lost_flag = False
+        self._relayed = 0  # bytes relayed since the loop last had a turn of its own (_TURN_BUDGET)
+        self._yielding = False
 
     # ------------------------------------------------------------- asyncio.Protocol
 
@@ -105,6 +112,9 @@ class ServerConnection(asyncio.Protocol):
         if not self.relay:
             self._handshake_data(data)
             return
+        self._relayed += len(data)
+        if self._relayed >= _TURN_BUDGET and not self._yielding:
+            self._yield_turn()
         client = self.client
         try:
             ready = self.scanner.feed(data)
@@ -133,6 +143,29 @@ class ServerConnection(asyncio.Protocol):
             # Positional: this runs once per transaction on the hot path.
             if should_release(self.scanner.status, client.pending, cscan.unsynced, cscan.at_boundary):
                 client.release_server(now)
+
+    def _yield_turn(self) -> None:
+        """Stop reading until the loop has run its other callbacks once (see _TURN_BUDGET)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._yielding = True
+        transport.pause_reading()
+        self._loop.call_soon(self._turn_over)
+
+    def _turn_over(self) -> None:
+        self._yielding = False
+        self._relayed = 0
+        transport = self.transport
+        client = self.client
+        # Read on unless someone else holds reading back: a client whose socket is full, a cancel on its way.
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and not (client is not None and client.write_paused)
+            and self not in self.pool.being_canceled
+        ):
+            transport.resume_reading()
 
     def _answered(self, client: ClientConnection | None, ready: int) -> float:
         """``ready`` ReadyForQuery reached ``client`` (``None``: nobody): count the queries; return now."""
