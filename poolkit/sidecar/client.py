@@ -1117,13 +1117,17 @@ class ClientConnection(asyncio.Protocol):
             self.pool.stats.client_logins["error"] += 1
             self.fatal("08006", f"pool {self.pool.name!r} cannot reach its upstream: {exc}")
             return
-        if unknown and not self.closed:
+        if unknown and not self._login_over():
             refused = await self._check_startup(unknown)
             if refused is not None:
                 self._refuse_startup(auth_messages, refused)
                 return
-        if not self.closed:
+        if not self._login_over():
             self._finish_login(auth_messages, welcome_params, READY)
+
+    def _login_over(self) -> bool:
+        """Did the login end while it waited (the client left, a FATAL was sent: login timeout, pool failure)?"""
+        return self.closed or self.state != WELCOME or self.transport.is_closing()
 
     async def _check_startup(self, unknown: list[tuple[str, str]]) -> Rejection | None:
         """Have a server connection check startup parameters not seen before (startup.py); the rejection, if any.
@@ -1148,9 +1152,12 @@ class ClientConnection(asyncio.Protocol):
                 error = await server.run_internal(check_query(spelled), rows)
         except (Exception, asyncio.CancelledError) as exc:
             pool.server_broken(server, f"startup parameter check failed: {exc!r}")
-            if not self.closed:
+            if not self._login_over():
                 pool.stats.client_logins["error"] += 1
                 self.fatal("08006", f"the server connection of pool {pool.name!r} failed while being set up")
+            self.state = CLOSED
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return None
         server.client = None
         pool.release(server, time.monotonic())
@@ -1166,7 +1173,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _refuse_startup(self, auth_messages: bytes, refused: Rejection) -> None:
         """A startup parameter the upstream rejected fails the login after AuthenticationOk, as on PostgreSQL."""
-        if self.closed:
+        if self._login_over():
             return
         self.pool.stats.client_logins["error"] += 1
         log.info("client_login_refused", client=self.describe(), code=refused.code, reason=refused.message)

@@ -245,6 +245,20 @@ def test_a_known_value_needs_no_server_connection_and_a_new_one_waits_for_one(
     assert greeting.ready and greeting.status["timezone"] == "Asia/Tokyo"
 
 
+def test_a_check_that_finds_no_server_connection_in_time_fails_that_login_only(sidecar_factory: Factory) -> None:
+    sidecar = sidecar_factory(max_size=1, query_wait_timeout=0.5)
+    with psycopg.connect(sidecar.url(), autocommit=True) as holder:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")  # holds the only server connection past query_wait_timeout
+        refused = sidecar_login(sidecar, {"TimeZone": "asia/tokyo"})
+        assert not refused.ready and refused.error is not None
+        assert refused.error["C"] == "57014" and "exhausted" in refused.error["M"]
+        holder.execute("COMMIT")
+    # Nothing was left waiting or held: the same value is checked and accepted now.
+    assert sidecar.call(lambda app: (len(app.pool.waiters), len(app.pool.idle))) == (0, 1)
+    assert sidecar_login(sidecar, {"TimeZone": "asia/tokyo"}).status["timezone"] == "Asia/Tokyo"
+
+
 class _background:
     """Run a coroutine factory on a fresh event loop in a thread; a concurrent.futures.Future of its result."""
 
