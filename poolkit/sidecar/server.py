@@ -561,6 +561,9 @@ class ServerConnection(asyncio.Protocol):
             raise ConnectionResetError("the upstream connection is closed")
         self.statements.reset()
         self.relay = False
+        # Its answer must be read whatever held reading back for the relay (a turn yielded, a client whose
+        # socket was full when this server was handed to it); the relay pauses again where it must.
+        self.transport.resume_reading()
         self._flush()  # whatever was written before goes first
         self.transport.write(protocol.query(sql))
         error: dict[str, str] | None = None
