@@ -12,6 +12,9 @@ row; the client is then the bottleneck). Targets: PostgreSQL direct (TLS), PgBou
 mode, the sidecar in front of PostgreSQL, and the sidecar in front of PgBouncer; the poolers reach
 PostgreSQL over TLS, clients talk plain TCP to them.
 
+Beside a COPY: ``SELECT 1`` round trips on one connection while another reads a large COPY as fast as it can
+(one busy result must not hold up the other clients of a pooler).
+
 Notify: a client LISTENs through the target; another, connected directly, sends ``NOTIFY``; the latency is
 from just before the NOTIFY is sent to its arrival at the listener (PgBouncer in transaction mode cannot
 deliver notifications to a client between transactions, so it is not in that table).
@@ -111,6 +114,11 @@ async def _open(port: int, ca_file: str | None) -> tuple[asyncio.StreamReader, a
     return reader, writer
 
 
+def _seen(marker: bytes, tail: bytes, data: bytes) -> bool:
+    """Is ``marker`` in ``data`` or across its start and the ``tail`` of the read before it?"""
+    return marker in data or marker in tail + data[: len(marker)]
+
+
 async def _cancel(port: int, key: tuple[int, int], ca_file: str | None) -> float:
     """Send a CancelRequest; when (perf_counter) the server closed the connection: the cancel was passed on."""
     reader, writer = await _open(port, ca_file)
@@ -122,9 +130,9 @@ async def _cancel(port: int, key: tuple[int, int], ca_file: str | None) -> float
     return closed
 
 
-async def _fast_cancel_once(
-    port: int, user: str, password: str | None, ca_file: str | None, rows: int
-) -> tuple[float, float, int]:
+async def _login(
+    port: int, user: str, password: str | None, ca_file: str | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[int, int]]:
     reader, writer = await _open(port, ca_file)
     writer.write(protocol.startup_message({"user": user, "database": "app"}))
     auth, messages = UpstreamAuth(user, password), MessageReader(side="server", max_message_size=1 << 20)
@@ -143,10 +151,18 @@ async def _fast_cancel_once(
             elif kind == b"Z":
                 ready = True
     assert key is not None
+    return reader, writer, key
+
+
+async def _fast_cancel_once(
+    port: int, user: str, password: str | None, ca_file: str | None, rows: int
+) -> tuple[float, float, int]:
+    reader, writer, key = await _login(port, user, password, ca_file)
     writer.write(protocol.query(f"COPY (SELECT generate_series(1, {rows})) TO STDOUT"))
     received, after = 0, -1
     started = 0.0
     cancel: asyncio.Task[float] | None = None
+    tail = b""
     try:
         while True:
             data = await reader.read(1 << 20)
@@ -161,12 +177,13 @@ async def _fast_cancel_once(
                 cancel = asyncio.ensure_future(_cancel(port, key, ca_file))
             # The ErrorResponse's SQLSTATE field, found without walking every message (that would make this
             # client the bottleneck); digits of the series never contain a C.
-            if b"C57014\x00" in data:
+            if _seen(b"C57014\x00", tail, data):
                 landed = time.perf_counter() - started
                 assert cancel is not None
                 return await cancel - started, landed, after
-            if b"CCOPY " in data:
+            if _seen(b"CCOPY ", tail, data):
                 raise RuntimeError(f"the COPY of {rows} rows ended before the cancel landed: raise --rows")
+            tail = data[-8:]
     finally:
         writer.close()
 
@@ -176,6 +193,42 @@ def fast_cancel_once(
 ) -> tuple[float, float, int]:
     """Like :func:`cancel_once` with a client that reads as fast as a C client (the raw protocol, 1 MB reads)."""
     return asyncio.run(_fast_cancel_once(port, user, password, ca_file, rows))
+
+
+async def _beside_copy(port: int, user: str, password: str | None, ca_file: str | None, rows: int) -> list[float]:
+    copy_reader, copy_writer, _ = await _login(port, user, password, ca_file)
+    reader, writer, _ = await _login(port, user, password, ca_file)
+    copy_writer.write(protocol.query(f"COPY (SELECT generate_series(1, {rows})) TO STDOUT"))
+
+    async def read_copy() -> None:
+        tail = b""
+        while True:
+            data = await copy_reader.read(1 << 20)
+            if not data or _seen(b"CCOPY ", tail, data):
+                return
+            tail = data[-8:]
+
+    copying = asyncio.ensure_future(read_copy())
+    latencies = []
+    deadline = time.perf_counter() + 120
+    while not copying.done() and time.perf_counter() < deadline:
+        sent = time.perf_counter()
+        writer.write(protocol.query("SELECT 1"))
+        answer = b""
+        while not answer.endswith(b"Z\x00\x00\x00\x05I"):
+            answer += await reader.read(65536)
+        latencies.append(time.perf_counter() - sent)
+    await copying
+    copy_writer.close()
+    writer.close()
+    return latencies
+
+
+def select_latencies_beside_copy(
+    port: int, user: str, password: str | None, ca_file: str | None, rows: int
+) -> list[float]:
+    """Round trips of ``SELECT 1`` on one connection while another reads a COPY of ``rows`` as fast as it can."""
+    return asyncio.run(_beside_copy(port, user, password, ca_file, rows))
 
 
 def notify_latencies(listen_url: str, notify_url: str, count: int) -> list[float]:
@@ -245,6 +298,17 @@ def main() -> int:
                     landed = spread([r[1] for r in results], 1000, "ms")
                     after = spread([float(r[2]) for r in results], 1 / 1e6, "MB")
                     print(f"{name:<20} {left:>30} {landed:>30} {after:>32}")
+            rows = args.rows * 4
+            print(f"\nSELECT 1 on one connection while another reads COPY (SELECT generate_series(1, {rows}))")
+            for name in targets:
+                password = stack.app_password if name in ("direct", "pgbouncer") else None
+                ca_file = str(stack.ca_file) if name == "direct" else None
+                latencies = select_latencies_beside_copy(ports[name], stack.app_user, password, ca_file, rows)
+                ordered = sorted(latencies)
+                print(
+                    f"{name:<20} {len(ordered):6} round trips: median {statistics.median(ordered) * 1e3:.2f} ms, "
+                    f"p99 {ordered[int(len(ordered) * 0.99) - 1] * 1e3:.2f} ms, max {ordered[-1] * 1e3:.2f} ms"
+                )
             print(f"\nLISTEN/NOTIFY delivery, {args.notifies} notifications sent by a direct connection")
             for name, url in targets.items():
                 if name == "pgbouncer":

@@ -134,6 +134,7 @@ async def _cancel_streaming_copy(
     received, after = 0, -1
     started = 0.0
     cancel: asyncio.Task[float] | None = None
+    tail = b""
 
     async def send_cancel() -> float:
         creader, cwriter = await asyncio.open_connection("127.0.0.1", port)
@@ -159,12 +160,17 @@ async def _cancel_streaming_copy(
                 started = time.perf_counter()
                 after = 0
                 cancel = asyncio.ensure_future(send_cancel())
-            # The ErrorResponse's SQLSTATE field (the digits of the series never contain a C).
-            if b"C57014\x00" in data:
+            # The ErrorResponse's SQLSTATE field (the digits of the series never contain a C), maybe split
+            # across two reads.
+            window = tail + data if len(data) < 16 else tail + data[:16]
+            if b"C57014\x00" in data or b"C57014\x00" in window:
                 landed = time.perf_counter() - started
                 assert cancel is not None
                 return await cancel - started, landed, after
-            assert b"CCOPY " not in data, f"the whole result ({received} bytes) arrived: the cancel never landed"
+            assert b"CCOPY " not in data and b"CCOPY " not in window, (
+                f"the whole result ({received} bytes) arrived: the cancel never landed"
+            )
+            tail = data[-8:]
     finally:
         writer.close()
 
