@@ -48,6 +48,8 @@ from poolkit.sidecar.protocol import MessageReader
 
 REPO = Path(__file__).resolve().parents[1]
 _CANCEL_AFTER = 1 << 20
+# ReadyForQuery(I), the end of a simple query's answer: in a COPY of numbers no CopyData can hold these bytes.
+_READY = b"Z\x00\x00\x00\x05I"
 
 
 def start_sidecar(
@@ -181,7 +183,7 @@ async def _fast_cancel_once(
                 landed = time.perf_counter() - started
                 assert cancel is not None
                 return await cancel - started, landed, after
-            if _seen(b"CCOPY ", tail, data):
+            if _seen(_READY, tail, data):
                 raise RuntimeError(f"the COPY of {rows} rows ended before the cancel landed: raise --rows")
             tail = data[-8:]
     finally:
@@ -204,7 +206,7 @@ async def _beside_copy(port: int, user: str, password: str | None, ca_file: str 
         tail = b""
         while True:
             data = await copy_reader.read(1 << 20)
-            if not data or _seen(b"CCOPY ", tail, data):
+            if not data or _seen(_READY, tail, data):
                 return
             tail = data[-8:]
 
@@ -215,7 +217,7 @@ async def _beside_copy(port: int, user: str, password: str | None, ca_file: str 
         sent = time.perf_counter()
         writer.write(protocol.query("SELECT 1"))
         answer = b""
-        while not answer.endswith(b"Z\x00\x00\x00\x05I"):
+        while not answer.endswith(_READY):
             answer += await reader.read(65536)
         latencies.append(time.perf_counter() - sent)
     await copying
