@@ -25,8 +25,8 @@ _QUERY_CANCELED = "57014"
 # Bytes relayed from one server connection before the event loop gets to run everything else once. libuv
 # reads a readable socket up to 32 times (256 KiB each) per loop turn: a large result of small messages
 # then kept every other socket waiting for hundreds of milliseconds per turn on a busy box, a CancelRequest
-# among them (issue 15). One turn per 512 KiB costs a few microseconds against milliseconds of relaying.
-_TURN_BUDGET = 512 * 1024
+# among them (issue 15). One turn per full read costs a few microseconds against milliseconds of relaying.
+_TURN_BUDGET = 256 * 1024
 
 # Parameters PostgreSQL reports with ParameterStatus that a client may change and expects to keep
 # across transactions (PgBouncer's "varcache" set).
