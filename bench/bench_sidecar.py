@@ -20,18 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from pathlib import Path
+
+import benchlib
 
 from poolkit.devstack import DevStack, find_pg_binary, free_port
 
@@ -44,61 +39,28 @@ PREPARED_WORKLOADS = [
     ("-S -c 10", ["-S", "-c", "10"]),
     ("-S -c 50", ["-S", "-c", "50"]),
 ]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def pgbench(url: str, args: list[str], seconds: int, mode: str = "simple") -> float:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    argv = [str(find_pg_binary("pgbench")), "-n", "-M", mode, "-j", "2", "-T", str(seconds), *args, url]
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=seconds * 4 + 120, check=False)
-    match = re.search(r"tps = ([\d.]+) \(", done.stdout)
-    if done.returncode != 0 or match is None:
-        raise RuntimeError(f"pgbench failed ({done.returncode}): {done.stderr[-2000:]}")
-    return float(match.group(1))
+    return benchlib.pgbench(url, args, seconds, mode).tps
 
 
 def start_sidecar(
     stack: DevStack, pool_size: int, port: int, http_port: int, pipeline_depth: int | None = None
 ) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POOLKIT_") and k != "DATABASE_URL"}
-    env.update(
-        {
-            "POOLKIT_DIRECT_URL": stack.url(via="direct", sslmode="require"),
-            "POOLKIT_SIDECAR_UPSTREAM": "direct",
-            "POOLKIT_SIDECAR_MAX_SIZE": str(pool_size),
-            "POOLKIT_SIDECAR_USERS": json.dumps({stack.app_user: stack.app_password}),
-            "POOLKIT_SIDECAR_MAX_CLIENT_CONN": "20000",
-            "POOLKIT_SIDECAR_QUERY_WAIT_TIMEOUT": "120",
-        }
-    )
+    settings = {
+        "POOLKIT_DIRECT_URL": stack.url(via="direct", sslmode="require"),
+        "POOLKIT_SIDECAR_UPSTREAM": "direct",
+        "POOLKIT_SIDECAR_MAX_SIZE": str(pool_size),
+        "POOLKIT_SIDECAR_USERS": benchlib.sidecar_users(stack.app_user, stack.app_password),
+    }
     if pipeline_depth is not None:
-        env["POOLKIT_SIDECAR_PIPELINE_DEPTH"] = str(pipeline_depth)
-    argv = [sys.executable, "-m", "poolkit.sidecar", "--listen-port", str(port), "--http-port", str(http_port)]
-    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the sidecar did not start")
+        settings["POOLKIT_SIDECAR_PIPELINE_DEPTH"] = str(pipeline_depth)
+    return benchlib.start_sidecar(settings, port, http_port)
 
 
-def server_connections(http_port: int) -> int:
-    """How many upstream connections the sidecar has open (its /metrics)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    found = re.finditer(r"^poolkit_sidecar_servers\{[^}]*\} ([\d.e+]+)$", text, re.MULTILINE)
-    return round(sum(float(match.group(1)) for match in found))
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+server_connections = benchlib.server_connections
+rss_kib = benchlib.rss_kib
 
 
 async def hold_idle_clients(port: int, user: str, password: str, count: int) -> list[object]:

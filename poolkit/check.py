@@ -19,7 +19,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import psycopg
-from cryptography import x509
+
+# asn1crypto (pure Python, scramp's own dependency) reads the certificate's expiry: cryptography, which
+# trustme brings for `poolkit dev`, is not a runtime dependency.
+from asn1crypto import x509
 
 from poolkit import detect
 from poolkit.detect import Mode
@@ -207,8 +210,8 @@ class _Doctor:
         fix = ""
         status: Status = "ok"
         if der:
-            cert = x509.load_der_x509_certificate(der)
-            days = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).days
+            not_after: dt.datetime = x509.Certificate.load(der)["tbs_certificate"]["validity"]["not_after"].native
+            days = (not_after - dt.datetime.now(dt.UTC)).days
             data["certificate_days_left"] = days
             detail += f", certificate valid {days} more day(s)"
             if days < _CERT_WARN_DAYS:
@@ -248,6 +251,19 @@ class _Doctor:
 
     async def behind(self, target: Target, dsn: Dsn, first: Any, kwargs: dict[str, Any], probe: _Probe) -> None:
         """Tell a transaction pooler, a session pooler and PostgreSQL apart by how they behave."""
+        sidecar = first.info.parameter_status(detect.SIDECAR_PARAMETER)
+        if sidecar is not None:
+            probe.mode = Mode.SESSION  # for the connection budget: the sidecar's clients hold no server
+            self.add(
+                target,
+                "behind",
+                "ok",
+                f"a poolkit sidecar (its upstream: {sidecar} pooling), which handles named prepared statements "
+                "and session state for its clients",
+                mode="sidecar",
+            )
+            self._judge_sidecar(target, dsn)
+            return
         pids = []
         for _ in range(_PROBE_STATEMENTS):
             cur = await first.execute("SELECT pg_backend_pid(), inet_client_port()")
@@ -294,6 +310,20 @@ class _Doctor:
             return await asyncio.wait_for(pid(), self.probe_timeout)
         except TimeoutError:
             return None
+
+    def _judge_sidecar(self, target: Target, dsn: Dsn) -> None:
+        configured = detect.detect_mode(dsn, self.settings.pool_mode)
+        if target == "pooled" and configured.mode is Mode.TRANSACTION:
+            self.add(
+                target,
+                "prepared statements",
+                "warn",
+                f"safe behind the sidecar, but poolkit turns them off because {configured.reason}",
+                "drop pgbouncer=true / POOLKIT_POOL_MODE=transaction (or move the sidecar off port 6543) to "
+                "get statement caching back",
+            )
+        else:
+            self.add(target, "prepared statements", "ok", "safe: the poolkit sidecar keeps them for each client")
 
     def _judge(self, target: Target, dsn: Dsn, mode: Mode) -> None:
         configured = detect.detect_mode(dsn, self.settings.pool_mode) if target == "pooled" else None

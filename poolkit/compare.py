@@ -11,60 +11,50 @@ import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from poolkit.errors import ConfigError
-from poolkit.settings import Settings, load_settings
+from poolkit.sqllex import E_STRING_END, QIDENT_END, STD_STRING_END, dollar_body_end, quoted_end, skip_block_comment
+
+if TYPE_CHECKING:
+    from poolkit.settings import Settings
 
 # OIDs of json, jsonb and their arrays: asyncpg returns these as text, psycopg as Python objects.
 _JSON_OIDS = frozenset({114, 3802, 199, 3807})
-_DOLLAR_PARAM = re.compile(r"\$(\d+)")
 _DOLLAR_QUOTE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
 _IDENT_CHAR = re.compile(r"[A-Za-z0-9_$]")
+
+
+def _segment_end(sql: str, i: int) -> int:
+    """Where the string, quoted identifier, comment or dollar quote starting at ``i`` ends; -1 if none does."""
+    ch = sql[i]
+    if sql.startswith("--", i):
+        nl = sql.find("\n", i)
+        return len(sql) if nl < 0 else nl
+    if sql.startswith("/*", i):
+        return skip_block_comment(sql, i + 2)
+    if ch == "'":
+        escapes = i > 0 and sql[i - 1] in "eE" and (i < 2 or not _IDENT_CHAR.match(sql[i - 2]))
+        end = quoted_end(E_STRING_END if escapes else STD_STRING_END, sql, i + 1)
+    elif ch == '"':
+        end = quoted_end(QIDENT_END, sql, i + 1)
+    elif ch == "$" and (i == 0 or not _IDENT_CHAR.match(sql[i - 1])):
+        tag = _DOLLAR_QUOTE.match(sql, i)
+        return -1 if tag is None else dollar_body_end(sql, tag.group(0), tag.end())[1]
+    else:
+        return -1
+    return len(sql) if end is None else end  # unterminated: runs to the end
 
 
 def _segments(sql: str) -> Iterator[tuple[bool, str]]:
     """Split ``sql`` into (is_code, text): string literals, quoted identifiers and comments are not code.
 
-    Hand-written rather than pglast: it must keep the text byte for byte (pglast re-renders it),
-    and a lexer for these five token kinds is all placeholder translation needs.
+    Hand-written rather than pglast: it must keep the text byte for byte (pglast re-renders it), and the
+    bodies of these five token kinds (scanned by ``poolkit.sqllex``) are all placeholder translation needs.
     """
     i, n, start = 0, len(sql), 0
     while i < n:
-        ch = sql[i]
-        end = -1
-        if sql.startswith("--", i):
-            nl = sql.find("\n", i)
-            end = n if nl < 0 else nl
-        elif sql.startswith("/*", i):
-            depth, j = 1, i + 2
-            while j < n and depth:
-                if sql.startswith("/*", j):
-                    depth, j = depth + 1, j + 2
-                elif sql.startswith("*/", j):
-                    depth, j = depth - 1, j + 2
-                else:
-                    j += 1
-            end = j
-        elif ch in "'\"":
-            backslash = ch == "'" and i > 0 and sql[i - 1] in "eE" and (i < 2 or not _IDENT_CHAR.match(sql[i - 2]))
-            j = i + 1
-            while j < n:
-                if backslash and sql[j] == "\\":
-                    j += 2
-                    continue
-                if sql[j] == ch:
-                    if j + 1 < n and sql[j + 1] == ch:
-                        j += 2
-                        continue
-                    break
-                j += 1
-            end = min(j + 1, n)
-        elif ch == "$" and (i == 0 or not _IDENT_CHAR.match(sql[i - 1])):
-            tag = _DOLLAR_QUOTE.match(sql, i)
-            if tag is not None:
-                close = sql.find(tag.group(0), tag.end())
-                end = n if close < 0 else close + len(tag.group(0))
+        end = _segment_end(sql, i)
         if end < 0:
             i += 1
             continue
@@ -129,7 +119,7 @@ def _style(sql: str) -> str:
     return "percent" if has_percent else "dollar"
 
 
-def normalise(value: Any, *, json_column: bool = False) -> Any:
+def normalise(value: Any, *, json_column: bool = False) -> Any:  # noqa: PLR0911, PLR0912 - one branch per value type, read top to bottom as the rules table they are
     """A driver-neutral form of one value: what both drivers should agree on.
 
     Aware datetimes go to UTC, UUID subclasses to uuid.UUID, JSON text (asyncpg) to Python objects,
@@ -235,7 +225,9 @@ async def compare(sql: str, *args: Any, settings: Settings | None = None) -> Com
     to ``$1..$n``); literals, quoted names, dollar-quoted bodies and comments are never touched.
     The connections come from the configured pooled URL; the transactions always roll back.
     """
-    from poolkit.pool import Pool  # noqa: PLC0415 - pool imports the drivers; compare is rarely used
+    # Here, not at the top: `import poolkit` imports this module, and must not load pydantic or the pools.
+    from poolkit.pool import Pool  # noqa: PLC0415
+    from poolkit.settings import load_settings  # noqa: PLC0415
 
     cfg = settings if settings is not None else load_settings()
     if cfg.env != "development":

@@ -13,7 +13,7 @@ from poolkit.settings import DIRECT_URL_ENV, POOLED_URL_ENV, load_settings
 
 
 async def _workload(pool: Pool, queries: int, tasks: int) -> tuple[int, int, float]:
-    ph = "$1" if pool.driver == "asyncpg" else "%s"
+    ph = pool.adapter.sql("$1")
     per_task = max(1, queries // tasks)
     errors = 0
 

@@ -14,6 +14,9 @@ from poolkit.errors import ConfigError
 # Ports the transaction poolers listen on: Supavisor/Supabase 6543, PgBouncer's Supabase default 6553.
 TRANSACTION_POOLER_PORTS = frozenset({6543, 6553})
 SUPABASE_POOLER_SUFFIX = ".pooler.supabase.com"
+#: The ParameterStatus a poolkit sidecar sends every client at login (value: what its upstream keeps,
+#: "transaction" or "session"). Behind it named prepared statements are safe whatever the upstream is.
+SIDECAR_PARAMETER = "poolkit_sidecar"
 
 # Query parameters that tools put in URLs for themselves (Prisma: pgbouncer, connection_limit, ...).
 # libpq and asyncpg reject or misread them, so they are removed before a URL reaches a driver.

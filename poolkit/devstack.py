@@ -778,15 +778,17 @@ class DevStack:
         """The ``postgres`` superuser straight to PostgreSQL, database ``app``, ``sslmode=require``."""
         return self.url(via="direct", user=self.superuser)
 
-    def env(self) -> dict[str, str]:
-        """The environment poolkit reads: pooled URL, direct URL and the CA file.
+    def env(self, *, sslmode: str = "require") -> dict[str, str]:
+        """The environment poolkit reads: pooled URL, direct URL (both with ``sslmode``) and the CA file.
 
         The pooled URL carries ``pgbouncer=true`` (as Prisma's do): PgBouncer listens on a free port here,
         not on Supabase's 6543, and the marker is how poolkit knows it is a transaction pooler.
+        ``poolkit dev`` exports ``sslmode=verify-full``: the CA file is there, so the servers can be
+        verified, and ``poolkit check`` approves of nothing less.
         """
         return {
-            "POOLKIT_POOLED_URL": self.url(via="pgbouncer", pgbouncer="true"),
-            "POOLKIT_DIRECT_URL": self.direct_url,
+            "POOLKIT_POOLED_URL": self.url(via="pgbouncer", sslmode=sslmode, pgbouncer="true"),
+            "POOLKIT_DIRECT_URL": self.url(via="direct", sslmode=sslmode),
             "POOLKIT_SSLROOTCERT": str(self.ca_file),
         }
 
@@ -1337,7 +1339,7 @@ def run_dev(argv: list[str] | None = None) -> int:
             return 1
         try:
             # The one place poolkit prints passwords: the user asked for these URLs.
-            for name, value in stack.env().items():
+            for name, value in stack.env(sslmode="verify-full").items():
                 print(f"export {name}={shlex.quote(value)}")
             sys.stdout.flush()
             print(

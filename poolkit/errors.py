@@ -28,6 +28,13 @@ class PoolTimeout(PoolkitError, TimeoutError):
         self.timeout = timeout
 
 
+class TooManyWaiting(PoolTimeout):
+    """The pool is exhausted and ``max_waiting`` callers already wait: this one fails at once instead of queueing.
+
+    A subclass of :class:`PoolTimeout`, so code that handles exhaustion handles this too.
+    """
+
+
 class PoolClosed(PoolkitError):
     """The pool was closed; create a new one (or call ``get_pool()`` again)."""
 

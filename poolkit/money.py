@@ -15,10 +15,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from poolkit.driver import ISOLATION_SQL
 from poolkit.errors import CommitOutcomeUnknown, ConfigError, IdempotencyConflict
 from poolkit.translate import is_connect_failure, sqlstate_of
 
 if TYPE_CHECKING:
+    from poolkit.driver import AsyncDriver, Transaction
     from poolkit.pool import Pool
 
 DEFAULT_TABLE = "poolkit_idempotency"
@@ -30,11 +32,6 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _MAX_KEY_LENGTH = 255
-_PSYCOPG_ISOLATION = {
-    "read_committed": "READ COMMITTED",
-    "repeatable_read": "REPEATABLE READ",
-    "serializable": "SERIALIZABLE",
-}
 
 
 class _Missing:
@@ -89,58 +86,37 @@ def _encode_result(result: Any) -> str:
         ) from None
 
 
-def _sql(driver: str, text: str) -> str:
-    # poolkit's own statements number their parameters in order, so $n -> %s keeps the argument order.
-    return text if driver == "asyncpg" else re.sub(r"\$\d+", "%s", text)
+async def _fetchrow(driver: AsyncDriver, conn: Any, text: str, *args: Any) -> Any:
+    return await driver.fetchrow(conn, driver.sql(text), args)
 
 
-async def _fetchrow(conn: Any, driver: str, text: str, *args: Any) -> Any:
-    if driver == "asyncpg":
-        return await conn.fetchrow(text, *args)
-    cur = await conn.execute(_sql(driver, text), args)
-    return await cur.fetchone()
-
-
-async def _execute(conn: Any, driver: str, text: str, *args: Any) -> None:
-    if driver == "asyncpg":
-        await conn.execute(text, *args)
-    else:
-        await conn.execute(_sql(driver, text), args or None)
+async def _execute(driver: AsyncDriver, conn: Any, text: str, *args: Any) -> None:
+    await driver.execute(conn, driver.sql(text), args, None)
 
 
 class _Tx:
-    """A transaction on either driver's connection, with an isolation level."""
+    """A transaction with an isolation level that is rolled back at most once (and not after its commit)."""
 
-    def __init__(self, conn: Any, driver: str, isolation: Isolation) -> None:
-        self.conn, self.driver, self.isolation = conn, driver, isolation
-        self._asyncpg_tx: Any = None
+    def __init__(self, driver: AsyncDriver, conn: Any, isolation: Isolation) -> None:
+        self.driver, self.conn, self.isolation = driver, conn, isolation
+        self._tx: Transaction | None = None
         self._done = False
 
     async def begin(self) -> None:
-        if self.driver == "asyncpg":
-            self._asyncpg_tx = self.conn.transaction(isolation=self.isolation)
-            await self._asyncpg_tx.start()
-        else:
-            # psycopg sends BEGIN before the first statement; SET TRANSACTION must be that statement.
-            await self.conn.execute(f"SET TRANSACTION ISOLATION LEVEL {_PSYCOPG_ISOLATION[self.isolation]}")
+        self._tx = await self.driver.begin(self.conn, self.isolation)
 
     async def commit(self) -> None:
         self._done = True
-        if self.driver == "asyncpg":
-            await self._asyncpg_tx.commit()
-        else:
-            await self.conn.commit()
+        if self._tx is not None:
+            await self._tx.commit()
 
     async def rollback(self) -> None:
         if self._done:
             return
         self._done = True
         try:
-            if self.driver == "asyncpg":
-                if self._asyncpg_tx is not None:
-                    await self._asyncpg_tx.rollback()
-            else:
-                await self.conn.rollback()
+            if self._tx is not None:
+                await self._tx.rollback()
         except Exception as exc:
             # A broken connection has no transaction left to roll back; the pool discards it.
             if not _connection_lost(exc):
@@ -229,8 +205,8 @@ async def idempotent(
     """
     if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH:
         raise ConfigError(f"key must be a non-empty string of at most {_MAX_KEY_LENGTH} characters")
-    if isolation not in _PSYCOPG_ISOLATION:
-        raise ConfigError(f"isolation={isolation!r}: use one of {', '.join(_PSYCOPG_ISOLATION)}")
+    if isolation not in ISOLATION_SQL:
+        raise ConfigError(f"isolation={isolation!r}: use one of {', '.join(ISOLATION_SQL)}")
     if max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
     call = _Call(pool, _Statements.for_table(quote_table(table)), key, request_hash(request), backoff, max_backoff)
@@ -271,21 +247,21 @@ class _Call:
     max_backoff: float
 
     async def attempt(self, fn: Callable[[Any], Awaitable[Any]], isolation: Isolation) -> Any:
-        driver = self.pool.driver
+        driver = self.pool.adapter
         async with self.pool.acquire() as conn:
-            tx = _Tx(conn, driver, isolation)
+            tx = _Tx(driver, conn, isolation)
             try:
                 await tx.begin()
-                claimed = await _fetchrow(conn, driver, self.sql.claim, self.key, self.expected)
+                claimed = await _fetchrow(driver, conn, self.sql.claim, self.key, self.expected)
                 if claimed is None:
-                    row = await _fetchrow(conn, driver, self.sql.lookup, self.key)
+                    row = await _fetchrow(driver, conn, self.sql.lookup, self.key)
                     await tx.rollback()
                     if row is None:
                         raise _KeyVanished
                     return _replay(row, self.expected)
                 result = await fn(conn)
                 text = _encode_result(result)
-                await _execute(conn, driver, self.sql.record, text, self.key)
+                await _execute(driver, conn, self.sql.record, text, self.key)
             except BaseException:
                 await tx.rollback()
                 raise
@@ -299,21 +275,21 @@ class _Call:
 
     async def check_key(self, check_timeout: float) -> Any:
         """After an ambiguous COMMIT: the recorded result, or ``_MISSING`` if the lost transaction did not commit."""
-        driver = self.pool.driver
+        driver = self.pool.adapter
         deadline = time.monotonic() + check_timeout
         attempt = 0
         while True:
             attempt += 1
             try:
                 async with self.pool.acquire() as conn:
-                    tx = _Tx(conn, driver, "read_committed")
+                    tx = _Tx(driver, conn, "read_committed")
                     await tx.begin()
                     try:
                         # A plain SELECT would not see a commit still in flight; claiming the key waits for it.
                         remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                        await _execute(conn, driver, f"SET LOCAL lock_timeout = {remaining_ms}")
-                        claimed = await _fetchrow(conn, driver, self.sql.claim, self.key, self.expected)
-                        row = None if claimed is not None else await _fetchrow(conn, driver, self.sql.lookup, self.key)
+                        await _execute(driver, conn, f"SET LOCAL lock_timeout = {remaining_ms}")
+                        claimed = await _fetchrow(driver, conn, self.sql.claim, self.key, self.expected)
+                        row = None if claimed is not None else await _fetchrow(driver, conn, self.sql.lookup, self.key)
                     finally:
                         await tx.rollback()  # the check never keeps its claim: the retry claims for real
                     if claimed is not None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import re
+import select
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 from poolkit import detect
 from poolkit.detect import Mode
-from poolkit.errors import PoolTimeout, SessionStateError
+from poolkit.errors import ConfigError, PoolkitError, PoolTimeout, SessionStateError, TooManyWaiting
 from poolkit.metrics import count_routed
 from poolkit.observe import Observer, normalized
 from poolkit.routing import classify
-from poolkit.settings import Settings
+from poolkit.settings import HOOK_NAMES, Settings
 from poolkit.state import get_state
 
 Route = Literal["pooled", "direct"]
@@ -29,6 +34,40 @@ _UNDOES_STATE = re.compile(
 # Distinct statement texts remembered as harmless per pool; beyond that they are classified each time
 # (cached by poolkit.routing too), which bounds memory for apps that build SQL with literals in it.
 _CLEAN_MAX = 4096
+
+
+def sql_text(query: Any, conn: Any) -> str:
+    """The text of a statement as the app passed it: str, bytes, or a psycopg ``sql.Composable``."""
+    if type(query) is str:
+        return query
+    if isinstance(query, bytes):
+        return query.decode("utf-8", "replace")
+    return str(query.as_string(conn))
+
+
+def socket_has_data(fd: int) -> bool:
+    """True if an idle connection's socket is readable: EOF or a message the server sent unasked
+    (``terminating connection due to administrator command``, a shutdown notice)."""
+    try:
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+def neutralise_fd(fd: int) -> None:
+    """Point a forked child's copy of a connection's descriptor at /dev/null.
+
+    Whatever the child's copies of the driver objects write later (libpq's Terminate, a TLS close_notify)
+    then cannot reach the parent's session.
+    """
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _after_fork_in_child() -> None:
@@ -88,12 +127,86 @@ class SessionGuard:
         return False
 
 
-def psycopg_pool_options(settings: Settings, *, max_size: int, name: str) -> dict[str, Any]:
-    """psycopg_pool's sizing, naming and timing arguments, the same for the async and the sync pool.
+class _QuietPoolkitConnectErrors(logging.Filter):
+    """Drops psycopg_pool's ``error connecting in 'name': ...`` warning for connections poolkit opened.
+
+    poolkit's connection classes raise the translated error (a PoolkitError) from ``connect()``, and the
+    caller gets that same error: psycopg_pool's line would only repeat it on stderr. Failures of other
+    psycopg pools in the process carry psycopg's own errors and are still logged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            isinstance(args, tuple)
+            and len(args) == 2
+            and isinstance(args[1], PoolkitError)
+            and str(record.msg).startswith("error connecting in")
+        )
+
+
+def quiet_psycopg_pool_connect_errors() -> None:
+    """Install :class:`_QuietPoolkitConnectErrors` on psycopg_pool's logger (once per process)."""
+    logger = logging.getLogger("psycopg.pool")
+    if not any(isinstance(f, _QuietPoolkitConnectErrors) for f in logger.filters):
+        logger.addFilter(_QuietPoolkitConnectErrors())
+
+
+Hook = Callable[[Any], Any]
+
+# The driver each hook belongs to, and what to use instead on the other driver.
+_HOOK_DRIVERS = {
+    "init": ("asyncpg", "with psycopg, configure= runs once per new connection"),
+    "setup": ("asyncpg", "psycopg_pool has no per-checkout hook: run it at the start of the acquire() block"),
+    "configure": ("psycopg", "with asyncpg, init= runs once per new connection"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionHooks:
+    """The app's connection set-up hooks, handed to the driver pool as its own arguments.
+
+    ``init`` (asyncpg) and ``configure`` (psycopg) run once per new connection, e.g. to register a type
+    codec; ``setup`` (asyncpg) runs on every checkout; ``reset`` runs when a connection comes back, after
+    poolkit's own clean-up (both drivers). Async pools take coroutine functions, ``SyncPool`` plain ones.
+    """
+
+    init: Hook | None = None
+    setup: Hook | None = None
+    configure: Hook | None = None
+    reset: Hook | None = None
+
+    @classmethod
+    def for_driver(cls, driver: str, *, asynchronous: bool, **hooks: Hook | None) -> ConnectionHooks:
+        """The hooks given (``None`` ones left out), checked against ``driver``; ConfigError names a wrong one."""
+        family = "asyncpg" if driver == "asyncpg" else "psycopg"
+        for name, hook in hooks.items():
+            if hook is None:
+                continue
+            if name not in HOOK_NAMES:
+                raise ConfigError(f"unknown connection hook {name!r}; known hooks: {', '.join(HOOK_NAMES)}")
+            if not callable(hook):
+                raise ConfigError(f"{name}= must be a function that takes the connection, not {type(hook).__name__}")
+            owner, instead = _HOOK_DRIVERS.get(name, (family, ""))
+            if owner != family:
+                raise ConfigError(f"{name}= is {owner}'s hook and this pool's driver is {driver}: {instead}")
+            if inspect.iscoroutinefunction(hook) is not asynchronous:
+                kind = "an async function (async def)" if asynchronous else "a plain function (not async def)"
+                pool = "an async pool" if asynchronous else "the sync pool"
+                raise ConfigError(f"{name}= must be {kind} in {pool}: the driver calls it and awaits it or not")
+        return cls(**{k: v for k, v in hooks.items() if v is not None})
+
+
+def psycopg_pool_options(
+    settings: Settings, *, max_size: int, name: str, hooks: ConnectionHooks | None = None
+) -> dict[str, Any]:
+    """psycopg_pool's sizing, naming, timing and hook arguments, the same for the async and the sync pool.
 
     ``open=False``: poolkit opens it itself, waiting only when ``min_size`` asks for connections.
+    ``max_waiting`` is not passed: poolkit's own queue in front of psycopg_pool enforces it (callers
+    waiting inside psycopg_pool are only those whose connection is being opened).
     """
-    return {
+    options: dict[str, Any] = {
         "conninfo": "",
         "min_size": settings.min_size,
         "max_size": max_size,
@@ -104,6 +217,12 @@ def psycopg_pool_options(settings: Settings, *, max_size: int, name: str) -> dic
         "max_lifetime": settings.max_lifetime,
         "reconnect_timeout": max(settings.connect_timeout * 3, 30.0),
     }
+    if hooks is not None:
+        if hooks.configure is not None:
+            options["configure"] = hooks.configure
+        if hooks.reset is not None:
+            options["reset"] = hooks.reset
+    return options
 
 
 def exhaustion_hint(max_size: int, profile: str) -> str:
@@ -118,7 +237,14 @@ def exhaustion_hint(max_size: int, profile: str) -> str:
 class PoolBase:
     """Where a pool connects and what it reports; subclasses own the driver pool and the acquire path."""
 
-    def __init__(self, settings: Settings, *, route: Route = "pooled", driver: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        route: Route = "pooled",
+        driver: str | None = None,
+        hooks: ConnectionHooks | None = None,
+    ) -> None:
         # State first: repr() and close() must work even when the checks below raise.
         self._closed = False
         self._direct: Self | None = None
@@ -129,6 +255,8 @@ class PoolBase:
         self.route: Route = route
         self.profile = settings.profile
         self.max_size = settings.max_size
+        self.max_waiting = settings.max_waiting
+        self.hooks = hooks or ConnectionHooks()
         self.dsn, self.detection = detect.pool_target(
             settings.pooled_dsn(), settings.direct_dsn(), route=route, override=settings.pool_mode
         )
@@ -145,6 +273,7 @@ class PoolBase:
         )
         get_state().live_pools.add(self)
         install_fork_hook()
+        quiet_psycopg_pool_connect_errors()
 
     def direct(self) -> Self:
         """A pool on the direct URL (migrations, introspection, session features), created on first use."""
@@ -153,7 +282,7 @@ class PoolBase:
         if self._direct is None:
             if self.settings.direct_url is None and self.mode is not Mode.TRANSACTION:
                 return self  # the pooled URL already reaches the server with full sessions
-            self._direct = type(self)(self.settings, route="direct")
+            self._direct = type(self)(self.settings, route="direct", hooks=self.hooks)
         return self._direct
 
     def routed(self, sql: str) -> Self:
@@ -169,7 +298,7 @@ class PoolBase:
         count_routed(self.name, self.driver, decision.route.value, decision.reason)
         return target
 
-    def _psycopg_kwargs(self, cursor_factory: type[Any]) -> dict[str, Any]:
+    def psycopg_kwargs(self, cursor_factory: type[Any]) -> dict[str, Any]:
         """psycopg's connect arguments for this pool's target, with poolkit's timed cursor."""
         kwargs = detect.psycopg_connect_kwargs(
             self.dsn,
@@ -221,6 +350,24 @@ class PoolBase:
             waiting=self.waiting,
             timeout=limit,
         )
+
+    def too_many_waiting(self) -> TooManyWaiting:
+        """Count and log a caller refused because ``max_waiting`` callers already wait; return the error.
+
+        Counted and logged as exhaustion (``poolkit_pool_acquire_timeouts_total``, ``pool_exhausted`` with
+        ``timeout_s=0``): the pool is exhausted, and the exhaustion alert must see these callers too.
+        """
+        error = TooManyWaiting(
+            f"pool {self.name!r} ({self.route}, {self.driver}) is exhausted and {self.waiting} caller(s) already "
+            f"wait for one of its {self.max_size} connection(s), the max_waiting limit: this one was refused at "
+            "once. Raise POOLKIT_MAX_WAITING (0: no limit), or " + exhaustion_hint(self.max_size, self.profile),
+            pool=self.name,
+            max_size=self.max_size,
+            waiting=self.waiting,
+            timeout=0.0,
+        )
+        self.observer.exhausted(error, in_use=self.gauge_values()[0], hint="raise POOLKIT_MAX_WAITING")
+        return error
 
     def exhausted(self, limit: float) -> PoolTimeout:
         """Count and log a caller giving up after ``limit`` seconds; return the PoolTimeout to raise.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from typing import Any
 
@@ -13,26 +12,6 @@ from poolkit.state import get_state
 from poolkit.sync_pool import SyncPool
 
 _lock = threading.Lock()
-
-
-def _retire(pool: Pool | SyncPool) -> None:
-    """Drain and close a pool whose settings changed, without blocking the caller."""
-    state = get_state()
-    if isinstance(pool, SyncPool):
-        threading.Thread(target=pool.close, name=f"poolkit-retire-{pool.name}", daemon=True).start()
-        return
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        loop = None
-    if loop is not None:
-        task = loop.create_task(pool.close())
-        state.inherited.append(task)  # a strong reference until it is done
-        task.add_done_callback(state.inherited.remove)
-    else:
-        pool._closed = True
-        pool._hot = None
-        pool._drop_dead_bindings()
 
 
 def _get(kind: str, factory: type[Pool] | type[SyncPool], overrides: dict[str, Any]) -> Any:
@@ -48,7 +27,7 @@ def _get(kind: str, factory: type[Pool] | type[SyncPool], overrides: dict[str, A
             if old_key == key and not old_pool.closed:
                 return old_pool
             if not old_pool.closed:
-                _retire(old_pool)
+                old_pool.retire()  # drained and closed without blocking this caller
         pool = factory(settings)
         state.registry[slot] = (key, pool)
         return pool

@@ -64,6 +64,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from poolkit.sqllex import Token, split_statements, tokenize
+
 __all__ = [
     "CATALOG_RELATIONS",
     "INTROSPECTION_FUNCTIONS",
@@ -238,114 +240,6 @@ def _fast_pooled(sql: str) -> bool:
     return "into" not in low or head.group().lstrip().lower() in ("insert", "merge")
 
 
-# --------------------------------------------------------------------------------------------
-# Lexer. Hand-written because the routing rules need only tokens and a little structure, it is
-# faster than parsing (see the module docstring) and it accepts text PostgreSQL's parser would
-# reject but the driver rewrites (psycopg's %s, SQLAlchemy's :name).
-
-_TOKEN = re.compile(
-    r"""
-      (?P<ws>\s+)
-    | (?P<line>--[^\n]*)
-    | (?P<block>/\*)
-    | (?P<qident>")
-    | (?P<estr>[eE]')
-    | (?P<str>(?:[uU]&|[bBxXnN])?')
-    | (?P<param>\$\d+|%\(\w+\)s|%s|%%)
-    | (?P<dollar>\$(?:[^\W\d]\w*)?\$)
-    | (?P<word>[^\W\d][\w$]*)
-    | (?P<num>(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d+)?\w*)
-    | (?P<cast>::)
-    | (?P<op>(?:(?!--|/\*)[-+*/<>=~!@\#%^&|`?])+|.)
-    """,
-    re.VERBOSE | re.DOTALL,
-)
-_STD_STRING_END = re.compile(r"[^']*(?:''[^']*)*'")
-_E_STRING_END = re.compile(r"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.DOTALL)
-_QIDENT_END = re.compile(r'[^"]*(?:""[^"]*)*"')
-_BLOCK_TOKEN = re.compile(r"/\*|\*/")
-
-# Token kinds: "w" word (lower-cased), "q" quoted identifier, "s" string (its text), "n" number,
-# "p" placeholder, "o" operator or punctuation.
-Token = tuple[str, str]
-_Token = Token
-
-
-def _skip_block_comment(sql: str, pos: int) -> int:
-    depth = 1
-    while depth:
-        m = _BLOCK_TOKEN.search(sql, pos)
-        if m is None:
-            return len(sql)
-        depth += 1 if m.group() == "/*" else -1
-        pos = m.end()
-    return pos
-
-
-def _quoted(pattern: re.Pattern[str], sql: str, pos: int) -> tuple[str, int]:
-    """Body and end of a quoted token whose body starts at ``pos`` (unterminated: to the end)."""
-    m = pattern.match(sql, pos)
-    if m is None:
-        return sql[pos:], len(sql)
-    return sql[pos : m.end() - 1], m.end()
-
-
-def _tokenize(sql: str) -> list[_Token]:
-    tokens: list[_Token] = []
-    append = tokens.append
-    match = _TOKEN.match
-    pos = 0
-    n = len(sql)
-    while pos < n:
-        m = match(sql, pos)
-        if m is None:  # pragma: no cover - the last alternative matches any character
-            break
-        kind = m.lastgroup
-        pos = m.end()
-        if kind == "word":
-            append(("w", m.group().lower()))
-        elif kind in ("ws", "line"):
-            continue
-        elif kind in ("op", "cast"):
-            append(("o", m.group()))
-        elif kind == "qident":
-            body, pos = _quoted(_QIDENT_END, sql, pos)
-            append(("q", body.replace('""', '"')))
-        elif kind == "str":
-            body, pos = _quoted(_STD_STRING_END, sql, pos)
-            append(("s", body.replace("''", "'")))
-        elif kind == "estr":
-            body, pos = _quoted(_E_STRING_END, sql, pos)
-            append(("s", body))
-        elif kind == "dollar":
-            close = sql.find(m.group(), pos)
-            end = n if close < 0 else close
-            append(("s", sql[pos:end]))
-            pos = n if close < 0 else close + len(m.group())
-        elif kind == "block":
-            pos = _skip_block_comment(sql, pos)
-        elif kind == "param":
-            append(("p", m.group()))
-        else:
-            append(("n", m.group()))
-    return tokens
-
-
-def _split(tokens: list[_Token]) -> list[list[_Token]]:
-    statements: list[list[_Token]] = []
-    current: list[_Token] = []
-    for token in tokens:
-        if token == ("o", ";"):
-            if current:
-                statements.append(current)
-            current = []
-        else:
-            current.append(token)
-    if current:
-        statements.append(current)
-    return statements
-
-
 _DML_WORDS = frozenset({"select", "insert", "update", "delete", "merge", "with", "values", "table"})
 _DDL_WORDS = frozenset(
     {
@@ -398,9 +292,9 @@ _NAME_KINDS = ("w", "q")
 _TYPE_BEFORE = frozenset({("o", "::"), ("w", "as")})
 
 
-def _call_args(tokens: list[_Token], open_index: int) -> list[list[_Token]]:
+def _call_args(tokens: list[Token], open_index: int) -> list[list[Token]]:
     """Top-level arguments of the call whose ``(`` is at ``open_index``."""
-    args: list[list[_Token]] = [[]]
+    args: list[list[Token]] = [[]]
     depth = 0
     for token in tokens[open_index:]:
         if token == ("o", "("):
@@ -418,8 +312,19 @@ def _call_args(tokens: list[_Token], open_index: int) -> list[list[_Token]]:
     return args
 
 
-def _lex_bool_arg(tokens: list[_Token], open_index: int) -> bool | None:
+#: Settings that change how a query is planned, never its result: a session-level change of one leaves
+#: nothing a later transaction could see in its answers. asyncpg turns ``jit`` off around its type
+#: introspection (the first array, enum, range or composite result) and back with
+#: ``set_config('jit', ..., false)``; treating that as session state would pin, or behind a transaction
+#: pooler refuse, every asyncpg client that reads an array.
+PLANNER_ONLY_SETTINGS = frozenset({"jit"})
+
+
+def _lex_bool_arg(tokens: list[Token], open_index: int) -> bool | None:
+    """set_config's ``is_local`` if known; ``True`` too for a planner-only setting (see PLANNER_ONLY_SETTINGS)."""
     args = _call_args(tokens, open_index)
+    if args and len(args[0]) == 1 and args[0][0][0] == "s" and args[0][0][1].lower() in PLANNER_ONLY_SETTINGS:
+        return True
     if len(args) < 3:
         return None
     arg = args[2]
@@ -435,7 +340,7 @@ def _lex_bool_arg(tokens: list[_Token], open_index: int) -> bool | None:
     return None
 
 
-def _lex_dml(tokens: list[_Token]) -> str:
+def _lex_dml(tokens: list[Token]) -> str:  # noqa: PLR0912, PLR0915 - one pass over the tokens with the state of each rule side by side
     """Reasons hidden inside a query: catalog relations and functions, SELECT INTO, pg_temp."""
     found: set[str] = set()
     n = len(tokens)
@@ -444,7 +349,7 @@ def _lex_dml(tokens: list[_Token]) -> str:
     clause = [""]
     head = tokens[0]
     select_into_possible = head in (("w", "select"), ("w", "with"), ("o", "("))
-    prev: _Token = ("o", "")
+    prev: Token = ("o", "")
     for i, token in enumerate(tokens):
         kind, value = token
         if kind == "o":
@@ -513,7 +418,7 @@ def _lex_dml(tokens: list[_Token]) -> str:
     return _first(found)
 
 
-def _lex_create(tokens: list[_Token]) -> str:
+def _lex_create(tokens: list[Token]) -> str:
     words = [value for kind, value in tokens[1:6] if kind == "w"]
     if words[:2] == ["or", "replace"]:
         words = words[2:]
@@ -522,7 +427,7 @@ def _lex_create(tokens: list[_Token]) -> str:
     return "temp_table" if words[:1] in (["temp"], ["temporary"]) else "ddl"
 
 
-def _skip_explain(tokens: list[_Token]) -> list[_Token]:
+def _skip_explain(tokens: list[Token]) -> list[Token]:
     """The statement an ``EXPLAIN [(options)] [ANALYZE] [VERBOSE]`` prefix applies to."""
     while tokens and tokens[0] == ("w", "explain"):
         i = 1
@@ -539,7 +444,7 @@ def _skip_explain(tokens: list[_Token]) -> list[_Token]:
     return tokens
 
 
-def _lex_statement(tokens: list[_Token]) -> str:
+def _lex_statement(tokens: list[Token]) -> str:  # noqa: PLR0911, PLR0912 - a dispatch on the statement's leading keywords, one rule per branch
     tokens = _skip_explain(tokens)
     if not tokens:
         return ""
@@ -603,7 +508,7 @@ def statements(sql: str) -> list[list[Token]]:
     For callers that refine a decision per statement (the sidecar's pinning) on the same reading of
     SQL as :func:`classify`.
     """
-    return _split(_tokenize(sql))
+    return split_statements(tokenize(sql))
 
 
 def statement_reason(tokens: list[Token]) -> str:
@@ -613,7 +518,7 @@ def statement_reason(tokens: list[Token]) -> str:
 
 def _classify_lexer(sql: str) -> Decision:
     """Classify with the hand-written lexer (no fast path, no cache)."""
-    for statement in _split(_tokenize(sql)):
+    for statement in split_statements(tokenize(sql)):
         reason = _lex_statement(statement)
         if reason:
             return _DECISIONS[reason]
@@ -663,6 +568,14 @@ def _pg_bool(node: Any) -> bool | None:
     return None
 
 
+def _pg_set_config_local(args: list[Any]) -> bool | None:
+    """:func:`_lex_bool_arg` for pglast's tree."""
+    const = args[0].get("A_Const") if args and isinstance(args[0], dict) else None
+    if isinstance(const, dict) and str(const.get("sval", {}).get("sval", "")).lower() in PLANNER_ONLY_SETTINGS:
+        return True
+    return _pg_bool(args[2]) if len(args) > 2 else None
+
+
 def _pg_dml(root: Any) -> str:
     found: set[str] = set()
     stack = [root]
@@ -690,7 +603,7 @@ def _pg_dml(root: Any) -> str:
                 found.add("temp_table")
             elif schema in (None, "pg_catalog") and names:
                 args = call.get("args", [])
-                third = _pg_bool(args[2]) if names[-1] == "set_config" and len(args) > 2 else None
+                third = _pg_set_config_local(args) if names[-1] == "set_config" else None
                 reason = _function_reason(names[-1], third)
                 if reason:
                     found.add(reason)
@@ -701,7 +614,7 @@ def _pg_dml(root: Any) -> str:
     return _first(found)
 
 
-def _pg_statement(stmt: dict[str, Any]) -> str:
+def _pg_statement(stmt: dict[str, Any]) -> str:  # noqa: PLR0911, PLR0912 - the same rules as _lex_statement, on pglast's node names
     ((name, body),) = stmt.items()
     if name in _PG_DML:
         return _pg_dml(body)

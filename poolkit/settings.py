@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -13,7 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from poolkit.detect import url_tls_problem
-from poolkit.dsn import Dsn
+from poolkit.dsn import SSL_MODES, Dsn
 from poolkit.errors import ConfigError
 
 # Order is precedence: the first variable that is set wins. poolkit's own names come first so that an app
@@ -22,6 +23,25 @@ POOLED_URL_ENV = ("POOLKIT_POOLED_URL", "DATABASE_URL", "POSTGRES_PRISMA_URL")
 DIRECT_URL_ENV = ("POOLKIT_DIRECT_URL", "DIRECT_DATABASE_URL", "POSTGRES_URL_NON_POOLING")
 
 SERVERLESS_MAX_SIZE = 3
+# The pool factories' connection hooks (poolkit.pool_base.ConnectionHooks): keywords, but not settings.
+HOOK_NAMES = ("init", "setup", "configure", "reset")
+ENV_PREFIX = "POOLKIT_"
+SIDECAR_ENV_PREFIX = "POOLKIT_SIDECAR_"
+# Variables poolkit reads outside the Settings model: `poolkit dev`'s binaries (README "The local stack"),
+# and the test suite's and scripts' own switches. The settings' names come from the model itself.
+OTHER_ENV = frozenset(
+    {
+        "POOLKIT_PG_BINDIR",
+        "POOLKIT_PGBOUNCER",
+        "POOLKIT_FAULT_SEED",
+        "POOLKIT_LIVE",
+        "POOLKIT_PROMETHEUS_URL",
+        "POOLKIT_SCREENSHOT",
+        "POOLKIT_SETUP_PROMETHEUS",
+    }
+)
+# A loopback URL: lets a setting's sslmode be judged by the same rule (and message) as a URL's.
+_LOOPBACK = Dsn(host="127.0.0.1", port=5432, user="poolkit", database="poolkit")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 Driver = Literal["asyncpg", "psycopg"]
@@ -65,6 +85,38 @@ class Settings(BaseSettings):
     slow_query_seconds: float = 1.0
     env: Environment = "production"
     query_log: bool = False
+    # Callers that may wait for a busy pool at once; one more fails at once with TooManyWaiting (0: no limit).
+    max_waiting: int = 0
+
+    @field_validator("sslmode", mode="before")
+    @classmethod
+    def _check_sslmode(cls, value: Any) -> Any:
+        # Before the Literal check, so that POOLKIT_SSLMODE=prefer is explained as sslmode=prefer in a URL is.
+        if isinstance(value, str):
+            if value not in SSL_MODES:
+                raise ValueError(f"is {value!r}; use require (the default), verify-ca or verify-full")
+            # The URL rule for the modes that fall back to plain text; the others are checked with the URLs.
+            problem = url_tls_problem(_LOOPBACK, sslmode=value) if value in ("allow", "prefer") else None
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("sslrootcert", mode="before")
+    @classmethod
+    def _check_rootcert_given(cls, value: Any) -> Any:
+        # An empty variable would become Path("."), a directory: say what is wrong instead of "no such file".
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                "is set but empty: set it to the PEM file of the CA that signed the server certificate, or unset it"
+            )
+        return value
+
+    @field_validator("max_waiting")
+    @classmethod
+    def _check_max_waiting(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 (no limit) or more")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -125,16 +177,29 @@ class Settings(BaseSettings):
     # -- derived values ---------------------------------------------------------------------------------------
 
     def pooled_dsn(self) -> Dsn:
-        """The URL the app's queries go to: the pooled URL, or the direct one if only that is set."""
-        secret = self.pooled_url or self.direct_url
-        if secret is None:
+        """The URL the app's queries go to: the pooled URL (the direct one only with ``pool_mode="direct"``).
+
+        With only a direct URL set, the app's queries would bypass the pooler, the connection exhaustion
+        poolkit exists to prevent (a misspelt ``POOLKIT_POOLED_URL`` looks just like that): it is refused
+        unless ``pool_mode`` says direct on purpose.
+        """
+        if self.pooled_url is not None:
+            return Dsn.parse(self.pooled_url.get_secret_value(), setting=_env_label("pooled_url"))
+        if self.direct_url is None:
             raise ConfigError(
                 "no database URL is configured: set POOLKIT_POOLED_URL (or DATABASE_URL) to the transaction "
                 "pooler's URL, and POOLKIT_DIRECT_URL (or DIRECT_DATABASE_URL) to the direct one. "
                 "`poolkit dev` starts a local stack and prints both"
             )
-        field = "pooled_url" if self.pooled_url is not None else "direct_url"
-        return Dsn.parse(secret.get_secret_value(), setting=_env_label(field))
+        if self.pool_mode != "direct":
+            raise ConfigError(
+                f"no pooled URL is configured ({', '.join(POOLED_URL_ENV)} are unset), only the direct URL "
+                f"({_env_label('direct_url')}): poolkit does not send the app's queries past the pooler "
+                "without being told. Set POOLKIT_POOLED_URL to the transaction pooler's URL (Supabase: port "
+                "6543), or set POOLKIT_POOL_MODE=direct (pool_mode='direct') to use the direct URL for them "
+                "(a long-lived server that owns its connection budget, local development)"
+            )
+        return Dsn.parse(self.direct_url.get_secret_value(), setting=_env_label("direct_url"))
 
     def direct_dsn(self) -> Dsn | None:
         """The direct URL, if one is configured."""
@@ -176,7 +241,7 @@ class FieldError(ValueError):
 def env_label(field: str, names: tuple[str, ...]) -> str:
     """How to name a setting in a message: the env variable (of ``names``) that set it, or the first one."""
     for name in names:
-        if os.environ.get(name):
+        if os.environ.get(name) is not None:  # set, even if empty: pydantic-settings reads an empty one too
             return f"{name} ({field})"
     return f"{field} (env {names[0]})"
 
@@ -200,22 +265,93 @@ def _env_label(field: str) -> str:
     return env_label(field, (f"POOLKIT_{field.upper()}",))
 
 
+def env_names(model: type[BaseSettings], prefix: str) -> frozenset[str]:
+    """Every environment variable a settings model reads: ``prefix`` + each field, and each field's env aliases."""
+    names: set[str] = set()
+    for field, info in model.model_fields.items():
+        names.add(f"{prefix}{field}".upper())
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice).upper() for choice in alias.choices if isinstance(choice, str))
+        elif isinstance(alias, str):
+            names.add(alias.upper())
+    return frozenset(names)
+
+
+def unknown_env_problems(
+    known: Iterable[str], *, prefix: str, skip_prefix: str | None = None, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """One message per ``prefix*`` variable in ``environ`` that is not in ``known``, naming the closest known one.
+
+    Names compare case-insensitively, as pydantic-settings reads them. A misspelt variable would otherwise be
+    ignored without a word (``POOLKIT_MAXSIZE=5`` leaves max_size at 1).
+    """
+    known_upper = {name.upper() for name in known}
+    # Compared without the shared prefix, which would make every name look alike.
+    tails = {k.removeprefix(prefix): k for k in sorted(known_upper) if k.startswith(prefix)}
+    problems = []
+    for name in sorted(os.environ if environ is None else environ):
+        upper = name.upper()
+        if not upper.startswith(prefix) or upper in known_upper:
+            continue
+        if skip_prefix is not None and upper.startswith(skip_prefix):
+            continue
+        close = difflib.get_close_matches(upper.removeprefix(prefix), tails, n=1, cutoff=0.6)
+        hint = f"did you mean {tails[close[0]]}?" if close else "no setting is named like it"
+        problems.append(f"{name} is not a poolkit setting ({hint})")
+    return problems
+
+
+def library_env_names() -> frozenset[str]:
+    """The variables the library reads (its settings, the URL names platforms inject) or documents."""
+    return env_names(Settings, ENV_PREFIX) | OTHER_ENV
+
+
+def check_env(environ: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError naming each unknown ``POOLKIT_*`` variable (``POOLKIT_SIDECAR_*`` is the sidecar's)."""
+    problems = unknown_env_problems(
+        library_env_names(), prefix=ENV_PREFIX, skip_prefix=SIDECAR_ENV_PREFIX, environ=environ
+    )
+    if problems:
+        raise ConfigError(
+            "invalid poolkit settings: "
+            + "; ".join(problems)
+            + ". Rename or unset it: an unknown variable is never read (the README's Settings table lists them)"
+        )
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Read the settings from the environment, with keyword overrides; raise ConfigError naming what is wrong."""
+    """Read the settings from the environment, with keyword overrides; raise ConfigError naming what is wrong.
+
+    An environment variable that starts with ``POOLKIT_`` but names no setting is an error too.
+    """
     unknown = sorted(set(overrides) - set(Settings.model_fields))
+    if unknown and unknown[0] in HOOK_NAMES:
+        raise ConfigError(
+            f"{unknown[0]}= is a connection hook, not a setting: pass it to poolkit.create_pool() or "
+            "create_sync_pool() (the process-wide get_pool() takes settings only)"
+        )
     if unknown:
-        raise ConfigError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(Settings.model_fields))}")
+        close = difflib.get_close_matches(unknown[0], Settings.model_fields, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"unknown setting {unknown[0]!r}; {hint}known settings: {', '.join(sorted(Settings.model_fields))}"
+        )
+    check_env()
     for field in ("pooled_url", "direct_url"):
         value = overrides.get(field)
         if value is not None:
             raw = value.get_secret_value() if isinstance(value, SecretStr) else value
             Dsn.parse(raw, setting=f"{field} (keyword argument)")
+    # The ConfigError is raised outside the except blocks: pydantic's ValidationError (which ends in "For
+    # further information visit ...") must not ride along as its context.
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, overrides)) from None
+        message = _explain(exc, overrides)
     except ConfigError as exc:  # a URL that Dsn.parse rejected
-        raise ConfigError(str(exc)) from None
+        message = str(exc)
+    raise ConfigError(message)
 
 
 def _explain(exc: ValidationError, overrides: dict[str, Any]) -> str:

@@ -18,9 +18,13 @@ depend on a named prepared statement surviving:
 
 Pooling: with ``profile="serverless"`` (the default) the engine uses ``NullPool``: the transaction
 pooler is the pool, and a frozen serverless instance must not hold sockets that die while it sleeps.
-With ``profile="server"`` a small ``QueuePool`` (``max_size`` connections, no overflow,
-``pool_pre_ping``, recycled after ``max_lifetime``). TLS follows the settings (``sslmode``,
-``sslrootcert``), as for poolkit's own pools.
+With ``profile="server"`` a small queue pool (``max_size`` connections, no overflow,
+``pool_pre_ping``, recycled after ``max_lifetime``): ``QueuePool`` for a sync engine,
+``AsyncAdaptedQueuePool`` for an async one (SQLAlchemy refuses ``QueuePool`` there). TLS follows the
+settings (``sslmode``, ``sslrootcert``), as for poolkit's own pools.
+
+The factories take poolkit's settings as keywords (``create_async_engine(max_size=3, profile="server")``),
+as ``poolkit.create_pool`` does; every other keyword goes to SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ try:
     from sqlalchemy.engine import URL, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engine
-    from sqlalchemy.pool import NullPool, QueuePool
+    from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, QueuePool
 except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
     from poolkit.errors import ConfigError
 
@@ -67,11 +71,27 @@ def _target(settings: Settings, route: EngineRoute) -> tuple[Dsn, Mode]:
     return dsn, detect.detect_mode(dsn, settings.pool_mode).mode
 
 
+def _settings(settings: Settings | None, engine_kwargs: dict[str, Any]) -> Settings | None:
+    """Move poolkit's settings out of ``engine_kwargs`` (the rest is SQLAlchemy's) and apply them."""
+    ours = {k: engine_kwargs.pop(k) for k in list(engine_kwargs) if k in Settings.model_fields and k != "driver"}
+    if not ours:
+        return settings
+    if settings is None:
+        return load_settings(**ours)
+    return load_settings(**{**settings.model_dump(), **ours})
+
+
 def engine_options(
-    *, driver: Driver = "asyncpg", route: EngineRoute = "pooled", settings: Settings | None = None
+    *,
+    driver: Driver = "asyncpg",
+    route: EngineRoute = "pooled",
+    settings: Settings | None = None,
+    asynchronous: bool | None = None,
 ) -> tuple[URL, dict[str, Any]]:
     """The SQLAlchemy URL and ``create_engine`` keyword arguments poolkit would use (for custom setups).
 
+    ``asynchronous`` picks the server profile's pool class: ``AsyncAdaptedQueuePool`` for
+    ``create_async_engine``, ``QueuePool`` for ``create_engine``; by default async for asyncpg.
     The URL object carries the password (SQLAlchemy masks it in ``repr``; ``render_as_string()``
     without ``hide_password=False`` does too).
     """
@@ -114,11 +134,13 @@ def engine_options(
         query={**query, "host": dsn.host} if dsn.is_unix_socket else query,
     )
     options: dict[str, Any] = {"connect_args": connect_args}
+    if asynchronous is None:
+        asynchronous = driver == "asyncpg"
     if cfg.profile == "serverless" or route == "direct":
         options["poolclass"] = NullPool
     else:
         options.update(
-            poolclass=QueuePool,
+            poolclass=AsyncAdaptedQueuePool if asynchronous else QueuePool,
             pool_size=cfg.max_size,
             max_overflow=0,
             pool_timeout=cfg.acquire_timeout,
@@ -138,17 +160,20 @@ def create_async_engine(
     """An ``AsyncEngine`` on the pooled URL (``route="direct"``: the direct one), safe behind a transaction pooler.
 
     ``driver`` is ``"asyncpg"`` (default) or ``"psycopg"``. Settings come from the environment
-    (``POOLKIT_POOLED_URL``, ``POOLKIT_DIRECT_URL``, ``POOLKIT_SSLMODE``, ...) or ``settings``;
+    (``POOLKIT_POOLED_URL``, ``POOLKIT_DIRECT_URL``, ``POOLKIT_SSLMODE``, ...) or ``settings``, and
+    keywords that name a poolkit setting (``max_size=3``, ``profile="server"``) override them; the other
     ``engine_kwargs`` go to SQLAlchemy and win over poolkit's choices (see the module docstring).
     """
-    url, options = engine_options(driver=driver, route=route, settings=settings)
+    settings = _settings(settings, engine_kwargs)
+    url, options = engine_options(driver=driver, route=route, settings=settings, asynchronous=True)
     options.update(engine_kwargs)
     return _sa_create_async_engine(url, **options)
 
 
 def create_engine(*, route: EngineRoute = "pooled", settings: Settings | None = None, **engine_kwargs: Any) -> Engine:
     """A sync psycopg ``Engine`` on the pooled URL (``route="direct"``: the direct one); see ``create_async_engine``."""
-    url, options = engine_options(driver="psycopg", route=route, settings=settings)
+    settings = _settings(settings, engine_kwargs)
+    url, options = engine_options(driver="psycopg", route=route, settings=settings, asynchronous=False)
     options.update(engine_kwargs)
     return sqlalchemy.create_engine(url, **options)
 

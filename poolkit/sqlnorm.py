@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from poolkit.sqllex import E_STRING_END, QIDENT_END, STD_STRING_END, dollar_body_end, quoted_end, skip_block_comment
+
 __all__ = ["TRUNCATION_MARKER", "normalize"]
 
 #: Appended to a normalised statement that was cut at ``max_length``.
@@ -36,11 +38,6 @@ _NEXT = re.compile(
     """,
     re.VERBOSE,
 )
-# Unrolled loops (`[^']*(?:''[^']*)*`): no backtracking, and long literals scan at C speed.
-_STD_STRING_END = re.compile(r"[^']*(?:''[^']*)*'")
-_E_STRING_END = re.compile(r"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.DOTALL)
-_QIDENT_END = re.compile(r'[^"]*(?:""[^"]*)*"')
-_BLOCK_TOKEN = re.compile(r"/\*|\*/")
 
 _ITEM = r"(?:\?|\$\d+|%s|%\(\w+\)s|:\w+|-\s?\?|\.\.\.)"
 # `IN (?, ?, ?)` -> `IN (...)`: the number of values is data too (and splits one query shape in
@@ -52,23 +49,6 @@ _ARRAY_LIST = re.compile(rf"\[(?<=\b[Aa][Rr][Rr][Aa][Yy]\[)\s?{_ITEM}(?:\s?,\s?{
 _VALUES_ROWS = re.compile(
     r"\((?:(?<=\b[Vv][Aa][Ll][Uu][Ee][Ss]\()|(?<=\b[Vv][Aa][Ll][Uu][Ee][Ss] \())([^()]*\))(?:\s?,\s?\(\1)+"
 )
-
-
-def _skip_block_comment(sql: str, pos: int) -> int:
-    """Return the index just past the (nested) block comment whose body starts at ``pos``."""
-    depth = 1
-    while depth:
-        m = _BLOCK_TOKEN.search(sql, pos)
-        if m is None:
-            return len(sql)  # unterminated: the comment runs to the end
-        depth += 1 if m.group() == "/*" else -1
-        pos = m.end()
-    return pos
-
-
-def _end_of(pattern: re.Pattern[str], sql: str, pos: int) -> int:
-    m = pattern.match(sql, pos)
-    return len(sql) if m is None else m.end()  # unterminated: runs to the end
 
 
 def _starts_token(sql: str, i: int, floor: int) -> bool:
@@ -121,7 +101,8 @@ def normalize(sql: str, *, max_length: int = 1024) -> str:
         if kind == "str":
             escapes, start = _string_start(sql, start, pos)
             out.append(sql[pos:start])
-            pos = _end_of(_E_STRING_END if escapes else _STD_STRING_END, sql, end)
+            close = quoted_end(E_STRING_END if escapes else STD_STRING_END, sql, end)
+            pos = n if close is None else close  # unterminated: runs to the end
             out.append("?")
             continue
         out.append(sql[pos:start])
@@ -130,19 +111,18 @@ def normalize(sql: str, *, max_length: int = 1024) -> str:
             pos = n if nl < 0 else nl + 1
             out.append(" ")
         elif kind == "block":
-            pos = _skip_block_comment(sql, end)
+            pos = skip_block_comment(sql, end)
             out.append(" ")
         elif kind == "qident":
-            q = _QIDENT_END.match(sql, end)
-            if q is None:  # unterminated: PostgreSQL would reject it, and the rest may be data
+            close = quoted_end(QIDENT_END, sql, end)
+            if close is None:  # unterminated: PostgreSQL would reject it, and the rest may be data
                 pos = n
                 out.append('"?')
             else:
-                pos = q.end()
+                pos = close
                 out.append(sql[start:pos])
         elif kind == "dollar":
-            close = sql.find(m.group(), end)
-            pos = n if close < 0 else close + len(m.group())
+            pos = dollar_body_end(sql, m.group(), end)[1]
             out.append("?")
         else:  # num
             pos = end

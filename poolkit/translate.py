@@ -18,6 +18,9 @@ from poolkit.errors import (
     TooManyConnections,
 )
 
+# Where a Supabase project's database answers (direct: db.<ref>.supabase.co; pooler: *.pooler.supabase.com).
+_SUPABASE_DOMAINS = ("supabase.co", "supabase.com")
+
 # Prepared-statement failures seen through PgBouncer in transaction mode (see shared notes): SQLSTATEs plus
 # the texts that come with the protocol-level ones, where the SQLSTATE (08P01, 22P03) alone is too broad.
 _PREPARED_SQLSTATES = frozenset({"26000", "42P05"})
@@ -37,6 +40,12 @@ def sqlstate_of(exc: BaseException) -> str | None:
     diag = getattr(exc, "diag", None)
     state = getattr(diag, "sqlstate", None)
     return state if isinstance(state, str) and len(state) == 5 else None
+
+
+def is_supabase_host(host: str) -> bool:
+    """True for Supabase's hosts: ``db.<ref>.supabase.co``, ``*.pooler.supabase.com``, ``*.supabase.com``."""
+    host = host.lower().rstrip(".")
+    return any(host == domain or host.endswith(f".{domain}") for domain in _SUPABASE_DOMAINS)
 
 
 def translate_query_error(exc: BaseException, mode: Mode, *, pool: str = "") -> PoolkitError | None:
@@ -65,7 +74,7 @@ def translate_query_error(exc: BaseException, mode: Mode, *, pool: str = "") -> 
     return PreparedStatementError(f"{first_line}{where}: {hint}")
 
 
-def translate_connect_error(exc: BaseException, dsn: Dsn, *, connect_timeout: float) -> ConnectError:
+def translate_connect_error(exc: BaseException, dsn: Dsn, *, connect_timeout: float) -> ConnectError:  # noqa: PLR0911 - one return per failure class, each with its own fix
     """Explain why a connection to ``dsn`` failed, with the fix. The message never holds the password."""
     target = f"{dsn.host}:{dsn.port}" if not dsn.is_unix_socket else dsn.host
     text = redact(str(exc), dsn.password)
@@ -93,9 +102,14 @@ def translate_connect_error(exc: BaseException, dsn: Dsn, *, connect_timeout: fl
             reason="too_many_connections",
         )
     if state == "28P01" or "password authentication failed" in low or "sasl authentication failed" in low:
+        where = (
+            " (reset it in the Supabase dashboard under Database settings)"
+            if is_supabase_host(dsn.host)
+            else " (or the role's password on the server: ALTER ROLE ... PASSWORD)"
+        )
         return AuthenticationFailed(
-            f"{target} rejected the password for user {dsn.user!r}: check the password in the URL (reset it in "
-            "the Supabase dashboard under Database settings); special characters in it must be percent-encoded",
+            f"{target} rejected the password for user {dsn.user!r}: check the password in the URL{where}; "
+            "special characters in it must be percent-encoded",
             reason="auth",
         )
     if "no encryption" in low and ("pg_hba" in low or state == "28000"):
@@ -141,6 +155,16 @@ def translate_connect_error(exc: BaseException, dsn: Dsn, *, connect_timeout: fl
         )
     first = text.splitlines()[0] if text else type(exc).__name__
     return ConnectError(f"cannot connect to {target}: {first}", reason="other")
+
+
+def fresh_copy(error: ConnectError) -> ConnectError:
+    """A new error equal to ``error``, to raise to a caller other than the code that first raised it.
+
+    psycopg_pool opens connections in a worker; poolkit remembers the error the worker hit and raises it to
+    the caller waiting for that connection. Raising the same object there would carry the worker's
+    traceback, and the caller's psycopg_pool PoolTimeout as its context, into the caller's traceback.
+    """
+    return type(error)(str(error), reason=error.reason)
 
 
 def is_connect_failure(exc: BaseException) -> bool:

@@ -61,12 +61,28 @@ def test_dev_prints_working_urls_and_stops_cleanly() -> None:
                 exports[name] = value.strip("'")
         assert set(exports) == {"POOLKIT_POOLED_URL", "POOLKIT_DIRECT_URL", "POOLKIT_SSLROOTCERT"}
         for key in ("POOLKIT_POOLED_URL", "POOLKIT_DIRECT_URL"):
+            assert "sslmode=verify-full" in exports[key]
             url = exports[key].replace("&pgbouncer=true", "")
             with psycopg.connect(url, sslrootcert=exports["POOLKIT_SSLROOTCERT"], prepare_threshold=None) as conn:
                 assert conn.execute("SELECT 1").fetchone() == (1,)
+        # `poolkit check` approves of what `poolkit dev` exports: both servers' certificates verified.
+        check = _check({**_clean_env(), **exports})
+        assert check.count("certificate verified (verify-full)") == 2, check
+        assert "NOT verified" not in check and "set sslmode=verify-full" not in check
+        # The exports before: sslmode=require with the CA file beside it, which check warns about.
+        required = {k: v.replace("sslmode=verify-full", "sslmode=require") for k, v in exports.items()}
+        assert _check({**_clean_env(), **required}).count("set sslmode=verify-full and POOLKIT_SSLROOTCERT") == 2
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def _check(env: dict[str, str]) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "poolkit", "check"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert "FAIL" not in proc.stdout, proc.stdout + proc.stderr
+    return proc.stdout
 
 
 @pytest.fixture

@@ -465,10 +465,12 @@ def test_run_dev_prints_urls_and_stops_on_sigterm(server_tmp: pathlib.Path) -> N
         assert set(exports) == {"POOLKIT_POOLED_URL", "POOLKIT_DIRECT_URL", "POOLKIT_SSLROOTCERT"}
         assert exports["POOLKIT_POOLED_URL"].endswith("&pgbouncer=true")
         # The marker is for poolkit: plain libpq rejects it, which is why poolkit strips it.
-        with psycopg.connect(exports["POOLKIT_POOLED_URL"].removesuffix("&pgbouncer=true")) as conn:
+        # Exported as verify-full (what `poolkit check` approves of): libpq needs the exported CA file.
+        ca = exports["POOLKIT_SSLROOTCERT"]
+        with psycopg.connect(exports["POOLKIT_POOLED_URL"].removesuffix("&pgbouncer=true"), sslrootcert=ca) as conn:
             assert conn.execute("SELECT current_user").fetchone() == ("app",)
-        direct = exports["POOLKIT_DIRECT_URL"] + f"&sslrootcert={exports['POOLKIT_SSLROOTCERT']}"
-        with psycopg.connect(direct.replace("sslmode=require", "sslmode=verify-full")) as conn:
+        assert "sslmode=verify-full" in exports["POOLKIT_DIRECT_URL"]
+        with psycopg.connect(exports["POOLKIT_DIRECT_URL"] + f"&sslrootcert={ca}") as conn:
             pid = conn.execute("SELECT pg_postmaster_start_time() IS NOT NULL").fetchone()
             assert pid == (True,)
         postmaster = int((base / "data" / "postmaster.pid").read_text().split()[0])

@@ -52,9 +52,18 @@ def test_direct_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().direct_dsn().host == "a.example.com"  # type: ignore[union-attr]
 
 
-def test_only_a_direct_url_serves_both(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_a_direct_url_serves_the_app_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIRECT_DATABASE_URL", B)
+    # Without a word, the app's queries would bypass the pooler: refused, naming both ways out.
+    with pytest.raises(ConfigError) as info:
+        load_settings().pooled_dsn()
+    message = str(info.value)
+    assert "no pooled URL is configured" in message
+    assert "DIRECT_DATABASE_URL (direct_url)" in message
+    assert "POOLKIT_POOLED_URL" in message and "POOLKIT_POOL_MODE=direct" in message
+    monkeypatch.setenv("POOLKIT_POOL_MODE", "direct")
     assert load_settings().pooled_dsn().host == "b.example.com"
+    assert load_settings(pool_mode="direct").pooled_dsn().host == "b.example.com"
 
 
 def test_every_knob_from_env_and_keyword(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -164,3 +164,57 @@ def test_migration_engine_without_a_direct_url_behind_a_pooler_names_the_setting
     with pytest.raises(ConfigError, match="POOLKIT_DIRECT_URL") as info:
         pk_sa.migration_engine()
     assert stack_env.app_password not in str(info.value)
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("profile", ["serverless", "server"])
+async def test_async_engine_under_each_profile(stack_env: DevStack, driver: Any, profile: str) -> None:
+    table = _table(stack_env)
+    size = 3 if profile == "server" else 1
+    # poolkit's settings as keywords, as create_pool takes them; the rest (echo) is SQLAlchemy's.
+    engine = pk_sa.create_async_engine(driver=driver, profile=profile, max_size=size, echo=False)
+    try:
+        expected = sa.pool.AsyncAdaptedQueuePool if profile == "server" else sa.pool.NullPool
+        assert type(engine.pool) is expected
+        ok, errors = await _async_workload(engine, table)
+        if profile == "server":
+            assert engine.pool.size() == 3  # type: ignore[attr-defined]
+            assert engine.pool.checkedin() <= 3  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+    assert errors == []
+    assert ok == TASKS * TRANSACTIONS * 3
+    assert _count(stack_env, table) == TASKS * TRANSACTIONS
+
+
+def test_sqlalchemy_refuses_a_queuepool_for_an_async_engine(stack_env: DevStack) -> None:
+    # What poolkit's server profile did before it chose AsyncAdaptedQueuePool for async engines.
+    url, options = pk_sa.engine_options(settings=poolkit.load_settings(profile="server"), asynchronous=False)
+    assert options["poolclass"] is sa.pool.QueuePool
+    with pytest.raises(sa.exc.ArgumentError, match="QueuePool cannot be used with asyncio engine"):
+        sa_create_async_engine(url, **options)
+
+
+def test_engine_factories_take_poolkit_settings_as_keywords(stack_env: DevStack) -> None:
+    engine = pk_sa.create_engine(profile="server", max_size=5, acquire_timeout=2.5, pool_pre_ping=False)
+    try:
+        assert type(engine.pool) is sa.pool.QueuePool
+        assert engine.pool.size() == 5  # type: ignore[attr-defined]
+        assert engine.pool._timeout == 2.5  # type: ignore[attr-defined]
+        assert engine.pool._pre_ping is False  # SQLAlchemy's own keyword still wins
+    finally:
+        engine.dispose()
+    base = poolkit.load_settings(application_name="sa-base")
+
+    async def name_through(engine: AsyncEngine) -> str:
+        try:
+            async with engine.connect() as conn:
+                return str((await conn.execute(sa.text("SELECT current_setting('application_name')"))).scalar_one())
+        finally:
+            await engine.dispose()
+
+    async_engine = pk_sa.create_async_engine(settings=base, max_size=2, profile="server")
+    assert async_engine.pool.size() == 2  # type: ignore[attr-defined]
+    assert asyncio.run(name_through(async_engine)) == "sa-base"  # the rest of `settings` is kept
+    with pytest.raises(ConfigError, match=r"max_size \(keyword argument\).*serverless range"):
+        pk_sa.create_async_engine(max_size=9)

@@ -10,15 +10,20 @@ import secrets
 import signal
 import ssl
 import time
+import weakref
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from poolkit.detect import Mode, detect_mode
+from pydantic import SecretStr
+
+from poolkit.detect import SIDECAR_PARAMETER
+from poolkit.dsn import Dsn
 from poolkit.errors import ConfigError, SidecarError
 from poolkit.log import get_logger
 from poolkit.sidecar import admin, protocol
-from poolkit.sidecar.auth import UserStore, client_tls_context, read_auth_file
+from poolkit.sidecar.auth import UserStore, client_tls_context, is_scram_verifier, read_auth_file
 from poolkit.sidecar.client import ClientConnection
 from poolkit.sidecar.config import RELOADABLE, SidecarSettings, load_sidecar_settings
 from poolkit.sidecar.http import OpsHttpServer
@@ -47,11 +52,26 @@ _PID_FLOOR = 1 << 22
 _PID_CEILING = 0x7FFFFFFF
 
 
-def _users_from(settings: SidecarSettings) -> UserStore:
+def _secrets_from(settings: SidecarSettings) -> dict[str, str]:
     users = {name: secret.get_secret_value() for name, secret in settings.users.items()}
     if settings.auth_file is not None:
         users = {**read_auth_file(settings.auth_file), **users}
-    return UserStore(users)
+    return users
+
+
+def _users_from(settings: SidecarSettings) -> UserStore:
+    return UserStore(_secrets_from(settings))
+
+
+def _upstream_passwords(settings: SidecarSettings) -> dict[str, str]:
+    """The users' plain passwords (user_pools logs in upstream with them; a SCRAM verifier cannot)."""
+    if not settings.user_pools:
+        return {}
+    return {name: secret for name, secret in _secrets_from(settings).items() if not is_scram_verifier(secret)}
+
+
+def _as_user(secret: SecretStr, user: str, password: str) -> SecretStr:
+    return SecretStr(replace(Dsn.parse(secret.get_secret_value()), user=user, password=password).to_url())
 
 
 class Sidecar:
@@ -74,25 +94,35 @@ class Sidecar:
         if settings.direct_route_enabled:
             self.pool.direct = UpstreamPool(settings, self.pool.stats, direct=True)
         self.users = _users_from(settings)
+        # user_pools: a pool per user, logging in upstream as that user (the pool above is the URL's role's).
+        self.user_pools: dict[str, UpstreamPool] = {}
+        self.upstream_passwords = _upstream_passwords(settings)
+        self._user_jobs: dict[str, list[MaintenanceTask]] = {}
         self.client_tls_context: ssl.SSLContext | None = None
         if settings.effective_client_tls != "disable" and settings.tls_cert_file and settings.tls_key_file:
             self.client_tls_context = client_tls_context(settings.tls_cert_file, settings.tls_key_file)
         self.connections: set[ClientConnection] = set()
         self.cancel_keys: dict[int, ClientConnection] = {}  # the process id a client was given -> it
-        self.registry = make_registry(lambda: [self.pool])
+        self.registry = make_registry(self.all_pools)
         self.http = OpsHttpServer(self.registry, self.readiness)
         self.port = 0
         self.http_port = 0
         self.unix_socket_path: str | None = None
         self.started_at = time.monotonic()
         self.draining = False
+        self.paused = False  # the admin console's PAUSE/KILL: no server connections until RESUME
+        # Settings a SIGHUP read but that only a restart applies (SHOW CONFIG's "pending").
+        self.pending_restart: dict[str, object] = {}
+        self.reload_error: str | None = None
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._maintenance: list[MaintenanceTask] = []
         self._direct_maintenance: list[MaintenanceTask] = []
         self._stopped: asyncio.Event | None = None
         self._welcome_cache: dict[tuple[int, tuple[tuple[str, str], ...]], bytes] = {}
-        self.startup_checks = StartupChecks()  # what the upstream made of clients' startup parameters
+        # What each pool's upstream made of clients' startup parameters (per pool: per upstream and role, as
+        # ALTER ROLE ... SET changes the defaults a value like DateStyle=ISO is read against).
+        self._startup_checks: weakref.WeakKeyDictionary[UpstreamPool, StartupChecks] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -146,6 +176,8 @@ class Sidecar:
             unix_socket=self.unix_socket_path,
             metrics=f"http://{s.http_host}:{self.http_port}/metrics" if s.http_enabled else None,
             upstream=self.pool.dsn.redacted(),
+            upstream_mode=s.upstream_pooling[0],
+            upstream_mode_reason=s.upstream_pooling[1],
             pool=self.pool.name,
             max_size=self.pool.max_size,
             direct=direct.dsn.redacted() if direct is not None else None,
@@ -166,13 +198,13 @@ class Sidecar:
         # A transaction pooler upstream hands its backend to others after each transaction: pinning
         # a connection to it keeps no session state. Only a direct upstream can hold a pin.
         pool = self.pool
-        if pool.direct is None and pool.route == "pooled" and detect_mode(pool.dsn).mode is Mode.TRANSACTION:
+        if pool.direct is None and pool.transaction_pooler:
             log.warning(
-                "sidecar_pins_need_direct_url",
+                "sidecar_session_features_refused",
                 pool=pool.name,
-                detail="the upstream is a transaction pooler and direct_url is not set: clients using "
-                "session features (SET, LISTEN, advisory locks, ...) are pinned to a pooler connection, "
-                "which does not keep session state; set POOLKIT_DIRECT_URL",
+                detail="the upstream is a transaction pooler and direct_url is not set: statements that need "
+                "a session (SET of untracked settings, LISTEN, advisory locks, temporary tables, ...) are "
+                "refused; set POOLKIT_DIRECT_URL to run them on the direct URL",
             )
 
     async def wait_stopped(self) -> None:
@@ -184,9 +216,8 @@ class Sidecar:
         if self.draining:
             return
         self.draining = True
-        self.pool.draining = True
-        if self.pool.direct is not None:
-            self.pool.direct.draining = True
+        for pool in self.upstream_pools():
+            pool.draining = True
         timeout = self.settings.shutdown_timeout if grace is None else grace
         for listener in self._listeners:
             listener.close()
@@ -215,10 +246,13 @@ class Sidecar:
             await job.stop()
         self._maintenance.clear()
         self._direct_maintenance.clear()
+        for jobs in self._user_jobs.values():
+            for job in jobs:
+                await job.stop()
+        self._user_jobs.clear()
         await self.http.close()
-        self.pool.close_all("shutdown")
-        if self.pool.direct is not None:
-            self.pool.direct.close_all("shutdown")
+        for pool in self.upstream_pools():
+            pool.close_all("shutdown")
         if self.unix_socket_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_socket_path)
@@ -239,11 +273,17 @@ class Sidecar:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
 
     def reload(self, settings: SidecarSettings | None = None) -> bool:
-        """Re-read settings (or apply ``settings``) without dropping clients; False if they are invalid."""
+        """Re-read settings (or apply ``settings``) without dropping clients; False if they are invalid.
+
+        Settings that need a restart keep their running values (``settings`` says what is in effect);
+        the new ones wait in ``pending_restart``.
+        """
+        self.reload_error = None
         if settings is None:
             try:
                 settings = load_sidecar_settings(self.config_file, **self.overrides)
             except ConfigError as exc:
+                self.reload_error = str(exc)
                 log.warning("reload_failed", error=str(exc))
                 return False
         old = self.settings.model_dump()
@@ -252,14 +292,26 @@ class Sidecar:
         restart = [k for k in changed if k not in RELOADABLE]
         if restart:
             log.warning("reload_needs_restart", settings=restart)
+        pending = {k: getattr(settings, k) for k in restart}
+        settings = settings.model_copy(update={k: getattr(self.settings, k) for k in restart})
         try:
             users = _users_from(settings)
+            passwords = _upstream_passwords(settings)
             self.pool.configure(settings)
             self._configure_direct(settings)
+            for user, pool in self.user_pools.items():
+                if user in passwords:  # else its clients keep the pool as it was; new logins are refused
+                    self._configure_user_pool(pool, self._user_settings(settings, user, passwords[user]))
         except ConfigError as exc:
+            self.reload_error = str(exc)
             log.warning("reload_failed", error=str(exc))
             return False
+        if self.paused:
+            for pool in self.upstream_pools():
+                self._hold(pool)  # configure() restored their sizes
+        self.pending_restart = pending
         self.users = users
+        self.upstream_passwords = passwords
         self.settings = settings
         self._welcome_cache.clear()
         log.info("sidecar_reloaded", changed=[k for k in changed if k in RELOADABLE])
@@ -290,28 +342,40 @@ class Sidecar:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def startup_checks_for(self, pool: UpstreamPool) -> StartupChecks:
+        """The cache of checked startup parameters for ``pool`` (startup.py)."""
+        checks = self._startup_checks.get(pool)
+        if checks is None:
+            checks = self._startup_checks[pool] = StartupChecks()
+        return checks
+
     def client_opened(self, client: ClientConnection) -> None:
         self.connections.add(client)
 
     def client_closed(self, client: ClientConnection) -> None:
         self.connections.discard(client)
-        self.pool.clients.discard(client)
+        client.pool.clients.discard(client)
         if self.cancel_keys.get(client.process_id) is client:
             del self.cancel_keys[client.process_id]
 
-    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
-        """A (process id, secret key) for ``client``'s BackendKeyData: random, the pid unique and never a real pid.
+    def next_process_id(self) -> int:
+        """A new connection's number, from its first byte (logs, SHOW CLIENTS, its BackendKeyData).
 
-        As PgBouncer does, both are random rather than counted, so one client's key says nothing about
-        another's; the secret is all 32 bits, from :mod:`secrets`.
+        Random, as PgBouncer's are, so one client's key says nothing about another's, and never a real pid.
         """
         keys = self.cancel_keys
         while True:
             pid = _PID_FLOOR + 1 + secrets.randbelow(_PID_CEILING - _PID_FLOOR)
             if pid not in keys:
-                break
-        keys[pid] = client
-        return pid, int.from_bytes(secrets.token_bytes(4), "big", signed=True)
+                return pid
+
+    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        """``client``'s BackendKeyData: its process id, unique among logged-in clients, and 32 random secret bits."""
+        if client.process_id in self.cancel_keys:
+            # Drawn twice among the connections open since it was drawn (about 1 in 2**31 per pair).
+            client.process_id = self.next_process_id()
+        self.cancel_keys[client.process_id] = client
+        return client.process_id, int.from_bytes(secrets.token_bytes(4), "big", signed=True)
 
     def cancel(self, process_id: int, secret_key: int, requester: asyncio.BaseTransport | None = None) -> None:
         """A CancelRequest: forward it to the backend now running that client's query.
@@ -413,13 +477,144 @@ class Sidecar:
         body = b"".join(protocol.parameter_status(name, wanted.get(name.lower(), value)) for name, value in params)
         known = {name.lower() for name, _ in params}
         body += b"".join(protocol.parameter_status(name, value) for name, value in overrides if name not in known)
+        # Says "a poolkit sidecar answers here" to `poolkit check` and to anyone who asks (psql: \conninfo
+        # does not show it; libpq's PQparameterStatus does): named prepared statements are safe here.
+        body += protocol.parameter_status(SIDECAR_PARAMETER, self.settings.upstream_pooling[0])
         if len(self._welcome_cache) >= _WELCOME_CACHE_SIZE:
             self._welcome_cache.clear()
         self._welcome_cache[key] = body
         return body
 
-    def admin_query(self, sql: str) -> bytes:
-        return admin.execute(self, sql)
+    # ------------------------------------------------------------- user pools
+
+    def pool_for(self, user: str) -> UpstreamPool | str:
+        """The pool a client logged in as ``user`` uses, or why it has none (user_pools without a password)."""
+        if not self.settings.user_pools or user == self.pool.dsn.user:
+            return self.pool
+        password = self.upstream_passwords.get(user)
+        if password is None:
+            return (
+                f'user_pools is on, but the sidecar has no password for "{user}" to log in upstream with: '
+                "give the plain password in users / auth_file (a SCRAM verifier only checks clients), "
+                "or turn user_pools off to run every client as the upstream URL's role"
+            )
+        pool = self.user_pools.get(user)
+        if pool is None:
+            settings = self._user_settings(self.settings, user, password)
+            pool = UpstreamPool(settings)
+            self.user_pools[user] = pool
+            self._configure_user_pool(pool, settings)
+            log.info("user_pool_created", pool=pool.name, user=user)
+        return pool
+
+    @staticmethod
+    def _user_settings(settings: SidecarSettings, user: str, password: str) -> SidecarSettings:
+        """``settings`` with the upstream URLs logging in as ``user``, and the pool named ``user@database``."""
+        update: dict[str, Any] = {"pool_name": f"{user}@{settings.effective_pool_name}"}
+        for field in ("pooled_url", "direct_url"):
+            secret = getattr(settings, field)
+            if secret is not None:
+                update[field] = _as_user(secret, user, password)
+        return settings.model_copy(update=update)
+
+    def _configure_user_pool(self, pool: UpstreamPool, settings: SidecarSettings) -> None:
+        """(Re)configure a user pool and its direct pool, and run their maintenance while listening."""
+        pool.configure(settings)
+        if settings.direct_route_enabled and pool.direct is None:
+            pool.direct = UpstreamPool(settings, pool.stats, direct=True)
+        elif settings.direct_route_enabled and pool.direct is not None:
+            pool.direct.configure(settings)
+        elif pool.direct is not None:
+            pool.direct.retire()
+            pool.direct = None
+        if self.paused:
+            for held in (pool, pool.direct):
+                if held is not None:
+                    self._hold(held)
+        user = pool.dsn.user
+        for job in self._user_jobs.pop(user, []):
+            self.spawn(job.stop())
+        if self._listeners:
+            jobs: list[MaintenanceTask] = []
+            for target in (pool, pool.direct):
+                if target is not None:
+                    jobs += [ServerReaper(target), IdleTransactionReaper(target), QueryTimeoutReaper(target)]
+            for job in jobs:
+                job.start()
+            self._user_jobs[user] = jobs
+
+    # ------------------------------------------------------------- admin console
+
+    def open_console(self, client: ClientConnection) -> admin.Console | str:
+        """An admin console session for a logged-in client, or why its user may not have one."""
+        role = admin.console_role(self, client.user)
+        if role is None:
+            return admin.refusal(self, client.user)
+        return admin.Console(self, client, role)
+
+    # ------------------------------------------------------------- admin console control commands
+
+    def reload_now(self) -> str | None:
+        """RELOAD: as SIGHUP; the reason it failed, or None."""
+        return None if self.reload() else self.reload_error or "invalid settings"
+
+    def all_pools(self) -> list[UpstreamPool]:
+        """The URL's role's pool, then the user pools (each with its direct pool in ``direct``)."""
+        return [self.pool, *self.user_pools.values()]
+
+    def upstream_pools(self) -> list[UpstreamPool]:
+        """Every pool, direct ones included."""
+        return [p for pool in self.all_pools() for p in (pool, pool.direct) if p is not None]
+
+    def pause(self) -> None:
+        """PAUSE: hand out no server connection; close each as its transaction ends (PgBouncer's PAUSE).
+
+        Clients keep their connections and their next transactions wait (``query_wait_timeout``
+        still applies) until :meth:`resume`.
+        """
+        self.paused = True
+        for pool in self.upstream_pools():
+            self._hold(pool)
+
+    @staticmethod
+    def _hold(pool: UpstreamPool) -> None:
+        # A pool whose max_size is 0 opens nothing, closes every server it is given back
+        # (release: more servers than max_size) and queues every client: a pause, with the pool's
+        # own rules. configure() (resume, reload) restores the sizes. The private calls reuse the
+        # pool's own closing and filling; they belong in pool.py once its rewrite has landed.
+        pool.max_size = 0
+        pool.pipeline_depth = 0  # nobody joins a busy server's pipeline either
+        for server in list(pool.idle):
+            pool._close_idle(server, "pause")
+
+    def servers_left(self) -> bool:
+        """Has any upstream pool a server connection still open (PAUSE waits for none)?"""
+        return any(pool.servers for pool in self.upstream_pools())
+
+    def resume(self) -> None:
+        """RESUME: serve again; waiting clients get server connections at once."""
+        self.paused = False
+        for pool in self.upstream_pools():
+            pool.configure(pool.settings)  # each pool's own: a user pool's log in as its user
+            pool._fill()  # open connections for the clients queued meanwhile
+
+    def reconnect(self) -> None:
+        """RECONNECT: every server connection is replaced; idle ones now, busy ones when their transaction ends."""
+        for pool in self.upstream_pools():
+            pool.generation += 1  # release() closes a server of an older generation
+            for server in list(pool.idle):
+                pool._close_idle(server, "reconnect")
+
+    def kill(self) -> None:
+        """KILL: drop every client and server connection of the database now, and stay paused until RESUME."""
+        self.pause()
+        for client in [c for pool in self.all_pools() for c in pool.clients]:
+            client.fatal("57P01", "terminating connection: KILL on the poolkit admin console")
+        for pool in self.upstream_pools():
+            pool.generation += 1  # one still connecting closes when it is given back
+            for server in list(pool.servers):
+                if server.state == "active":
+                    pool.close_busy(server, "kill")
 
     def readiness(self) -> tuple[bool, str]:
         if self.draining:

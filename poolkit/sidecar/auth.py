@@ -44,6 +44,11 @@ def auth_info_from_secret(secret: str) -> AuthInfo:
     return salt, stored, server, iterations
 
 
+def is_scram_verifier(secret: str) -> bool:
+    """Is ``secret`` a ``SCRAM-SHA-256$...`` verifier rather than a password?"""
+    return bool(_VERIFIER.match(secret))
+
+
 def read_auth_file(path: Path) -> dict[str, str]:
     """Parse a PgBouncer ``userlist.txt``: lines of ``"user" "password-or-verifier"``."""
     users: dict[str, str] = {}
@@ -72,6 +77,10 @@ class UserStore:
 
     def __len__(self) -> int:
         return len(self._info)
+
+    def names(self) -> list[str]:
+        """The configured user names (for SHOW USERS; never their secrets)."""
+        return list(self._info)
 
     def auth_info(self, user: str) -> AuthInfo:
         return self._info.get(user, self._decoy)

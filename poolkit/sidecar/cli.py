@@ -22,6 +22,7 @@ _FLAGS = {
     "http_port": "http_port",
     "max_size": "max_size",
     "upstream": "upstream",
+    "upstream_mode": "upstream_mode",
     "auth_type": "auth_type",
 }
 
@@ -40,9 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-host", help="address for /metrics, /healthz, /readyz (default 127.0.0.1)")
     parser.add_argument("--http-port", type=int, help="port for /metrics (default 9930)")
     parser.add_argument("--no-http", action="store_true", help="do not serve /metrics")
-    parser.add_argument("--max-size", type=int, help="upstream connections at most (default 3)")
+    parser.add_argument(
+        "--max-size", type=int, help="upstream connections at most (default 3; 10 in front of a transaction pooler)"
+    )
     parser.add_argument(
         "--upstream", choices=["auto", "pooled", "direct"], help="forward to the pooled or the direct URL"
+    )
+    parser.add_argument(
+        "--upstream-mode",
+        choices=["auto", "session", "transaction"],
+        help="does the upstream keep sessions (auto: the pooled URL is a transaction pooler)",
     )
     parser.add_argument("--auth-type", choices=["auto", "scram-sha-256", "trust"], help="client authentication")
 

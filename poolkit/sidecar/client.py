@@ -20,7 +20,7 @@ from poolkit.sidecar.pooling import (
     take_server_now,
     valid_setting_name,
 )
-from poolkit.sidecar.prepared import Bound, ClientStatements, Statement
+from poolkit.sidecar.prepared import REPREPARED_ANSWER, Bound, ClientStatements, Statement
 from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
 from poolkit.sidecar.server import TRACKED_PARAMETERS
 from poolkit.sidecar.session import (
@@ -32,6 +32,8 @@ from poolkit.sidecar.session import (
     autocommit_head,
     chunk_effect,
     decide,
+    no_session_hint,
+    no_session_message,
     pin_limit_hint,
     pin_limit_message,
     quick_nothing,
@@ -39,6 +41,7 @@ from poolkit.sidecar.session import (
 from poolkit.sidecar.startup import Rejection, check_query, first_column, rejection, sync_statements
 
 if TYPE_CHECKING:
+    from poolkit.sidecar.admin import Console
     from poolkit.sidecar.app import Sidecar
     from poolkit.sidecar.server import ServerConnection
 
@@ -78,6 +81,7 @@ class ClientConnection(asyncio.Protocol):
         "close_after_release",
         "closed",
         "connect_time",
+        "console",
         "database",
         "deferred_syncs",
         "deferring",
@@ -108,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         "sql_seen",
         "state",
         "statements",
+        "strip",
         "tap",
         "template_autocommit",
         "tls",
@@ -150,6 +155,7 @@ class ClientConnection(asyncio.Protocol):
         self.connect_time = time.time()
         self.request_time = self.connect_time
         self.admin = False
+        self.console: Console | None = None
         self._startup = StartupReader()
         self._reader: MessageReader | None = None
         self._exchange: ScramServerExchange | None = None
@@ -185,6 +191,8 @@ class ClientConnection(asyncio.Protocol):
         self.follow_ok = False
         self.follow_keys: list[bytes] | None = None  # the statement keys its pipelinable request binds
         self.follow_binds: list[Bound] = []
+        # What the server answers first to its request and the relay removes (prepared.strip_answer).
+        self.strip = b""
         # Its pipelinable request's shape (shapes.py), kept until its answer times it, only if it queued.
         self.shape: bytes | None = None
         self.deferring = False
@@ -199,6 +207,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         app = self.app
+        self.process_id = app.next_process_id()  # from the first byte: refused logins are told apart in logs
         if not self.unix:
             peer = transport.get_extra_info("peername")
             if peer:
@@ -441,6 +450,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _apply(self, effect: Effect) -> bool:
         """Apply a statement's pins and clears; False (and the client is answered) when over the limit."""
+        if effect.sets and self.pool.transaction_pooler:
+            effect = effect.behind_transaction_pooler()
         reasons = effect.apply(self.pin_reasons)
         if self.pin_reason:
             if effect.clears:
@@ -458,18 +469,15 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         reason = next(r for r in effect.pins if r in reasons)
         limit = pool.pin_limit
+        if self._pins_nothing():
+            # A pin to a transaction pooler's connection pins nothing: the next transaction may run on
+            # another backend, without the state, and the state stays behind for someone else.
+            log.warning("session_feature_refused", pool=pool.name, client=self.describe(), reason=reason)
+            self._refuse("0A000", no_session_message(reason), no_session_hint())
+            return False
         if len(pool.pinned) >= limit:
-            text = pin_limit_message(pool=pool.name, limit=limit, reason=reason)
             log.warning("pin_limit_reached", pool=pool.name, client=self.describe(), reason=reason, limit=limit)
-            if self.server is not None or self.linking is not None:
-                # Mid-transaction the statement cannot be answered for the server: end this client
-                # (its transaction is rolled back) rather than run it unpinned.
-                self.fatal("53400", text, hint=pin_limit_hint())
-            else:
-                if self.waiting:
-                    self.waiting = False
-                    self._forget_wait()
-                self._fail_queued("53400", text, pin_limit_hint())
+            self._refuse("53400", pin_limit_message(pool=pool.name, limit=limit, reason=reason), pin_limit_hint())
             return False
         self.pin_reason = reason
         self.pin_reasons = reasons
@@ -478,6 +486,30 @@ class ClientConnection(asyncio.Protocol):
         pool.stats.pins[reason] += 1
         log.info("client_pinned", pool=pool.name, client=self.describe(), reason=reason)
         return True
+
+    def _pins_nothing(self) -> bool:
+        """Would a pin land on a transaction pooler's connection (which keeps no session)?"""
+        pool = self.pool
+        if not pool.transaction_pooler:
+            return False
+        if pool.direct is None:
+            return True
+        server = self.server or self.linking
+        if server is not None:
+            return server.pool is pool  # mid-transaction on the pooler: the state would stay behind there
+        return self.waiting and self in pool.waiters
+
+    def _refuse(self, code: str, text: str, hint: str) -> None:
+        """Answer a statement that must not run (with no server, the client goes on)."""
+        if self.server is not None or self.linking is not None:
+            # Mid-transaction the statement cannot be answered for the server: end this client
+            # (its transaction is rolled back) rather than run it without what it needs.
+            self.fatal(code, text, hint=hint)
+        else:
+            if self.waiting:
+                self.waiting = False
+                self._forget_wait()
+            self._fail_queued(code, text, hint)
 
     def _unpin(self, why: str) -> None:
         log.info("client_unpinned", pool=self.pool.name, client=self.describe(), reason=self.pin_reason, why=why)
@@ -513,6 +545,7 @@ class ClientConnection(asyncio.Protocol):
         the requests queued after it.
         """
         plain, self._plain_req = self._plain_req, False
+        self.strip = b""  # a new transaction: nothing of an earlier answer is still owed
         self.follow_keys = None
         self.shape = None
         scanner = self.scanner
@@ -674,6 +707,8 @@ class ClientConnection(asyncio.Protocol):
                 keys = self.follow_keys
                 if self.follow_ok and keys is not None and server.statements.renames_only(keys):
                     data = self.rename_for(server, data, 0)  # the pipelinable shape: names only
+                elif self.follow_ok and keys is not None and server.statements.reprepares(self.follow_binds):
+                    data = self.rename_for(server, data, 0)  # the same, behind a transaction pooler
                 else:
                     # Nothing of this client's is outstanding on the server yet: its first message is at
                     # the server's current ReadyForQuery count, first in its batch.
@@ -735,7 +770,12 @@ class ClientConnection(asyncio.Protocol):
         assert self.statements is not None
         binds, self.follow_binds = self.follow_binds, []
         self.scanner.named_at = -1
-        return self.statements.rename(data, server.statements, binds, server.scanner.ready_total + owed_before)
+        statements = server.statements
+        z = server.scanner.ready_total + owed_before
+        if statements.transaction:
+            self.strip = REPREPARED_ANSWER
+            return self.statements.reprepare(data, statements, binds, z)
+        return self.statements.rename(data, statements, binds, z)
 
     def _rewrite(self, server: ServerConnection, data: bytes, start: tuple[int, int] | None) -> bytes:
         """Rewrite ``data`` for ``server``; answers due now go to the client. Returns the bytes to send."""
@@ -1027,6 +1067,15 @@ class ClientConnection(asyncio.Protocol):
                 "transactions or ALTER ROLE ... SET",
             )
             return
+        replication = params.get("replication", "").lower()
+        if replication and replication not in ("false", "off", "no", "0"):
+            self._login_failed(
+                "0A000",
+                f"replication connections (replication={replication}) are not relayed by the poolkit sidecar, "
+                "a transaction pooler: connect pg_basebackup, pg_receivewal and logical replication "
+                "clients to the direct URL (POOLKIT_DIRECT_URL)",
+            )
+            return
         self.admin = self.database == settings.admin_database
         if not self.admin and self.database != self.pool.dsn.database:
             self._login_failed(
@@ -1095,6 +1144,18 @@ class ClientConnection(asyncio.Protocol):
 
     def _logged_in(self, auth_messages: bytes) -> None:
         app = self.app
+        if self.admin:
+            console = app.open_console(self)
+            if isinstance(console, str):
+                self._login_failed("28000", console)  # after the password check, as PgBouncer
+                return
+            self.console = console
+        else:
+            pool = app.pool_for(self.user)
+            if isinstance(pool, str):
+                self._login_failed("28000", pool)
+                return
+            self.pool = pool
         self.process_id, self.secret_key = app.register_cancel_key(self)
         if self.admin:
             self._reader = MessageReader(side="client", max_message_size=protocol.MAX_INSPECTED_SIZE)
@@ -1102,7 +1163,7 @@ class ClientConnection(asyncio.Protocol):
             self._finish_login(auth_messages, welcome, ADMIN)
             return
         welcome_params = self.pool.welcome
-        canonical, unknown = app.startup_checks.resolve(self.wanted, self.pool.generation)
+        canonical, unknown = app.startup_checks_for(self.pool).resolve(self.wanted, self.pool.generation)
         if welcome_params is not None and not unknown:
             self._set_wanted_all(canonical)
             self._finish_login(auth_messages, welcome_params, READY)
@@ -1115,7 +1176,8 @@ class ClientConnection(asyncio.Protocol):
             welcome_params = await self.pool.ensure_welcome()
         except ConnectError as exc:
             self.pool.stats.client_logins["error"] += 1
-            self.fatal("08006", f"pool {self.pool.name!r} cannot reach its upstream: {exc}")
+            problem = "cannot log in to" if isinstance(exc, AuthenticationFailed) else "cannot reach"
+            self.fatal("08006", f"pool {self.pool.name!r} {problem} its upstream: {exc}")
             return
         if unknown and not self._login_over():
             refused = await self._check_startup(unknown)
@@ -1163,7 +1225,8 @@ class ClientConnection(asyncio.Protocol):
         pool.release(server, time.monotonic())
         if error is not None:
             return rejection(error)
-        learned = self.app.startup_checks.learn(unknown, [first_column(row) for row in rows], generation)
+        checks = self.app.startup_checks_for(pool)
+        learned = checks.learn(unknown, [first_column(row) for row in rows], generation)
         self._set_wanted_all({**self.wanted, **learned})
         return None
 
@@ -1215,7 +1278,8 @@ class ClientConnection(asyncio.Protocol):
         if kind == b"X":
             self.transport.close()
         elif kind == b"Q":
-            self.transport.write(self.app.admin_query(protocol.parse_query(body)))
+            assert self.console is not None
+            self.console.query(protocol.parse_query(body))
         elif kind == b"S":
             self.transport.write(protocol.ready_for_query())
         elif kind in (b"P", b"B", b"D", b"E", b"C", b"H"):

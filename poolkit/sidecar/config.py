@@ -7,18 +7,27 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
     TomlConfigSettingsSource,
 )
 
-from poolkit.detect import url_tls_problem
+from poolkit.detect import Mode, detect_mode, url_tls_problem
 from poolkit.dsn import Dsn
 from poolkit.errors import ConfigError
 from poolkit.settings import (
@@ -26,15 +35,21 @@ from poolkit.settings import (
     POOLED_URL_ENV,
     FieldError,
     env_label,
+    env_names,
     error_parts,
+    library_env_names,
     redacted_repr_args,
+    unknown_env_problems,
 )
 from poolkit.sidecar.protocol import PG_MAX_MESSAGE_SIZE
 
 ENV_PREFIX = "POOLKIT_SIDECAR_"
+# Read by `poolkit sidecar` itself (the config file's path), not by the settings model.
+CLI_ENV = frozenset({f"{ENV_PREFIX}CONFIG"})
 AuthType = Literal["auto", "scram-sha-256", "trust"]
 ClientTls = Literal["disable", "allow", "require"]
 Upstream = Literal["auto", "pooled", "direct"]
+UpstreamMode = Literal["auto", "session", "transaction"]
 
 # Settings that SIGHUP can change in place; the others need a restart.
 RELOADABLE = frozenset(
@@ -63,6 +78,9 @@ RELOADABLE = frozenset(
         "max_client_conn",
         "direct_max_size",
         "max_pinned_clients",
+        "admin_users",
+        "stats_users",
+        "pipeline_depth",  # UpstreamPool.configure reads it on every reload
     }
 )
 
@@ -96,13 +114,20 @@ class SidecarSettings(BaseSettings):
     pooled_url: SecretStr | None = Field(None, validation_alias=AliasChoices("pooled_url", *POOLED_URL_ENV))
     direct_url: SecretStr | None = Field(None, validation_alias=AliasChoices("direct_url", *DIRECT_URL_ENV))
     upstream: Upstream = "auto"
+    # What the upstream keeps between transactions: "transaction" (a transaction pooler such as Supavisor
+    # or PgBouncer in transaction mode: each transaction may run on another backend) or "session".
+    # auto: the pooled URL is a transaction pooler unless it is Supabase's session pooler; the direct URL
+    # is a session (see upstream_pooling).
+    upstream_mode: UpstreamMode = "auto"
     sslrootcert: Path | None = Field(
         None, validation_alias=AliasChoices("sslrootcert", f"{ENV_PREFIX}SSLROOTCERT", "POOLKIT_SSLROOTCERT")
     )
     pool_name: str | None = None
     application_name: str = "poolkit-sidecar"
 
-    max_size: int = 3
+    # None: 3 where the upstream keeps sessions (each connection is a database backend), 10 in front of a
+    # transaction pooler (see effective_max_size).
+    max_size: int | None = None
     max_client_conn: int = 10_000
     # The direct upstream beside a pooled one (introspection, DDL, pinned clients); see session.py.
     direct_max_size: int = 3
@@ -145,6 +170,15 @@ class SidecarSettings(BaseSettings):
     users: dict[str, SecretStr] = Field(default_factory=dict)
     auth_file: Path | None = None
     admin_database: str = "poolkit"
+    # Who may use the admin console (PgBouncer's names, comma-separated or a list). Unset admin_users
+    # means the upstream URL's role: the one user whose password the operator already holds, and who
+    # can do more than any console command upstream anyway. Everyone else is refused at login.
+    admin_users: Annotated[list[str] | None, NoDecode] = None
+    stats_users: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A pool per user, logging in upstream as the client's user with its password from users/auth_file
+    # (PgBouncer's pools per user). Off: every client runs upstream as the URL's role (PgBouncer's
+    # force_user), the simple default. Needs a restart: clients are bound to their pool at login.
+    user_pools: bool = False
     client_tls: ClientTls | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -164,6 +198,37 @@ class SidecarSettings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
         return tuple(sources)
 
+    @field_validator("admin_users", "stats_users", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        # PgBouncer's format (and the only one an env variable can carry without JSON quoting).
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("admin_users", "stats_users")
+    @classmethod
+    def _check_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not name or "\x00" in name or len(name.encode()) > 63:
+                shown = f"{name[:20]!r}{'...' if len(name) > 20 else ''}"
+                raise ValueError(
+                    f"{shown} is no PostgreSQL role name (1 to 63 bytes, no NUL); "
+                    'give user names separated by commas, e.g. "admin, ops"'
+                )
+        return value
+
+    @field_validator("user_pools")
+    @classmethod
+    def _check_user_pools(cls, value: bool, info: ValidationInfo) -> bool:
+        users, auth_file = info.data.get("users"), info.data.get("auth_file")
+        if value and (info.data.get("auth_type") == "trust" or not (users or auth_file)):
+            raise ValueError(
+                "needs users with passwords (users or auth_file, and auth_type scram-sha-256 or auto): "
+                "each user's pool logs in upstream with that user's password"
+            )
+        return value
+
     @field_validator("listen_port", "http_port")
     @classmethod
     def _check_port(cls, value: int) -> int:
@@ -173,8 +238,8 @@ class SidecarSettings(BaseSettings):
 
     @field_validator("max_size", "max_client_conn", "direct_max_size")
     @classmethod
-    def _check_count(cls, value: int) -> int:
-        if value < 1:
+    def _check_count(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
             raise ValueError("must be at least 1")
         return value
 
@@ -307,6 +372,44 @@ class SidecarSettings(BaseSettings):
         return "direct" if self.upstream_field() == "direct_url" else "pooled"
 
     @property
+    def upstream_pooling(self) -> tuple[Literal["session", "transaction"], str]:
+        """Whether the upstream keeps sessions, and why the sidecar thinks so (logged at start)."""
+        if self.upstream_mode != "auto":
+            return self.upstream_mode, f"upstream_mode={self.upstream_mode}"
+        if self.route == "direct":
+            return "session", "the upstream is the direct URL"
+        found = detect_mode(self.upstream_dsn())
+        if found.mode is Mode.SESSION:
+            return "session", found.reason
+        # A pooled URL without markers is still the pooler it is named after: assuming a session there
+        # would break named statements and settings when transactions move between backends, while
+        # assuming a transaction pooler in front of a session costs only a re-prepare per transaction.
+        reason = found.reason if found.mode is Mode.TRANSACTION else "the pooled URL (no session-pooler markers)"
+        return "transaction", reason
+
+    @property
+    def effective_max_size(self) -> int:
+        """``max_size``, or its default for the upstream.
+
+        In front of a transaction pooler an upstream connection is one of the pooler's clients, not a
+        database backend: idle it holds nothing, and the pooler's own pool size bounds the backends. What
+        it does bound is how many of this sidecar's transactions run at once, and over a network a
+        multi-statement transaction holds its connection for several round trips (TPC-B at 1 ms one way
+        ran at a third of the app's own 10 connections with 3). Ten keeps that bound near a typical app's
+        own pool while a fleet of pods stays far below Supavisor's client limits; single-statement
+        traffic needs far fewer (pipelining across clients shares connections), and the pool opens
+        connections only as the load needs them.
+        """
+        if self.max_size is not None:
+            return self.max_size
+        return 10 if self.transaction_pooler else 3
+
+    @property
+    def transaction_pooler(self) -> bool:
+        """True when the upstream may run each transaction on a different backend."""
+        return self.upstream_pooling[0] == "transaction"
+
+    @property
     def direct_route_enabled(self) -> bool:
         """True when the sidecar forwards to the pooled URL and also has a direct one (a second, small pool)."""
         return self.route == "pooled" and self.direct_url is not None
@@ -365,6 +468,7 @@ def load_sidecar_settings(config_file: Path | str | None = None, **overrides: An
     unknown = sorted(set(overrides) - set(SidecarSettings.model_fields))
     if unknown:
         raise ConfigError(f"unknown sidecar setting {unknown[0]!r}")
+    check_sidecar_env()
     cls: type[SidecarSettings] = SidecarSettings
     file_keys: dict[str, Path] = {}
     if config_file is not None:
@@ -389,6 +493,24 @@ def load_sidecar_settings(config_file: Path | str | None = None, **overrides: An
             f"invalid sidecar settings: {_env_label(field)}: is not valid JSON; "
             'give an object such as {"app": "password"}'
         ) from None
+
+
+def check_sidecar_env(environ: dict[str, str] | None = None) -> None:
+    """Raise ConfigError naming each unknown ``POOLKIT_SIDECAR_*`` variable, and each unknown ``POOLKIT_*`` one.
+
+    The known names come from the settings model's fields (and their env aliases), so a new setting is known
+    as soon as it exists. The sidecar reads the library's URL variables too (``POOLKIT_POOLED_URL``, ...),
+    whose misspellings would make it forward somewhere else without a word.
+    """
+    known = env_names(SidecarSettings, ENV_PREFIX) | CLI_ENV
+    problems = unknown_env_problems(known, prefix=ENV_PREFIX, environ=environ)
+    problems += unknown_env_problems(library_env_names(), prefix="POOLKIT_", skip_prefix=ENV_PREFIX, environ=environ)
+    if problems:
+        raise ConfigError(
+            "invalid sidecar settings: "
+            + "; ".join(problems)
+            + ". Rename or unset it: an unknown variable is never read (the README lists the sidecar's settings)"
+        )
 
 
 def _explain(exc: ValidationError, overrides: dict[str, Any], file_keys: dict[str, Path]) -> str:

@@ -34,6 +34,21 @@ if TYPE_CHECKING:
 log = get_logger("sidecar")
 
 
+def _password_refused(exc: BaseException, user: str, setting: str) -> BaseException:
+    """A pooler's answer to a wrong password, as the authentication failure it is.
+
+    PgBouncer (and other poolers) refuse a wrong password with SQLSTATE 08P01 ("SASL authentication
+    failed") where PostgreSQL says 28P01, so the SQLSTATE alone files it under "cannot connect".
+    """
+    if type(exc) is ConnectError and exc.reason == "refused" and "authentication failed" in str(exc):
+        answer = str(exc).removeprefix("the upstream refused the login: ")
+        return AuthenticationFailed(
+            f'the upstream refused the password of user "{user}": {answer}; check the password in {setting}',
+            reason="auth",
+        )
+    return exc
+
+
 def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, SSLError):
         return "tls"
@@ -101,7 +116,10 @@ class UpstreamPool:
         self.name = settings.effective_pool_name
         self.route = "direct" if self.is_direct else settings.route
         self.label = f"{self.name} (direct)" if self.is_direct else self.name  # for messages, not metrics
-        self.max_size = settings.direct_max_size if self.is_direct else settings.max_size
+        self.max_size = settings.direct_max_size if self.is_direct else settings.effective_max_size
+        # Decided per pool: the direct URL is always a session. A change of URL retires the old servers,
+        # so every server keeps the mode it was opened with.
+        self.transaction_pooler = not self.is_direct and settings.transaction_pooler
         self.query_wait_timeout = settings.query_wait_timeout
         self.slow_query_seconds = settings.slow_query_seconds
         self.pipeline_depth = settings.pipeline_depth
@@ -523,6 +541,8 @@ class UpstreamPool:
                 f"{self.settings.connect_timeout:g}s"
             )
         else:
+            setting = "direct_url" if self.is_direct else self.settings.upstream_field()
+            exc = _password_refused(exc, self.dsn.user, setting)
             # Driver and TLS messages carry no password today; redact anyway, this text reaches logs and clients.
             message = redact(str(exc), self.dsn.password)
         kind = _error_kind(exc)
@@ -531,7 +551,7 @@ class UpstreamPool:
         log.warning("upstream_connect_failed", pool=self.name, kind=kind, error=message, seconds=round(elapsed, 3))
         if self.settings.server_login_retry > 0:
             self.retry_at = time.monotonic() + self.settings.server_login_retry
-        error = ConnectError(message, reason=kind)
+        error = (AuthenticationFailed if kind == "auth" else ConnectError)(message, reason=kind)
         self._wake_welcome(error)
         # With no live server, nobody would serve the waiting clients: tell them now instead of
         # letting them sit until query_wait_timeout.

@@ -2,7 +2,8 @@
 
 A client's named statement lives on whichever server connection it gets next, so the sidecar keeps
 the statements per client (name -> the Parse body after the name: query text and parameter types,
-which is also the statement's key) and per server (an LRU of key -> server-side name ``poolkit_<n>``).
+which is also the statement's key) and per server (an LRU of key -> server-side name ``poolkit_<digest>``,
+a digest of the key, so a name left upstream by anyone always stands for the same SQL).
 Client messages are rewritten on their way out (:meth:`ClientStatements.rewrite`):
 
 * Parse(name): the server has the key -> nothing is sent and ParseComplete is synthesised;
@@ -26,11 +27,18 @@ response is synthesised for them.
 Hand-written because no library rewrites a live protocol stream; PgBouncer 1.21+ does the same job
 (``max_prepared_statements``) by tracking every request of a server. Known limit: what a client
 pipelines *behind* a batch that fails (or runs DISCARD ALL) is rewritten before that outcome is known,
-so a statement whose Parse failed there is still renamed (its error then names ``poolkit_<n>``).
+so a statement whose Parse failed there is still renamed (its error then names ``poolkit_<digest>``).
+
+Behind a transaction pooler (``ServerStatements.transaction``) each batch may run on another backend, so
+the server cache holds for one batch: a statement is prepared again in every batch that uses it. Every
+Parse the sidecar sends is preceded by a Close of its name (not an error when it does not exist), so it
+succeeds on whichever backend it lands, whatever an earlier batch or another sidecar left there.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import struct
 from collections import OrderedDict, deque
 from typing import Final
@@ -46,6 +54,9 @@ _MISSING_NAME: Final = b"poolkit_missing"
 _U32 = struct.Struct("!I")
 _PARSE_COMPLETE: Final = b"1\x00\x00\x00\x04"
 _CLOSE_COMPLETE: Final = b"3\x00\x00\x00\x04"
+#: What the server answers first to a request :meth:`ClientStatements.reprepare` rewrote, and the relay
+#: removes (:func:`strip_answer`): the Parse the sidecar put in front of its Bind.
+REPREPARED_ANSWER: Final = _PARSE_COMPLETE
 
 # Client message type bytes.
 _P, _B, _D, _C, _E = b"P"[0], b"B"[0], b"D"[0], b"C"[0], b"E"[0]
@@ -61,6 +72,7 @@ _PARSE = 3  # the client's Parse, sent under the server name: undo the caches if
 _INJECTED = 4  # a Parse the sidecar added: swallow its ParseComplete
 _CLOSE = 5  # a Close the sidecar added (eviction): swallow its CloseComplete
 _FAIL = 6  # a Describe of a missing statement: replace its error with the client's error
+_DROP = 7  # a Close the sidecar sends before each Parse it sends: swallow its CloseComplete
 
 
 class Statement:
@@ -102,12 +114,12 @@ class ServerStatements:
     __slots__ = (
         "active",
         "cache",
+        "cache_z",
         "drop",
         "failed",
         "fwd",
         "held",
         "limit",
-        "next_id",
         "orphans",
         "queue",
         "rt",
@@ -115,14 +127,20 @@ class ServerStatements:
         "scanner",
         "skip",
         "stats",
+        "transaction",
     )
 
-    def __init__(self, scanner: BackendScanner, limit: int, stats: dict[str, int]) -> None:
+    def __init__(
+        self, scanner: BackendScanner, limit: int, stats: dict[str, int], *, transaction: bool = False
+    ) -> None:
         self.scanner = scanner
         self.limit = max(1, limit)
         self.stats = stats
         self.cache: OrderedDict[bytes, bytes] = OrderedDict()  # key -> server-side name, oldest first
-        self.next_id = 0
+        # Behind a transaction pooler each batch (up to a Sync) may run on another backend, so what
+        # the cache says holds for one batch only: ``cache_z``, the batch it was filled in.
+        self.transaction = transaction
+        self.cache_z = -1
         self.orphans: list[bytes] = []  # server names that may exist there and are to be closed
         self.queue: deque[_Expect] = deque()
         self.active = False
@@ -140,10 +158,18 @@ class ServerStatements:
 
     def renames_only(self, keys: list[bytes]) -> bool:
         """Would a request binding ``keys`` only be renamed here (nothing prepared, closed or owed)?"""
-        if self.active or self.orphans:
+        if self.active or self.orphans or self.transaction:
             return False
         cache = self.cache
         return all(key in cache for key in keys)
+
+    def reprepares(self, binds: list[Bound]) -> bool:
+        """Would :meth:`ClientStatements.reprepare` serve a request with these Binds here?
+
+        Behind a transaction pooler, a request that binds one statement, first in it: its statement is
+        prepared again in front of it, and the only answer to remove is the first.
+        """
+        return self.transaction and not self.active and not self.orphans and len(binds) == 1 and binds[0][1] == 0
 
     def discard_all(self) -> None:
         """The session ran DISCARD ALL / DEALLOCATE ALL: nothing is prepared there any more."""
@@ -161,9 +187,12 @@ class ServerStatements:
 
     # ------------------------------------------------------------- used by ClientStatements
 
-    def _new_name(self) -> bytes:
-        self.next_id += 1
-        return SERVER_NAME_PREFIX + str(self.next_id).encode()
+    def _cache_for(self, z: int) -> OrderedDict[bytes, bytes]:
+        """The cache for a message of batch ``z`` (emptied first where batches may change backend)."""
+        if self.transaction and self.cache_z != z:
+            self.cache.clear()
+            self.cache_z = z
+        return self.cache
 
     def _add(self, entry: _Expect) -> None:
         if self._failed_batch(entry.z):
@@ -338,6 +367,8 @@ class ServerStatements:
                 self._undo(entry)
         elif action == _FAIL and type_byte == _ERROR:
             return entry.error
+        elif action == _DROP and type_byte == _CLOSE_DONE:
+            return b""
         return None
 
     def _undo(self, entry: _Expect) -> None:
@@ -445,6 +476,32 @@ class ClientStatements:
         self._shift_at = (server, self.z)
         return b"".join(out)
 
+    def reprepare(self, data: bytes, server: ServerStatements, binds: list[Bound], z: int) -> bytes:
+        """:meth:`rename` behind a transaction pooler, for a request :meth:`ServerStatements.reprepares` accepts.
+
+        The statement is parsed again in front of the Bind as the unnamed statement (its backend may be
+        any, and nothing is left there for others to see or trip over), so the answer starts with
+        :data:`REPREPARED_ANSWER`, which the relay strips; nothing else is rewritten, so the request may
+        be pipelined like a plain one. The request has no unnamed statement of the client's to displace:
+        :meth:`bound` accepts only Binds of named statements.
+        """
+        ((statement, _, portal_end, name_end, length),) = binds
+        server.stats["miss"] += 1
+        self.z = z + 1
+        self.t = 0
+        self._shift = 0
+        self._shift_at = (server, self.z)
+        return b"".join(
+            (
+                _parse(b"", statement.key),
+                b"B",
+                _U32.pack(length - (name_end - portal_end - 1)),
+                data[5 : portal_end + 1],
+                b"\x00",
+                data[name_end + 1 :],
+            )
+        )
+
     def clear(self) -> None:
         """DISCARD ALL / DEALLOCATE ALL ran in this client's session."""
         self.names.clear()
@@ -521,6 +578,12 @@ class ClientStatements:
             elif kind == _E:
                 t += 1
             elif kind == _S or kind == _Q or kind == _F:  # noqa: PLR1714, SIM109 - cheaper than a tuple
+                if kind == _S and server.transaction and server.cache and server.cache_z == self.z:
+                    if pos > run:
+                        out.append(data[run:pos])
+                        run = pos
+                    self.t = t
+                    self._close_batch(server, out)
                 self.z += 1
                 t = 0
                 self._shift = 0
@@ -594,15 +657,14 @@ class ClientStatements:
             return
         statement = self.names[name] = Statement(key)
         stats = server.stats
-        cache = server.cache
+        cache = server._cache_for(self.z)
         if key in cache:
             cache.move_to_end(key)
             stats["hit"] += 1
             self._synthesise(server, _SYNTH_PARSE, name, statement, answers)
             return
         stats["miss"] += 1
-        server_name = server._new_name()
-        cache[key] = server_name
+        server_name = cache[key] = self._drop_name(server, key, out)
         self._inject(
             server,
             _PARSE,
@@ -618,17 +680,39 @@ class ClientStatements:
 
     def _prepared_on(self, server: ServerStatements, key: bytes, out: list[bytes]) -> bytes:
         """The server-side name of ``key``, preparing it there first (answer swallowed) if needed."""
-        cache = server.cache
+        cache = server._cache_for(self.z)
         server_name = cache.get(key)
         if server_name is not None:
             cache.move_to_end(key)
             server.stats["hit"] += 1
             return server_name
         server.stats["miss"] += 1
-        server_name = server._new_name()
-        cache[key] = server_name
+        server_name = cache[key] = self._drop_name(server, key, out)
         self._inject(server, _INJECTED, _parse(server_name, key), key=key, server_name=server_name, out=out)
         self._evict(server, out)
+        return server_name
+
+    def _close_batch(self, server: ServerStatements, out: list[bytes]) -> None:
+        """Behind a transaction pooler, before a batch's Sync: close what it prepared (answers swallowed).
+
+        The backend goes to other clients, other sidecars' too, after the Sync; nothing of this client's
+        stays there for them to see in ``pg_prepared_statements``. (After an error PostgreSQL skips these
+        Closes; the names left then are closed before their next Parse anyway.)
+        """
+        for server_name in server.cache.values():
+            self._inject(server, _DROP, _close_statement(server_name), server_name=server_name, out=out)
+        server.cache.clear()
+
+    def _drop_name(self, server: ServerStatements, key: bytes, out: list[bytes]) -> bytes:
+        """The server name for ``key``, closed first (answer swallowed) so that a Parse of it cannot fail.
+
+        The name is a digest of the key, so whatever holds it upstream, left by an earlier batch, an
+        earlier sidecar or another sidecar sharing the pooler's backends, stands for the same text and
+        parameter types; closing it first (not an error when it does not exist) makes the Parse that
+        follows succeed whether or not the backend this batch lands on has it.
+        """
+        server_name = _server_name(key)
+        self._inject(server, _DROP, _close_statement(server_name), server_name=server_name, out=out)
         return server_name
 
     def _evict(self, server: ServerStatements, out: list[bytes]) -> None:
@@ -681,6 +765,32 @@ class ClientStatements:
             server._undo(entry)
         else:
             server._add(entry)
+
+
+def strip_answer(expected: bytes, part: bytes) -> tuple[bytes, bytes]:
+    """Remove what is left of ``expected`` from the start of ``part``: (what is still expected, the rest).
+
+    ``expected`` is whole CloseComplete/ParseComplete messages, which differ from anything else the
+    server can send from their first byte on, so if the server answered otherwise (an ErrorResponse
+    instead of the ParseComplete) the first difference is where its own answer starts.
+    """
+    n = min(len(expected), len(part))
+    if part[:n] == expected[:n]:
+        return expected[n:], part[n:]
+    same = 0
+    while part[same] == expected[same]:
+        same += 1
+    return b"", part[same:]
+
+
+@functools.lru_cache(maxsize=4096)
+def _server_name(key: bytes) -> bytes:
+    """A statement's name upstream: a digest of its text and types, so a name always means the same SQL.
+
+    Cached: behind a transaction pooler every request that binds a statement needs its name (and a
+    bytes object keeps its hash, so the lookup costs less than the digest).
+    """
+    return SERVER_NAME_PREFIX + hashlib.blake2b(key, digest_size=12).hexdigest().encode()
 
 
 def _parse(server_name: bytes, key: bytes) -> bytes:

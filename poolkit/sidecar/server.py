@@ -13,7 +13,7 @@ from poolkit.log import get_logger
 from poolkit.sidecar import protocol
 from poolkit.sidecar.auth import UpstreamAuth, UpstreamTls
 from poolkit.sidecar.pooling import should_release
-from poolkit.sidecar.prepared import ServerStatements
+from poolkit.sidecar.prepared import ServerStatements, strip_answer
 from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader, error_codes
 
 if TYPE_CHECKING:
@@ -73,7 +73,10 @@ class ServerConnection(asyncio.Protocol):
         self.defaults: dict[str, str] = {}  # lower-case name -> value at login
         self.current: dict[str, str] = {}  # lower-case name -> value now
         self.statements = ServerStatements(
-            self.scanner, pool.settings.max_prepared_statements, pool.stats.prepared_statements
+            self.scanner,
+            pool.settings.max_prepared_statements,
+            pool.stats.prepared_statements,
+            transaction=pool.transaction_pooler,
         )
         # The settings key of the last client this session was aligned for: when the next client
         # has the same key, comparing settings is skipped (the usual case: one app, one key).
@@ -135,6 +138,8 @@ class ServerConnection(asyncio.Protocol):
             return  # an idle server's notice or notification: nobody to tell
         if self.statements.active:
             data = self.statements.responses(data)  # answers for rewritten requests (prepared.py)
+        if client.strip:
+            client.strip, data = strip_answer(client.strip, data)
         client.transport.write(data)
         self.pool.stats.sent_bytes += len(data)
         if ready:
@@ -200,7 +205,7 @@ class ServerConnection(asyncio.Protocol):
             self.shareable
             and not self.statements.active
             and self.session_key == client.wanted_key()
-            and (keys is None or self.statements.renames_only(keys))
+            and (keys is None or self.statements.renames_only(keys) or self.statements.reprepares(client.follow_binds))
         )
 
     @property
@@ -319,6 +324,8 @@ class ServerConnection(asyncio.Protocol):
         if held is not None:
             held.append(part)  # a cancel meant for another client may have hit it: see _retried
         else:
+            if owner.strip:
+                owner.strip, part = strip_answer(owner.strip, part)
             owner.transport.write(part)
             self.pool.stats.sent_bytes += len(part)
 
@@ -330,7 +337,8 @@ class ServerConnection(asyncio.Protocol):
         if (
             not owner.cancel_asked
             and _QUERY_CANCELED in error_codes(answer)
-            and (keys is None or all(key in self.statements.cache for key in keys))
+            # Behind a transaction pooler its request prepares what it binds itself (reprepare).
+            and (keys is None or self.statements.transaction or all(key in self.statements.cache for key in keys))
         ):
             # It never ran to completion and was rolled back: running it again is what its client asked.
             self.pool.stats.pipeline_retries += 1
@@ -345,6 +353,8 @@ class ServerConnection(asyncio.Protocol):
             else:
                 self._send_soon([owner.request])
             return True
+        if owner.strip:
+            owner.strip, answer = strip_answer(owner.strip, answer)
         owner.transport.write(answer)
         self.pool.stats.sent_bytes += len(answer)
         return False

@@ -39,12 +39,15 @@ __all__ = [
     "LITERAL_TAIL",
     "NOTHING",
     "PIN_REASONS",
+    "POOLER_RESTORED",
     "ROUTE_REASONS",
     "TAP_LIMIT",
     "Effect",
     "StatementTap",
     "chunk_effect",
     "decide",
+    "no_session_hint",
+    "no_session_message",
     "pin_limit_hint",
     "pin_limit_message",
     "quick_nothing",
@@ -57,6 +60,14 @@ PIN_REASONS: Final = ("set_role", "session_set", "advisory_lock", "listen", "pre
 ROUTE_REASONS: Final = ("ddl", "catalog", "copy")
 #: Every pin reason: what ``DISCARD ALL`` undoes.
 CLEAR_ALL: Final = frozenset(PIN_REASONS)
+
+#: The tracked settings a transaction pooler itself restores for each of its clients on whatever
+#: backend it hands them (PgBouncer's parameter cache: client_encoding, DateStyle, TimeZone,
+#: standard_conforming_strings, application_name). Other tracked settings (IntervalStyle) would stay
+#: behind on a backend for other clients, so there a SET of them is a session feature.
+POOLER_RESTORED: Final = frozenset(
+    {"client_encoding", "datestyle", "timezone", "standard_conforming_strings", "application_name"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +82,14 @@ class Effect:
     route: str = ""
     pins: tuple[str, ...] = ()
     clears: frozenset[str] = frozenset()
+    # Tracked settings it changes that a transaction pooler does not carry from backend to backend
+    # (see POOLER_RESTORED): a session feature there, nothing to do where the upstream keeps sessions.
+    sets: frozenset[str] = frozenset()
 
     @property
     def nothing(self) -> bool:
         """True when the relay has nothing to do."""
-        return not (self.route or self.pins or self.clears)
+        return not (self.route or self.pins or self.clears or self.sets)
 
     def then(self, later: Effect) -> Effect:
         """This effect followed by ``later`` (statement order matters: a later reset undoes a pin)."""
@@ -85,7 +99,15 @@ class Effect:
             return later
         pins = tuple(p for p in self.pins if p not in later.clears)
         pins += tuple(p for p in later.pins if p not in pins)
-        return Effect(self.route or later.route, pins, self.clears | later.clears)
+        return Effect(self.route or later.route, pins, self.clears | later.clears, self.sets | later.sets)
+
+    def behind_transaction_pooler(self) -> Effect:
+        """This effect where the upstream is a transaction pooler: what it cannot carry needs a session."""
+        if not self.sets:
+            return self
+        return Effect(
+            self.route, (*self.pins, "session_set") if "session_set" not in self.pins else self.pins, self.clears
+        )
 
     def apply(self, reasons: frozenset[str]) -> frozenset[str]:
         """A client's pin reasons after this effect."""
@@ -279,8 +301,12 @@ def _set_effect(tokens: list[_Token]) -> Effect:
         return _PIN["session_set"]
     if _word(tokens, value_at) == "default" and value_at == len(tokens) - 1:
         return NOTHING  # SET x TO DEFAULT is RESET x
+    if name in routing.PLANNER_ONLY_SETTINGS:
+        return NOTHING  # changes plans, never answers
     if name in TRACKED_PARAMETERS:
-        return NOTHING  # reported by ParameterStatus: the relay carries it for this client
+        # Reported by ParameterStatus: the relay carries it for this client; a transaction pooler
+        # carries only some (POOLER_RESTORED) across backends itself.
+        return NOTHING if name in POOLER_RESTORED else Effect(sets=frozenset({name}))
     return _PIN["session_set"]
 
 
@@ -385,6 +411,23 @@ def pin_limit_message(*, pool: str, limit: int, reason: str) -> str:
     return (
         f'max_pinned_clients={limit} reached on pool "{pool}": this statement ({reason}) would pin its '
         "client to a server connection of its own, so it was not run"
+    )
+
+
+def no_session_message(reason: str) -> str:
+    """ErrorResponse text when a statement needs a session and the only upstream is a transaction pooler."""
+    return (
+        f"this statement ({reason}) needs a database session of its own, but the sidecar's upstream is a "
+        "transaction pooler, where each transaction may run on another backend, so it was not run"
+    )
+
+
+def no_session_hint() -> str:
+    """What to do about :func:`no_session_message`."""
+    return (
+        "Set direct_url (env POOLKIT_DIRECT_URL) to the database's direct address (Supabase: port 5432) and the "
+        "sidecar runs such clients there; or keep the state inside a transaction (SET LOCAL, set_config(..., true), "
+        "pg_advisory_xact_lock); or set upstream_mode=session if the upstream really keeps sessions."
     )
 
 

@@ -1,12 +1,14 @@
 """Bank-transfer invariant under faults: via the sidecar and library pools, no money lost or doubled, nobody hung.
 
 Clients move money between accounts with ``poolkit.money.idempotent`` (one idempotency key per transfer,
-under a primary key) on four paths: poolkit ``Pool`` (asyncpg, psycopg) through a fault relay straight
-to PostgreSQL, and the same two pools through an in-process sidecar whose upstream is that relay. Meanwhile
-the test cancels client tasks and shuts their sockets mid-transaction, terminates random backends,
-restarts PostgreSQL once, and makes the relay stall, reset and half-close links. Then, with the faults
-over, every transfer whose outcome the client could not know is retried with the same key, and the
-ledger is checked against what the clients saw.
+under a primary key) on four paths: poolkit ``Pool`` (asyncpg, psycopg) through a fault relay to the
+upstream, and the same two pools through an in-process sidecar whose upstream is that relay. The upstream
+is PostgreSQL itself, or (the real deployment) a PgBouncer in transaction mode in front of it. Meanwhile
+the test cancels client tasks and shuts their sockets mid-transaction, terminates random backends (behind
+the pooler: the pooler's server connections), restarts the upstream once (PostgreSQL: ``pg_ctl restart``;
+the pooler: killed and started again), and makes the relay stall, reset and half-close links. Then, with
+the faults over, every transfer whose outcome the client could not know is retried with the same key, and
+the ledger is checked against what the clients saw.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from poolkit.errors import CommitOutcomeUnknown
 from poolkit.money import ensure_table, idempotent
 from poolkit.settings import load_settings
 
-from .conftest import through_relay
+from .conftest import Upstream, through_relay
 from .relay import FaultRelay
 
 if TYPE_CHECKING:
@@ -244,11 +246,14 @@ async def killer(
             faults["killed_task"] += 1
 
 
-async def terminator(stack: DevStack, stop: asyncio.Event, rng: random.Random, faults: Counter[str]) -> None:
-    """pg_terminate_backend on one or two random client backends every second or so."""
+async def terminator(upstream: Upstream, stop: asyncio.Event, rng: random.Random, faults: Counter[str]) -> None:
+    """pg_terminate_backend on one or two random client backends (the pooler's, behind one) every second or so."""
+    stack = upstream.stack
     while not stop.is_set():
         await asyncio.sleep(rng.uniform(0.6, 1.2))
         try:
+            if upstream.is_pooler:
+                pooler_pids = await asyncio.to_thread(upstream.server_backend_pids)
             async with await psycopg.AsyncConnection.connect(
                 host=str(stack.socket_dir), port=stack.pg_port, user=stack.superuser, dbname="app", autocommit=True
             ) as admin:
@@ -258,22 +263,22 @@ async def terminator(stack: DevStack, stop: asyncio.Event, rng: random.Random, f
                         "AND backend_type = 'client backend' AND pid <> pg_backend_pid() ORDER BY pid"
                     )
                 ).fetchall()
-                pids = [r[0] for r in rows]
+                pids = sorted(pooler_pids) if upstream.is_pooler else [r[0] for r in rows]
                 for pid in rng.sample(pids, min(len(pids), rng.randint(1, 2))):
                     row = await (await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))).fetchone()
                     faults["terminated"] += bool(row and row[0])
         except psycopg.OperationalError:
-            faults["terminator_missed"] += 1  # PostgreSQL is restarting
+            faults["terminator_missed"] += 1  # the upstream is restarting
 
 
-async def restarter(stack: DevStack, stop: asyncio.Event, faults: Counter[str]) -> None:
-    """Restart PostgreSQL once, half-way through (pg_ctl restart -m fast, in a thread: it blocks)."""
+async def restarter(upstream: Upstream, stop: asyncio.Event, faults: Counter[str]) -> None:
+    """Restart the upstream once, half-way through (in a thread: it blocks until the upstream answers)."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), CHAOS_SECONDS / 2)
     if stop.is_set():
         return
-    await asyncio.to_thread(stack.restart_postgres)
-    faults["postgres_restarts"] += 1
+    await asyncio.to_thread(upstream.restart)
+    faults["upstream_restarts"] += 1
 
 
 async def relay_chaos(relay: FaultRelay, stop: asyncio.Event, rng: random.Random, faults: Counter[str]) -> None:
@@ -306,9 +311,11 @@ def bank(fault_stack: DevStack) -> DevStack:
 
 
 @pytest.fixture
-def sidecar(sidecar_runner: Callable[..., SidecarRunner], bank: DevStack, pg_relay: FaultRelay) -> SidecarRunner:
+def sidecar(
+    sidecar_runner: Callable[..., SidecarRunner], bank: DevStack, upstream: Upstream, upstream_relay: FaultRelay
+) -> SidecarRunner:
     return sidecar_runner(
-        direct_url=through_relay(bank, pg_relay),
+        **upstream.sidecar_settings(upstream_relay),
         max_size=4,
         application_name="bank-sidecar",
         connect_timeout=CONNECT_TIMEOUT,
@@ -316,9 +323,10 @@ def sidecar(sidecar_runner: Callable[..., SidecarRunner], bank: DevStack, pg_rel
     )
 
 
-def pool_for(path: str, stack: DevStack, relay: FaultRelay, sidecar: SidecarRunner) -> Pool:
+def pool_for(path: str, upstream: Upstream, relay: FaultRelay, sidecar: SidecarRunner) -> Pool:
     driver = path.rsplit("/", 1)[-1]
     via_sidecar = path.startswith("sidecar")
+    stack = upstream.stack
     settings = load_settings(
         driver=driver,
         name=path.replace("/", "-"),
@@ -327,7 +335,7 @@ def pool_for(path: str, stack: DevStack, relay: FaultRelay, sidecar: SidecarRunn
         pooled_url=sidecar.url() if via_sidecar else through_relay(stack, relay),
         direct_url=stack.direct_url,
         sslrootcert=str(stack.ca_file),
-        pool_mode="transaction" if via_sidecar else "auto",
+        pool_mode="transaction" if via_sidecar or upstream.is_pooler else "auto",
         application_name=f"bank-{path.replace('/', '-')}",
         connect_timeout=CONNECT_TIMEOUT,
         acquire_timeout=ACQUIRE_TIMEOUT,
@@ -338,9 +346,13 @@ def pool_for(path: str, stack: DevStack, relay: FaultRelay, sidecar: SidecarRunn
 # ---------------------------------------------------------------------------------------------- the test
 
 
-async def test_bank_transfers_survive_faults(bank: DevStack, pg_relay: FaultRelay, sidecar: SidecarRunner) -> None:
+async def test_bank_transfers_survive_faults(
+    bank: DevStack, upstream: Upstream, upstream_relay: FaultRelay, sidecar: SidecarRunner
+) -> None:
+    pg_relay = upstream_relay
+    bank.psql(SCHEMA)  # a ledger of this run only: the test runs once per upstream on the module's stack
     rng = random.Random(SEED)
-    pools = {path: pool_for(path, bank, pg_relay, sidecar) for path in PATHS}
+    pools = {path: pool_for(path, upstream, pg_relay, sidecar) for path in PATHS}
     faults: Counter[str] = Counter()
     ops: list[Op] = []
     running: set[Op] = set()
@@ -359,8 +371,8 @@ async def test_bank_transfers_survive_faults(bank: DevStack, pg_relay: FaultRela
         ]
         chaos = [
             asyncio.create_task(killer(pools, running, stop, random.Random(rng.random()), faults)),
-            asyncio.create_task(terminator(bank, stop, random.Random(rng.random()), faults)),
-            asyncio.create_task(restarter(bank, stop, faults)),
+            asyncio.create_task(terminator(upstream, stop, random.Random(rng.random()), faults)),
+            asyncio.create_task(restarter(upstream, stop, faults)),
             asyncio.create_task(relay_chaos(pg_relay, stop, random.Random(rng.random()), faults)),
         ]
         began = time.monotonic()
@@ -379,7 +391,7 @@ async def test_bank_transfers_survive_faults(bank: DevStack, pg_relay: FaultRela
         for pool in pools.values():
             await pool.close(timeout=5.0)
 
-    report(ops, faults, pg_relay.counters, chaos_seconds)
+    report(ops, faults, pg_relay.counters, chaos_seconds, upstream.kind)
     check(ops, ledger=ledger, accounts=accounts, keys=keys, faults=faults, relay=pg_relay.counters)
 
 
@@ -427,10 +439,13 @@ async def read_back(stack: DevStack) -> tuple[dict[str, tuple[int, int, int]], d
     return ledger, accounts, keys
 
 
-def report(ops: list[Op], faults: Counter[str], relay: dict[str, int], seconds: float) -> None:
+def report(ops: list[Op], faults: Counter[str], relay: dict[str, int], seconds: float, upstream: str) -> None:
     finals = Counter(op.final for op in ops)
     unknown = [op for op in ops if op.outcome in ("unknown", "hung")]
-    print(f"\nbank-transfer invariant (seed {SEED}, {seconds:.1f}s of faults, {len(ops)} transfers attempted)")
+    print(
+        f"\nbank-transfer invariant, upstream {upstream} (seed {SEED}, {seconds:.1f}s of faults, "
+        f"{len(ops)} transfers attempted)"
+    )
     for path in sorted({op.path for op in ops}):
         mine = [op for op in ops if op.path == path]
         durations = sorted(op.duration for op in mine)
@@ -499,7 +514,7 @@ def check(
     assert slowest.duration <= OP_BOUND, f"{slowest.key} took {slowest.duration:.1f}s (bound {OP_BOUND:.0f}s)"
 
     # The faults really happened, and every path kept moving money through them.
-    assert faults["postgres_restarts"] == 1
+    assert faults["upstream_restarts"] == 1
     assert faults["terminated"] >= 1
     assert faults["killed_task"] >= 1
     assert faults["killed_socket"] >= 1

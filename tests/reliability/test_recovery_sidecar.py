@@ -1,6 +1,9 @@
-"""Sidecar recovery: it serves again after a PostgreSQL restart, never hands out a dead server, never hangs a client.
+"""Sidecar recovery: it serves again after its upstream restarts, never hands out a dead server, never hangs a client.
 
-Each test runs a sidecar on the module's private DevStack, most with the fault relay as its upstream.
+Each test runs a sidecar on the module's private DevStack, most with the fault relay as its upstream, and
+runs twice: with PostgreSQL as the upstream, and with a PgBouncer in transaction mode in front of it (the
+real deployment: one sidecar per pod in front of Supavisor). Behind the pooler, "restart" kills the pooler
+and starts it again, and "a backend killed" terminates the pooler's server connections.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pytest
 from poolkit.devstack import DevStack
 from poolkit.sidecar.config import SidecarSettings
 
-from .conftest import through_relay
+from .conftest import Upstream
 from .relay import FaultRelay
 
 if TYPE_CHECKING:
@@ -33,6 +36,9 @@ TIMEOUTS = {"connect_timeout": 2.0, "query_wait_timeout": 3.0, "idle_transaction
 PROPOSED = {"query_timeout": 3.0, "server_check_delay": 0.0}
 MARGIN = 7.0
 RECOVERY_BOUND = TIMEOUTS["connect_timeout"] + MARGIN
+# After the upstream is back, the sidecar retries its login every server_login_retry: it must serve by then
+# (plus the margin for a loaded machine).
+RETRY_BOUND = SidecarSettings.model_fields["server_login_retry"].default + MARGIN
 
 
 def sidecar_settings(**overrides: Any) -> dict[str, Any]:
@@ -55,16 +61,24 @@ async def finish(task: asyncio.Task[T], within: float) -> T | None:
     return task.result() if done else None
 
 
-async def warm(runner: SidecarRunner) -> tuple[list[asyncpg.Connection], set[int]]:
-    """SIZE idle clients, after SIZE overlapping transactions made the sidecar open SIZE servers."""
+async def warm(runner: SidecarRunner, upstream: Upstream) -> tuple[list[asyncpg.Connection], set[int]]:
+    """SIZE idle clients, after SIZE overlapping transactions made the sidecar open SIZE servers.
+
+    Returns the clients and the backend pids their transactions ran on (``pg_backend_pid()``).
+    """
     clients = [await connect(runner) for _ in range(SIZE)]
     pids = set(await asyncio.gather(*(backend_pid(c, 0.3) for c in clients)))
     assert len(pids) == SIZE
-    await until(lambda: server_pids(runner, "idle") == pids, "the warm servers never went idle")
+    if upstream.is_pooler:  # the sidecar sees the pooler's key data, not the backends' pids
+        await until(lambda: len(server_pids(runner, "idle")) == SIZE, "the warm servers never went idle")
+    else:
+        await until(lambda: server_pids(runner, "idle") == pids, "the warm servers never went idle")
     return clients, pids
 
 
 def server_pids(runner: SidecarRunner, state: str | None = None) -> set[int]:
+    """The process ids the sidecar's server connections announced (BackendKeyData): PostgreSQL's backend
+    pids, or behind a pooler the pooler's own numbers, new for every connection to it."""
     return runner.call(
         lambda app: {s.backend_pid for s in app.pool.servers if s.backend_pid and (state is None or s.state == state)}
     )
@@ -98,11 +112,12 @@ def close_all(clients: list[asyncpg.Connection]) -> None:
 # ---------------------------------------------------------------------------------------------- restart
 
 
-async def test_serves_again_after_postgres_restarts_without_a_manual_step(
-    sidecar_runner: Runner, fault_stack: DevStack
+async def test_serves_again_after_the_upstream_restarts_without_a_manual_step(
+    sidecar_runner: Runner, upstream: Upstream
 ) -> None:
-    runner = sidecar_runner(**sidecar_settings())
-    clients, before = await warm(runner)
+    runner = sidecar_runner(**sidecar_settings(**upstream.sidecar_settings()))
+    clients, before = await warm(runner, upstream)
+    servers_before = server_pids(runner)
     errors: list[tuple[float, str]] = []
     successes: list[float] = []
     stop = asyncio.Event()
@@ -124,7 +139,7 @@ async def test_serves_again_after_postgres_restarts_without_a_manual_step(
 
     prober = asyncio.create_task(probe())
     try:
-        await asyncio.to_thread(fault_stack.restart_postgres)
+        await asyncio.to_thread(upstream.restart)
         restarted = time.monotonic()
         # Clients connected before the restart: their very next query works, on a new backend.
         after = await asyncio.wait_for(asyncio.gather(*(backend_pid(c) for c in clients)), RECOVERY_BOUND)
@@ -137,25 +152,25 @@ async def test_serves_again_after_postgres_restarts_without_a_manual_step(
         await prober
         close_all(clients)
     print(
-        f"\nrestart: old clients answered {first_answer:.2f}s after pg_ctl restart returned, new clients "
+        f"\nrestart of {upstream.kind}: old clients answered {first_answer:.2f}s after it was back, new clients "
         f"{served_again:.2f}s; errors seen by the probing client during the restart: {[e for _, e in errors]}"
     )
-    assert first_answer <= RECOVERY_BOUND
-    assert served_again <= RECOVERY_BOUND
+    assert first_answer <= RETRY_BOUND
+    assert served_again <= RETRY_BOUND
     recovered = restarted + served_again
     assert not [e for t, e in errors if t > recovered], "errors after the sidecar had recovered"
-    assert server_pids(runner).isdisjoint(before)
+    assert server_pids(runner).isdisjoint(servers_before), "a server connection from before the restart is in use"
 
 
 async def test_an_outage_never_makes_the_sidecar_exceed_max_size(
-    sidecar_runner: Runner, fault_stack: DevStack, pg_relay: FaultRelay
+    sidecar_runner: Runner, upstream: Upstream, upstream_relay: FaultRelay
 ) -> None:
     """Found in the bank run's logs: during the restart, dozens of upstream connects at once for max_size=4.
 
     Clients keep asking for the SIZE servers through a restart and a one-second outage. The sidecar's own
     count of server connections (open or opening) is sampled on its loop: never more than max_size.
     """
-    runner = sidecar_runner(**sidecar_settings(direct_url=through_relay(fault_stack, pg_relay)))
+    runner = sidecar_runner(**sidecar_settings(**upstream.sidecar_settings(upstream_relay)))
     stop = asyncio.Event()
     failures: list[str] = []
     counts: list[int] = []
@@ -180,16 +195,16 @@ async def test_an_outage_never_makes_the_sidecar_exceed_max_size(
     tasks = [asyncio.create_task(client()) for _ in range(4 * SIZE)] + [asyncio.create_task(sample())]
     try:
         await asyncio.sleep(0.5)
-        await asyncio.to_thread(fault_stack.restart_postgres)
+        await asyncio.to_thread(upstream.restart)
         await asyncio.sleep(0.5)
-        await asyncio.to_thread(fault_stack.stop_postgres)
+        await asyncio.to_thread(upstream.stop)
         await asyncio.sleep(1.0)
-        await asyncio.to_thread(fault_stack.start_postgres)
+        await asyncio.to_thread(upstream.start)
         await asyncio.sleep(0.5)
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), RECOVERY_BOUND * 2)
-    relay = pg_relay.counters
+    relay = upstream_relay.counters
     print(
         f"\noutage under load: server connections at most {max(counts)} ({len(counts)} samples), upstream connects "
         f"{relay['accepted']} ({relay.get('upstream_refused', 0)} refused), client errors {len(failures)}"
@@ -202,39 +217,56 @@ async def test_an_outage_never_makes_the_sidecar_exceed_max_size(
 
 @pytest.mark.parametrize("how", ["pg_terminate_backend", "relay_reset"])
 async def test_idle_servers_broken_and_noticed_are_never_handed_out(
-    how: str, sidecar_runner: Runner, fault_stack: DevStack, pg_relay: FaultRelay
+    how: str, sidecar_runner: Runner, upstream: Upstream, upstream_relay: FaultRelay
 ) -> None:
-    """Broken while idle, visibly (FATAL + FIN, or RST): the sidecar drops them on its own; clients never notice."""
-    runner = sidecar_runner(**sidecar_settings(direct_url=through_relay(fault_stack, pg_relay)))
-    clients, pids = await warm(runner)
+    """Broken while idle, visibly (FATAL + FIN, or RST): the sidecar drops them on its own; clients never notice.
+
+    Behind a pooler, pg_terminate_backend ends the pooler's server connections: the sidecar's connections
+    to the pooler stay healthy, and the pooler, not the sidecar, must replace the backends unseen.
+    """
+    fault_stack = upstream.stack
+    runner = sidecar_runner(**sidecar_settings(**upstream.sidecar_settings(upstream_relay)))
+    clients, pids = await warm(runner, upstream)
+    servers_before = server_pids(runner)
     try:
         if how == "pg_terminate_backend":
+            if upstream.is_pooler:
+                pids = await asyncio.to_thread(upstream.server_backend_pids)
+                assert len(pids) >= SIZE
             rows = await admin(fault_stack, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", list(pids))
             assert all(r[0] for r in rows)
         else:
-            assert pg_relay.drop() == SIZE
-        await until(lambda: not server_pids(runner), "the sidecar kept servers whose connections were broken")
+            assert upstream_relay.drop() == SIZE
+        if upstream.is_pooler and how == "pg_terminate_backend":
+            await until_async(lambda: live_backends(fault_stack, pids), "the terminated backends lived on")
+            assert server_pids(runner) == servers_before  # the sidecar's links to the pooler are intact
+        else:
+            await until(lambda: not server_pids(runner), "the sidecar kept servers whose connections were broken")
         # No client traffic was needed for the sidecar to notice; now every client's next query just works.
         after = await asyncio.wait_for(asyncio.gather(*(backend_pid(c, 0.1) for c in clients)), RECOVERY_BOUND)
-        assert not set(after) & pids
+        if how == "pg_terminate_backend" or not upstream.is_pooler:  # (a reset pooler link leaves its backends)
+            assert not set(after) & pids
     finally:
         close_all(clients)
 
 
 async def test_idle_servers_that_died_silently_are_never_handed_out(
-    sidecar_runner: Runner, fault_stack: DevStack, pg_relay: FaultRelay
+    sidecar_runner: Runner, upstream: Upstream, upstream_relay: FaultRelay
 ) -> None:
-    """Broken while idle, invisibly: the backend is gone but nothing reaches the sidecar (host crash, NAT expiry).
+    """Broken while idle, invisibly: the upstream end is gone but nothing reaches the sidecar (host crash, NAT expiry).
 
     Only a check before hand-out (PgBouncer: ``server_check_query`` after ``server_check_delay``) can
     tell; without one, the next client's query goes into the void and that client waits forever.
     """
-    runner = sidecar_runner(**sidecar_settings(direct_url=through_relay(fault_stack, pg_relay)))
-    clients, pids = await warm(runner)
+    fault_stack = upstream.stack
+    runner = sidecar_runner(**sidecar_settings(**upstream.sidecar_settings(upstream_relay)))
+    clients, pids = await warm(runner, upstream)
+    servers_before = server_pids(runner, "idle")
     try:
-        assert pg_relay.drop(side="server") == SIZE
-        await until_async(lambda: live_backends(fault_stack, pids), "the backends outlived the reset")
-        assert server_pids(runner, "idle") == pids  # the sidecar cannot know
+        assert upstream_relay.drop(side="server") == SIZE
+        if not upstream.is_pooler:  # (a pooler closes its client ends at once and keeps its backends)
+            await until_async(lambda: live_backends(fault_stack, pids), "the backends outlived the reset")
+        assert server_pids(runner, "idle") == servers_before  # the sidecar cannot know
         began = time.monotonic()
         query = asyncio.create_task(backend_pid(clients[0]))
         pid = await finish(query, RECOVERY_BOUND)
@@ -245,7 +277,9 @@ async def test_idle_servers_that_died_silently_are_never_handed_out(
                 f"query_wait_timeout={TIMEOUTS['query_wait_timeout']}s): the sidecar checks nothing before it hands "
                 "an idle server out"
             )
-        assert pid not in pids
+        assert not servers_before <= server_pids(runner), "the dead server that was checked is still in the pool"
+        if not upstream.is_pooler:  # (the pooler kept its backends: any of them may answer)
+            assert pid not in pids
     finally:
         close_all(clients)
         await asyncio.wait({query}, timeout=RECOVERY_BOUND)
@@ -265,10 +299,11 @@ async def until_async(probe: Callable[[], Any], what: str, timeout: float = 20.0
 
 
 async def test_a_stall_during_a_query_ends_in_a_clear_error_not_a_hang(
-    sidecar_runner: Runner, fault_stack: DevStack, pg_relay: FaultRelay
+    sidecar_runner: Runner, upstream: Upstream, upstream_relay: FaultRelay
 ) -> None:
     """The upstream stops answering mid-query (and new upstream connections stall too: a partition)."""
-    runner = sidecar_runner(**sidecar_settings(direct_url=through_relay(fault_stack, pg_relay)))
+    pg_relay = upstream_relay
+    runner = sidecar_runner(**sidecar_settings(**upstream.sidecar_settings(upstream_relay)))
     conn = await connect(runner)
     try:
         await backend_pid(conn)
@@ -301,11 +336,12 @@ async def test_a_stall_during_a_query_ends_in_a_clear_error_not_a_hang(
 
 
 async def test_a_client_that_gives_up_during_a_stall_does_not_wedge_the_sidecar(
-    sidecar_runner: Runner, fault_stack: DevStack, pg_relay: FaultRelay
+    sidecar_runner: Runner, upstream: Upstream, upstream_relay: FaultRelay
 ) -> None:
     """A client with its own timeout leaves mid-query; after the stall, the sidecar serves every client."""
-    runner = sidecar_runner(**sidecar_settings(direct_url=through_relay(fault_stack, pg_relay)))
-    clients, _ = await warm(runner)
+    pg_relay = upstream_relay
+    runner = sidecar_runner(**sidecar_settings(**upstream.sidecar_settings(upstream_relay)))
+    clients, _ = await warm(runner, upstream)
     try:
         assert pg_relay.stall(2.0) == SIZE
         began = time.monotonic()
@@ -324,7 +360,7 @@ async def test_a_client_that_gives_up_during_a_stall_does_not_wedge_the_sidecar(
 
 
 async def test_a_delayed_cancel_never_hits_another_clients_query(
-    sidecar_runner: Runner, fault_stack: DevStack, pg_relay: FaultRelay
+    sidecar_runner: Runner, upstream: Upstream, upstream_relay: FaultRelay
 ) -> None:
     """Seen in the bank run as a QueryCanceledError nobody asked for; made deterministic with a stall.
 
@@ -334,7 +370,8 @@ async def test_a_delayed_cancel_never_hits_another_clients_query(
     only while the server still serves the client that asked, and by not reusing a server while a
     cancel for it is in flight.
     """
-    runner = sidecar_runner(**sidecar_settings(direct_url=through_relay(fault_stack, pg_relay), max_size=1))
+    pg_relay = upstream_relay
+    runner = sidecar_runner(**sidecar_settings(**upstream.sidecar_settings(upstream_relay), max_size=1))
     a, b = await connect(runner), await connect(runner)
     try:
         await backend_pid(a)  # the one server connection exists

@@ -87,8 +87,12 @@ LIBRARY = [
     Case("connect_timeout", "inf", ("greater than 0",)),
     Case("acquire_timeout", "-0.5", ("greater than 0",)),
     Case("max_lifetime", "1e999", ("greater than 0",)),
-    Case("sslmode", "prefer", ("'require'", "'verify-full'")),
+    Case("sslmode", "prefer", ("sslmode=prefer", "falls back to plain text", "sslmode=require")),
+    Case("sslmode", "maybe", ("'maybe'", "require", "verify-full")),
     Case("sslrootcert", "/", ("no such file", "PEM file")),
+    Case("sslrootcert", "", ("is set but empty", "PEM file")),
+    Case("max_waiting", "-1", ("0 (no limit)",)),
+    Case("max_waiting", "some", ("integer",)),
     Case("application_name", "x" * 64, ("1-63 printable characters",)),
     Case("application_name", "tab\there", ("printable",)),
     Case("slow_query_seconds", "0", ("greater than 0",)),
@@ -120,7 +124,7 @@ def test_library_keyword_error_names_the_keyword(case: Case) -> None:
     value: Any = case.value
     if case.field in ("max_size", "min_size") and case.value.lstrip("-").isdigit():
         value = int(case.value)
-    if case.field == "sslrootcert":
+    if case.field == "sslrootcert" and case.value:  # Path("") would be ".", a directory: "" stays a string
         value = Path(case.value)
     base = {} if case.field == "pooled_url" else {"pooled_url": REMOTE}
     with pytest.raises(ConfigError) as info:
@@ -152,6 +156,7 @@ SIDECAR = [
     SidecarCase("pooled_url", f"{REMOTE}?sslmode=prefer", ("sslmode=require",)),
     SidecarCase("direct_url", f"mysql://app:{SECRET}@db.example.com/postgres", ("scheme 'mysql'", URL_SHAPE)),
     SidecarCase("upstream", "replica", ("'pooled'", "'direct'")),
+    SidecarCase("upstream_mode", "statement", ("'session'", "'transaction'")),
     SidecarCase("sslrootcert", "/nonexistent/ca.pem", ("no such file",)),
     SidecarCase("max_size", 0, ("at least 1",)),
     SidecarCase("max_client_conn", -5, ("at least 1",)),
@@ -176,6 +181,9 @@ SIDECAR = [
     SidecarCase("users", {"": SECRET}, ("non-empty",)),
     SidecarCase("auth_file", "/nonexistent/userlist.txt", ("no such file",)),
     SidecarCase("client_tls", "verify", ("'require'",)),
+    SidecarCase("admin_users", "x" * 64, ("1 to 63 bytes",)),
+    SidecarCase("stats_users", "ops, " + "y" * 70, ("1 to 63 bytes",)),
+    SidecarCase("user_pools", True, ("needs users with passwords",)),
     SidecarCase("tls_cert_file", "/nonexistent/cert.pem", ("no such file",)),
     SidecarCase("tls_key_file", "/nonexistent/key.pem", ("no such file",)),
 ]

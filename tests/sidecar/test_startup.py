@@ -174,7 +174,9 @@ def test_without_the_check_the_greeting_echoed_the_clients_spelling(sidecar_fact
     # psycopg/libpq then use as the name of the connection's encoding; PostgreSQL says EUC_JP.
     sidecar = sidecar_factory(max_size=1)
     generation = sidecar.call(lambda app: app.pool.generation)
-    sidecar.call(lambda app: app.startup_checks.learn([("client_encoding", "eucjp")], ["eucjp"], generation))
+    sidecar.call(
+        lambda app: app.startup_checks_for(app.pool).learn([("client_encoding", "eucjp")], ["eucjp"], generation)
+    )
     assert sidecar_login(sidecar, {"client_encoding": "eucjp"}).status["client_encoding"] == "eucjp"
     assert direct_login(stack, {"client_encoding": "eucjp"}).status["client_encoding"] == "EUC_JP"
     fresh = sidecar_factory(max_size=1)
