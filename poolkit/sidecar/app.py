@@ -10,6 +10,7 @@ import secrets
 import signal
 import ssl
 import time
+import weakref
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from poolkit.sidecar.metrics import make_registry
 from poolkit.sidecar.pool import UpstreamPool
 from poolkit.sidecar.pooling import forward_cancel
 from poolkit.sidecar.protocol import IDLE
+from poolkit.sidecar.startup import StartupChecks
 
 if TYPE_CHECKING:
     from poolkit.sidecar.server import ServerConnection
@@ -43,6 +45,11 @@ if TYPE_CHECKING:
 log = get_logger("sidecar")
 _WELCOME_CACHE_SIZE = 256
 _CANCEL_TIMEOUT = 10.0
+# The process ids the sidecar gives clients lie above Linux's largest possible pid_max (PID_MAX_LIMIT,
+# 2**22): no real backend can have one, so pg_terminate_backend(<the pid a client was told>) (a common
+# pattern in tests) fails instead of killing whichever backend happens to have that pid.
+_PID_FLOOR = 1 << 22
+_PID_CEILING = 0x7FFFFFFF
 
 
 def _secrets_from(settings: SidecarSettings) -> dict[str, str]:
@@ -95,7 +102,7 @@ class Sidecar:
         if settings.effective_client_tls != "disable" and settings.tls_cert_file and settings.tls_key_file:
             self.client_tls_context = client_tls_context(settings.tls_cert_file, settings.tls_key_file)
         self.connections: set[ClientConnection] = set()
-        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self.cancel_keys: dict[int, ClientConnection] = {}  # the process id a client was given -> it
         self.registry = make_registry(self.all_pools)
         self.http = OpsHttpServer(self.registry, self.readiness)
         self.port = 0
@@ -112,8 +119,10 @@ class Sidecar:
         self._maintenance: list[MaintenanceTask] = []
         self._direct_maintenance: list[MaintenanceTask] = []
         self._stopped: asyncio.Event | None = None
-        self._next_pid = secrets.randbelow(1 << 20) + 1000
         self._welcome_cache: dict[tuple[int, tuple[tuple[str, str], ...]], bytes] = {}
+        # What each pool's upstream made of clients' startup parameters (per pool: per upstream and role, as
+        # ALTER ROLE ... SET changes the defaults a value like DateStyle=ISO is read against).
+        self._startup_checks: weakref.WeakKeyDictionary[UpstreamPool, StartupChecks] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -333,25 +342,40 @@ class Sidecar:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def startup_checks_for(self, pool: UpstreamPool) -> StartupChecks:
+        """The cache of checked startup parameters for ``pool`` (startup.py)."""
+        checks = self._startup_checks.get(pool)
+        if checks is None:
+            checks = self._startup_checks[pool] = StartupChecks()
+        return checks
+
     def client_opened(self, client: ClientConnection) -> None:
         self.connections.add(client)
 
     def client_closed(self, client: ClientConnection) -> None:
         self.connections.discard(client)
         client.pool.clients.discard(client)
-        key = (client.process_id, client.secret_key)
-        if self.cancel_keys.get(key) is client:
-            del self.cancel_keys[key]
+        if self.cancel_keys.get(client.process_id) is client:
+            del self.cancel_keys[client.process_id]
 
     def next_process_id(self) -> int:
-        """A new connection's number, from its first byte (logs, SHOW CLIENTS, its BackendKeyData)."""
-        self._next_pid = self._next_pid + 1 if self._next_pid < 0x7FFFFFFF else 1000
-        return self._next_pid
+        """A new connection's number, from its first byte (logs, SHOW CLIENTS, its BackendKeyData).
+
+        Random, as PgBouncer's are, so one client's key says nothing about another's, and never a real pid.
+        """
+        keys = self.cancel_keys
+        while True:
+            pid = _PID_FLOOR + 1 + secrets.randbelow(_PID_CEILING - _PID_FLOOR)
+            if pid not in keys:
+                return pid
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
-        key = (client.process_id, secrets.randbits(31))
-        self.cancel_keys[key] = client
-        return key
+        """``client``'s BackendKeyData: its process id, unique among logged-in clients, and 32 random secret bits."""
+        if client.process_id in self.cancel_keys:
+            # Drawn twice among the connections open since it was drawn (about 1 in 2**31 per pair).
+            client.process_id = self.next_process_id()
+        self.cancel_keys[client.process_id] = client
+        return client.process_id, int.from_bytes(secrets.token_bytes(4), "big", signed=True)
 
     def cancel(self, process_id: int, secret_key: int, requester: asyncio.BaseTransport | None = None) -> None:
         """A CancelRequest: forward it to the backend now running that client's query.
@@ -359,7 +383,9 @@ class Sidecar:
         ``requester`` (the connection the request came on) is closed once forwarding is over: a
         client that waits for that close knows its cancel can no longer reach anyone's query.
         """
-        client = self.cancel_keys.get((process_id, secret_key))
+        client = self.cancel_keys.get(process_id)
+        if client is not None and client.secret_key != secret_key:
+            client = None  # a wrong secret is no cancel at all (PostgreSQL only logs it)
         server = client.server if client is not None else None
         if client is not None and server is not None and server.backend_pid:
             if server.shared and server.client is not client and client.pending > 0:
@@ -376,6 +402,12 @@ class Sidecar:
                         follower.held_answer = []
                 # The server serves nobody else until this cancel is done (UpstreamPool.release).
                 server.pool.cancel_started(server)
+                # Priority: a result of many small messages keeps the loop busy relaying, and each step of
+                # the cancel (accept, connect, TLS, send) would wait behind a chunk of it; the canceled
+                # result can wait instead, in the socket buffers, until the cancel is out (_send_cancel).
+                transport = server.transport
+                if transport is not None and not transport.is_closing():
+                    transport.pause_reading()
                 self.spawn(self._send_cancel(server, requester))
                 return
         elif client is not None and client.waiting:
@@ -396,6 +428,14 @@ class Sidecar:
         try:
             await self._forward_cancel(pool, server.backend_pid, server.backend_key)
         finally:
+            if pool.being_canceled.get(server) == 1:  # the last cancel on its way there
+                transport, client = server.transport, server.client
+                if (
+                    transport is not None
+                    and not transport.is_closing()
+                    and not (client is not None and client.write_paused)
+                ):
+                    transport.resume_reading()
             pool.cancel_done(server)
             if requester is not None:
                 requester.close()

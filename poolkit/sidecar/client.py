@@ -17,7 +17,6 @@ from poolkit.sidecar.pooling import (
     ClientGone,
     on_client_gone,
     parameter_changes,
-    set_statements,
     take_server_now,
     valid_setting_name,
 )
@@ -39,6 +38,7 @@ from poolkit.sidecar.session import (
     pin_limit_message,
     quick_nothing,
 )
+from poolkit.sidecar.startup import Rejection, check_query, first_column, rejection, sync_statements
 
 if TYPE_CHECKING:
     from poolkit.sidecar.admin import Console
@@ -64,10 +64,12 @@ class ClientConnection(asyncio.Protocol):
         "_clear_guard",
         "_early",
         "_exchange",
+        "_login_server",
         "_login_timer",
         "_plain_req",
         "_reader",
         "_sasl_started",
+        "_spelling",
         "_startup",
         "_wanted_key",
         "admin",
@@ -161,6 +163,8 @@ class ClientConnection(asyncio.Protocol):
         self._wanted_key: tuple[tuple[str, str], ...] | None = None
         self._early = b""
         self._login_timer: asyncio.TimerHandle | None = None
+        self._login_server: asyncio.Future[ServerConnection] | None = None  # to check its startup parameters
+        self._spelling: dict[str, str] | None = None  # startup parameter names not in lower case, as sent
         # Session state (see session.py): why this client keeps its server connection ("" = it does
         # not), every reason it holds, the last chunk whose SQL was checked, a statement still
         # arriving in pieces, and what a reset statement claimed to undo (kept until it succeeded).
@@ -267,6 +271,8 @@ class ClientConnection(asyncio.Protocol):
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
+        if self._login_server is not None and not self._login_server.done():
+            self._login_server.cancel()
         self.app.client_closed(self)
         if self.waiting:
             self.waiting = False
@@ -303,6 +309,7 @@ class ClientConnection(asyncio.Protocol):
             and server.client is self
             and server.transport is not None
             and not server.transport.is_closing()
+            and server not in server.pool.being_canceled  # held back until the cancel is out (app.cancel)
         ):
             server.transport.resume_reading()
 
@@ -657,6 +664,11 @@ class ClientConnection(asyncio.Protocol):
         server.client = self
         server.assigned_at = now
         server.query_started = now
+        future = self._login_server
+        if future is not None:  # still logging in: the server is for checking its startup parameters
+            self._login_server = None
+            future.set_result(server)
+            return
         key = self.wanted_key()
         if server.session_key != key:
             changes = parameter_changes(self.wanted, server.current, server.defaults)
@@ -793,7 +805,7 @@ class ClientConnection(asyncio.Protocol):
                 server.current[name] = value
         try:
             async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
-                error = await server.run_internal(set_statements(changes))
+                error = await server.run_internal(sync_statements(changes))
         except (Exception, asyncio.CancelledError) as exc:
             self.linking = None
             server.pool.server_broken(server, f"session parameter sync failed: {exc!r}")
@@ -1079,7 +1091,11 @@ class ClientConnection(asyncio.Protocol):
             if not valid_setting_name(name) or "\x00" in value:
                 self._login_failed("42704", f"invalid startup parameter name {name!r}")
                 return
-            wanted[name.lower()] = value
+            key = name.lower()
+            wanted[key] = value
+            if key != name:
+                # PostgreSQL's error names the parameter as the client spelled it: so must the check's.
+                self._spelling = {**(self._spelling or {}), key: name}
         self.wanted = wanted
         self._wanted_key = None
         if settings.effective_auth_type == "trust":
@@ -1147,13 +1163,15 @@ class ClientConnection(asyncio.Protocol):
             self._finish_login(auth_messages, welcome, ADMIN)
             return
         welcome_params = self.pool.welcome
-        if welcome_params is not None:
+        canonical, unknown = app.startup_checks_for(self.pool).resolve(self.wanted, self.pool.generation)
+        if welcome_params is not None and not unknown:
+            self._set_wanted_all(canonical)
             self._finish_login(auth_messages, welcome_params, READY)
             return
         self.state = WELCOME
-        app.spawn(self._wait_welcome(auth_messages))
+        app.spawn(self._wait_welcome(auth_messages, unknown))
 
-    async def _wait_welcome(self, auth_messages: bytes) -> None:
+    async def _wait_welcome(self, auth_messages: bytes, unknown: list[tuple[str, str]]) -> None:
         try:
             welcome_params = await self.pool.ensure_welcome()
         except ConnectError as exc:
@@ -1161,14 +1179,84 @@ class ClientConnection(asyncio.Protocol):
             problem = "cannot log in to" if isinstance(exc, AuthenticationFailed) else "cannot reach"
             self.fatal("08006", f"pool {self.pool.name!r} {problem} its upstream: {exc}")
             return
-        if not self.closed:
+        if unknown and not self._login_over():
+            refused = await self._check_startup(unknown)
+            if refused is not None:
+                self._refuse_startup(auth_messages, refused)
+                return
+        if not self._login_over():
             self._finish_login(auth_messages, welcome_params, READY)
+
+    def _login_over(self) -> bool:
+        """Did the login end while it waited (the client left, a FATAL was sent: login timeout, pool failure)?"""
+        return self.closed or self.state != WELCOME or self.transport.is_closing()
+
+    async def _check_startup(self, unknown: list[tuple[str, str]]) -> Rejection | None:
+        """Have a server connection check startup parameters not seen before (startup.py); the rejection, if any.
+
+        The server is taken like a transaction's (waiting, query_wait_timeout and all) and given back
+        unchanged: the check's settings are local to its implicit transaction.
+        """
+        pool = self.pool
+        generation = pool.generation
+        self._login_server = future = asyncio.get_running_loop().create_future()
+        server = pool.acquire(self, time.monotonic())
+        if server is None:
+            self.waiting = True  # attach() hands it a server (or _fail_queued ends the login)
+        else:
+            self.attach(server, time.monotonic())
+        server = await future
+        rows: list[bytes] = []
+        try:
+            async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
+                spelling = self._spelling or {}
+                spelled = [(spelling.get(name, name), value) for name, value in unknown]
+                error = await server.run_internal(check_query(spelled), rows)
+        except (Exception, asyncio.CancelledError) as exc:
+            pool.server_broken(server, f"startup parameter check failed: {exc!r}")
+            if not self._login_over():
+                pool.stats.client_logins["error"] += 1
+                self.fatal("08006", f"the server connection of pool {pool.name!r} failed while being set up")
+            self.state = CLOSED
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return None
+        server.client = None
+        pool.release(server, time.monotonic())
+        if error is not None:
+            return rejection(error)
+        checks = self.app.startup_checks_for(pool)
+        learned = checks.learn(unknown, [first_column(row) for row in rows], generation)
+        self._set_wanted_all({**self.wanted, **learned})
+        return None
+
+    def _set_wanted_all(self, wanted: dict[str, str]) -> None:
+        self.wanted = wanted
+        self._wanted_key = None
+
+    def _refuse_startup(self, auth_messages: bytes, refused: Rejection) -> None:
+        """A startup parameter the upstream rejected fails the login after AuthenticationOk, as on PostgreSQL."""
+        if self._login_over():
+            return
+        self.pool.stats.client_logins["error"] += 1
+        log.info("client_login_refused", client=self.describe(), code=refused.code, reason=refused.message)
+        self.state = CLOSED
+        transport = self.transport
+        if not transport.is_closing():
+            error = protocol.error_response(
+                refused.code, refused.message, severity="FATAL", detail=refused.detail, hint=refused.hint
+            )
+            transport.write(auth_messages + error)
+            transport.close()
 
     def _finish_login(self, auth_messages: bytes, params: list[tuple[str, str]], state: int) -> None:
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
-        overrides = tuple(sorted((k, v) for k, v in self.wanted.items() if k in TRACKED_PARAMETERS))
+        # Every setting the server reports that the client set (default_transaction_read_only too), with
+        # the value the server made of it (startup.py).
+        reported = {name.lower() for name, _ in params}
+        overrides = tuple(sorted((k, v) for k, v in self.wanted.items() if k in TRACKED_PARAMETERS or k in reported))
         body = self.app.welcome_bytes(params, overrides)
         self.transport.write(
             auth_messages

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 log = get_logger("sidecar")
 _QUERY_CANCELED = "57014"
+# Bytes relayed from one server connection before the event loop gets to run everything else once. libuv
+# reads a readable socket up to 32 times (256 KiB each) per loop turn: a large result of small messages
+# then kept every other socket waiting for hundreds of milliseconds per turn on a busy box, a CancelRequest
+# among them (issue 15). One turn per full read costs a few microseconds against milliseconds of relaying.
+_TURN_BUDGET = 256 * 1024
 
 # Parameters PostgreSQL reports with ParameterStatus that a client may change and expects to keep
 # across transactions (PgBouncer's "varcache" set).
@@ -98,6 +103,8 @@ class ServerConnection(asyncio.Protocol):
         self._ssl_byte: asyncio.Future[bytes] | None = None
         self._lost: BaseException | None = None
         self._lost_flag = False
+        self._relayed = 0  # bytes relayed since the loop last had a turn of its own (_TURN_BUDGET)
+        self._yielding = False
 
     # ------------------------------------------------------------- asyncio.Protocol
 
@@ -108,6 +115,9 @@ class ServerConnection(asyncio.Protocol):
         if not self.relay:
             self._handshake_data(data)
             return
+        self._relayed += len(data)
+        if self._relayed >= _TURN_BUDGET and not self._yielding:
+            self._yield_turn()
         client = self.client
         try:
             ready = self.scanner.feed(data)
@@ -141,6 +151,29 @@ class ServerConnection(asyncio.Protocol):
             # Positional: this runs once per transaction on the hot path.
             if should_release(self.scanner.status, client.pending, cscan.unsynced, cscan.at_boundary):
                 client.release_server(now)
+
+    def _yield_turn(self) -> None:
+        """Stop reading until the loop has run its other callbacks once (see _TURN_BUDGET)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._yielding = True
+        transport.pause_reading()
+        self._loop.call_soon(self._turn_over)
+
+    def _turn_over(self) -> None:
+        self._yielding = False
+        self._relayed = 0
+        transport = self.transport
+        client = self.client
+        # Read on unless someone else holds reading back: a client whose socket is full, a cancel on its way.
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and not (client is not None and client.write_paused)
+            and self not in self.pool.being_canceled
+        ):
+            transport.resume_reading()
 
     def _answered(self, client: ClientConnection | None, ready: int) -> float:
         """``ready`` ReadyForQuery reached ``client`` (``None``: nobody): count the queries; return now."""
@@ -537,15 +570,19 @@ class ServerConnection(asyncio.Protocol):
         self._reader = MessageReader(side="server", max_message_size=protocol.MAX_INSPECTED_SIZE)
         self.relay = True
 
-    async def run_internal(self, sql: str) -> dict[str, str] | None:
+    async def run_internal(self, sql: str, rows: list[bytes] | None = None) -> dict[str, str] | None:
         """Run ``sql`` as a simple query the client never sees; return the first error's fields, if any.
 
-        ParameterStatus changes are recorded in ``current``. The server must be at ReadyForQuery.
+        ParameterStatus changes are recorded in ``current``; DataRow bodies go to ``rows`` when given.
+        The server must be at ReadyForQuery.
         """
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the upstream connection is closed")
         self.statements.reset()
         self.relay = False
+        # Its answer must be read whatever held reading back for the relay (a turn yielded, a client whose
+        # socket was full when this server was handed to it); the relay pauses again where it must.
+        self.transport.resume_reading()
         self._flush()  # whatever was written before goes first
         self.transport.write(protocol.query(sql))
         error: dict[str, str] | None = None
@@ -553,6 +590,8 @@ class ServerConnection(asyncio.Protocol):
             kind, body = await self._next_message()
             if kind == b"E" and error is None:
                 error = protocol.parse_error_fields(body)
+            elif kind == b"D" and rows is not None:
+                rows.append(body)
             elif kind == b"C" and body in (b"DISCARD ALL\x00", b"DEALLOCATE ALL\x00"):
                 self.statements.discard_all()  # the reset query: nothing stays prepared
             elif kind == b"S":
