@@ -45,7 +45,7 @@ from collections import OrderedDict, deque
 from typing import Final
 
 from poolkit.errors import ProtocolError
-from poolkit.sidecar.protocol import B_ERROR, B_READY, BACKEND_KINDS, BackendScanner, error_response
+from poolkit.sidecar.protocol import B_DONE, B_ERROR, B_READY, BACKEND_KINDS, BackendScanner, error_response
 
 EVENTS: Final = ("hit", "miss", "eviction")
 SERVER_NAME_PREFIX: Final = b"poolkit_"
@@ -80,6 +80,8 @@ _INJECTED = 4  # a Parse the sidecar added: swallow its ParseComplete
 _CLOSE = 5  # a Close the sidecar added (eviction): swallow its CloseComplete
 _FAIL = 6  # a Describe of a missing statement: replace its error with the client's error
 _DROP = 7  # a Close the sidecar sends before each Parse it sends: swallow its CloseComplete
+_CAPTURE = 8  # a client's Describe of its statement: remember the description it gets (Statement.described)
+_PARAMETERS_BYTE: Final = b"t"[0]
 
 
 class Statement:
@@ -214,6 +216,7 @@ class _Expect:
         "action",
         "cached",
         "client",
+        "collected",
         "error",
         "generation",
         "key",
@@ -238,6 +241,8 @@ class _Expect:
         # A Parse of a statement the server had: if the batch is skipped, the Close before it did not
         # run either, and the server still has it.
         self.cached = False
+        # _CAPTURE: the description collected so far (None: a message was split across reads).
+        self.collected: bytes | None = b""
 
 
 class ServerStatements:
@@ -414,6 +419,8 @@ class ServerStatements:
             (length,) = _U32.unpack_from(data, pos + 1)
             end = pos + 1 + length
             replaced: bytes | None = None
+            if queue and queue[0].action == _CAPTURE:
+                self._capture(queue[0], data, pos, end, kind)
             if kind == B_READY:
                 self.rz += 1
                 self.rt = 0
@@ -458,6 +465,15 @@ class ServerStatements:
         if len(out) == 1:
             return out[0]
         return b"".join(out)
+
+    def _capture(self, entry: _Expect, data: bytes, pos: int, end: int, kind: int) -> None:
+        """Collect the ParameterDescription and RowDescription/NoData answering a client's Describe."""
+        if entry.z != self.rz or entry.t != self.rt:
+            return
+        if entry.collected is not None and (data[pos] == _PARAMETERS_BYTE or kind == B_DONE):
+            # A message split across reads is not collected: the statement then stays undescribed, and
+            # the first Parse the sidecar sends again for it describes it (AnswerHead).
+            entry.collected = entry.collected + data[pos:end] if end <= len(data) else None
 
     def _skipped(self, below: int) -> None:
         # Undo the entries of batches before ``below``, last first: a Close then a Parse of one name
@@ -506,6 +522,10 @@ class ServerStatements:
             return entry.error
         elif action == _DROP and type_byte == _CLOSE_DONE:
             return b""
+        elif action == _CAPTURE and type_byte != _ERROR and entry.statement is not None:
+            collected = entry.collected
+            if collected is not None and collected[:1] == b"t":
+                entry.statement.describe(collected)
         return None
 
     def _undo(self, entry: _Expect) -> None:
@@ -704,7 +724,7 @@ class ClientStatements:
                     if pos > run:
                         out.append(data[run:pos])
                     self.t = t
-                    server_name = self._prepared_on(server, statement.key, out)
+                    server_name = self._prepared_on(server, statement, out)
                     t = self.t
                     out.append(
                         b"B"
@@ -760,7 +780,10 @@ class ClientStatements:
                     else:
                         statement = names.get(name)
                         if statement is not None:
-                            out.append(_describe_statement(self._prepared_on(server, statement.key, out)))
+                            out.append(_describe_statement(self._prepared_on(server, statement, out)))
+                            capture = _Expect(_CAPTURE, self.z, self.t)
+                            capture.statement = statement
+                            server._add(capture)
                         else:
                             out.append(data[pos:end])
                         self.t += 1
@@ -817,8 +840,12 @@ class ClientStatements:
         self._shift -= 1  # it replaced the client's Parse
         self._evict(server, out)
 
-    def _prepared_on(self, server: ServerStatements, key: bytes, out: list[bytes]) -> bytes:
-        """The server-side name of ``key``, preparing it there first (answer swallowed) if needed."""
+    def _prepared_on(self, server: ServerStatements, statement: Statement, out: list[bytes]) -> bytes:
+        """The server-side name of ``statement``, preparing it there first (answer swallowed) if needed.
+
+        A Parse sent here keeps the parameter types the statement was described with (Statement.pinned).
+        """
+        key = statement.key
         cache = server._cache_for(self.z)
         server_name = cache.get(key)
         if server_name is not None:
@@ -827,7 +854,9 @@ class ClientStatements:
             return server_name
         server.stats["miss"] += 1
         server_name = cache[key] = self._drop_name(server, key, out)
-        self._inject(server, _INJECTED, _parse(server_name, key), key=key, server_name=server_name, out=out)
+        self._inject(
+            server, _INJECTED, _parse(server_name, statement.pinned), key=key, server_name=server_name, out=out
+        )
         self._evict(server, out)
         return server_name
 

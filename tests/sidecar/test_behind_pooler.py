@@ -452,8 +452,9 @@ def test_a_schema_change_under_a_cached_statement_never_gives_a_wrong_answer(
         await admin.execute(f"INSERT INTO {table} VALUES (1, 1234)")
         conn = await asyncpg.connect(sidecar.url())
         try:
-            for _ in range(3):
-                assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {table} WHERE a = $1", 1)] == [(1, 1234)]
+            # Once (asyncpg prepares, describes and runs it in one go) and then the change: the description
+            # compared is the one the client got when it prepared.
+            assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {table} WHERE a = $1", 1)] == [(1, 1234)]
             await admin.execute(f"ALTER TABLE {table} ALTER COLUMN b TYPE text")
             # asyncpg re-prepares on 0A000 outside a transaction: the answer is right, in the new type.
             assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {table} WHERE a = $1", 1)] == [(1, "1234")]
