@@ -747,6 +747,17 @@ class ClientConnection(asyncio.Protocol):
         scanner = self.scanner
         head = b""
         start: tuple[int, int] | None = None
+        binds = self._reprepared_here(server, statements, data)
+        if binds is not None:
+            # Behind a transaction pooler, one Bind of a statement first in a batch: prepared again and
+            # described in front of it, and checked as it comes back (prepared.AnswerHead), as pipelined
+            # requests are (rename_for); the same inside a transaction.
+            self.pending += syncs
+            server.query_started = time.monotonic()
+            scanner.named_at = -1
+            self.head = AnswerHead(binds[0][0])
+            server.write(statements.reprepare(data, server.statements, binds, server.scanner.ready_total))
+            return True
         if not statements.engaged:
             # Its messages before the first named one go as they are; the rest starts at the server's
             # position: ReadyForQuery seen + owed before it, and its place in the current batch.
@@ -764,6 +775,24 @@ class ClientConnection(asyncio.Protocol):
         if head or data:
             server.write(head + data)
         return True
+
+    def _reprepared_here(
+        self, server: ServerConnection, statements: ClientStatements, data: bytes
+    ) -> list[Bound] | None:
+        """The Binds of ``data`` if it is a request :meth:`ClientStatements.reprepare` serves on ``server`` now."""
+        scanner = self.scanner
+        if (
+            not server.statements.transaction
+            or statements.engaged
+            or self.pending != 0
+            or self.head is not None
+            or scanner.named_at != 0
+            or scanner.named_syncs != 0
+            or scanner.named_batch != 0
+        ):
+            return None
+        binds = statements.bound(data)
+        return binds if binds is not None and server.statements.reprepares(binds) else None
 
     def rename_for(self, server: ServerConnection, data: bytes, owed_before: int) -> bytes:
         """Its pipelinable request, renamed for ``server``, which owes ``owed_before`` ReadyForQuery before it."""
@@ -933,11 +962,16 @@ class ClientConnection(asyncio.Protocol):
             self._forget_wait()
             self._fail_queued("57014", "canceling statement due to user request", None)
 
-    def server_lost(self, text: str) -> None:
+    def server_lost(self, text: str | None) -> None:
+        """Its server connection closed; ``None``: the server's own FATAL already reached this client."""
         self.server = None
         self.deferring = False
         self.drop_held_cancels()
-        self.fatal("08006", text)
+        if text is None:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+        else:
+            self.fatal("08006", text)
 
     def protocol_violation(self, text: str) -> None:
         self.dirty = True

@@ -325,7 +325,7 @@ class UpstreamPool:
             detail = f": {exc}" if exc else ""
             text = f"the server connection of pool {self.name!r} was lost{detail}"
             if client is not None:
-                client.server_lost(text)
+                client.server_lost(None if server.fatal_sent else text)
             for follower in followers:
                 follower.server_lost(text)
         elif not was_closed and not server.close_reason:

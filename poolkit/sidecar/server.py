@@ -68,6 +68,7 @@ class ServerConnection(asyncio.Protocol):
         self.state = "connecting"  # connecting | idle | active | closed
         self.scanner = BackendScanner(pool.max_message_size)
         self.backend_pid = 0
+        self.fatal_sent = False  # the server sent a FATAL ErrorResponse: it is about to close
         self.backend_key = 0
         self.reported: list[tuple[str, str]] = []  # ParameterStatus at login, original spelling
         self.defaults: dict[str, str] = {}  # lower-case name -> value at login
@@ -119,12 +120,17 @@ class ServerConnection(asyncio.Protocol):
         if self._relayed >= _TURN_BUDGET and not self._yielding:
             self._yield_turn()
         client = self.client
+        errors = self.scanner.errors
         try:
             ready = self.scanner.feed(data)
         except ProtocolError as exc:
             self.pool.stats.upstream_errors["protocol"] += 1
             self.pool.server_broken(self, f"upstream protocol error: {exc}")
             return
+        if self.scanner.errors != errors and b"VFATAL\x00" in data:
+            # The server says why it ends the session (pg_terminate_backend, a shutdown): the client that
+            # gets this answer hears it in PostgreSQL's words, not the sidecar's "lost" (pool.server_lost).
+            self.fatal_sent = True
         if self.scanner.parameters is not None:
             self._parameters_changed(client)
         if self.scanner.discarded:

@@ -551,3 +551,31 @@ def test_asyncpg_type_introspection_through_the_sidecar(
 
     asyncio.run(main())
     assert sidecar.call(lambda app: (len(app.pool.pinned), app.pool.stats.pins["session_set"])) == (0, 0)
+
+
+def test_a_terminated_backend_is_reported_in_postgresqls_words(stack: DevStack, sidecar_factory: Factory) -> None:
+    """The client whose backend is terminated gets PostgreSQL's FATAL, not a second one of the sidecar's."""
+    sidecar = sidecar_factory(max_size=1)
+
+    async def main() -> None:
+        conn = await asyncpg.connect(sidecar.url())
+        admin = await asyncpg.connect(stack.superuser_url)
+        try:
+            running = asyncio.ensure_future(conn.execute("SELECT pg_sleep(30)"))
+            pid = None
+            for _ in range(200):
+                pid = await admin.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+                )
+                if pid is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert pid is not None
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
+            with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError, match="terminating connection"):
+                await running
+        finally:
+            await admin.close()
+            await conn.close()
+
+    asyncio.run(main())
