@@ -579,3 +579,27 @@ def test_a_terminated_backend_is_reported_in_postgresqls_words(stack: DevStack, 
             await conn.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+def test_a_client_that_leaves_mid_transaction_leaves_nothing_behind(
+    stack: DevStack, sidecar_factory: Factory, upstream: str
+) -> None:
+    """Rolled back and reset (server_reset_query) behind the pooler too: the next client sees none of it."""
+    sidecar = sidecar_factory(**through(stack, upstream), max_size=1)
+    table = f"left_mid_tx_{upstream}"
+    with psycopg.connect(sidecar.url(), autocommit=True) as setup:
+        setup.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (n int)")
+    try:
+        leaver = psycopg.connect(sidecar.url())
+        leaver.execute(f"INSERT INTO {table} VALUES (1)")
+        leaver.execute("SET LOCAL statement_timeout = '1s'")
+        leaver.pgconn.finish()  # gone mid-transaction, no COMMIT, no ROLLBACK
+        with psycopg.connect(sidecar.url(), autocommit=True) as after:
+            for _ in range(5):
+                assert after.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+                assert after.execute("SELECT current_setting('statement_timeout')").fetchone() == ("0",)
+                assert after.execute("SELECT now() = statement_timestamp()").fetchone() == (True,)  # no open tx
+    finally:
+        with psycopg.connect(sidecar.url(), autocommit=True) as cleanup:
+            cleanup.execute(f"DROP TABLE {table}")
