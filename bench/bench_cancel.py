@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import queue
-import socket
 import ssl
 import statistics
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
+import benchlib
 import psycopg
 from psycopg import errors
 
@@ -46,7 +43,6 @@ from poolkit.sidecar import protocol
 from poolkit.sidecar.auth import UpstreamAuth
 from poolkit.sidecar.protocol import MessageReader
 
-REPO = Path(__file__).resolve().parents[1]
 _CANCEL_AFTER = 1 << 20
 # ReadyForQuery(I), the end of a simple query's answer: in a COPY of numbers no CopyData can hold these bytes.
 _READY = b"Z\x00\x00\x00\x05I"
@@ -59,28 +55,15 @@ def start_sidecar(
 
     In front of a pooler it also gets the direct URL, as deployed: a LISTENing client is pinned to it.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POOLKIT_") and k != "DATABASE_URL"}
-    env.update(
-        {
-            "POOLKIT_POOLED_URL" if pooled else "POOLKIT_DIRECT_URL": upstream_url,
-            "POOLKIT_SIDECAR_UPSTREAM": "pooled" if pooled else "direct",
-            "POOLKIT_SIDECAR_MAX_SIZE": "3",
-            "POOLKIT_SIDECAR_AUTH_TYPE": "trust",
-        }
-    )
+    settings = {
+        "POOLKIT_POOLED_URL" if pooled else "POOLKIT_DIRECT_URL": upstream_url,
+        "POOLKIT_SIDECAR_UPSTREAM": "pooled" if pooled else "direct",
+        "POOLKIT_SIDECAR_MAX_SIZE": "3",
+        "POOLKIT_SIDECAR_AUTH_TYPE": "trust",
+    }
     if pooled:
-        env["POOLKIT_DIRECT_URL"] = direct_url
-    argv = [sys.executable, "-m", "poolkit.sidecar", "--listen-port", str(port), "--http-port", str(http_port)]
-    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the sidecar did not start")
+        settings["POOLKIT_DIRECT_URL"] = direct_url
+    return benchlib.start_sidecar(settings, port, http_port)
 
 
 def cancel_once(url: str, rows: int) -> tuple[float, float, int]:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import benchlib
 
 from poolkit import Pool
-from poolkit.devstack import DevStack, PgBouncerHandle, find_pg_binary, find_pgbouncer, free_port
+from poolkit.devstack import DevStack, PgBouncerHandle, find_pgbouncer, free_port
 from poolkit.netdelay import DelayRelay
 from poolkit.settings import load_settings
 
@@ -350,14 +350,7 @@ def main() -> int:
         remote = stack.start_pgbouncer(
             client_tls=True, pool_size=REMOTE_BACKENDS, log_connections="0", log_disconnections="0"
         )
-        init = subprocess.run(
-            [str(find_pg_binary("pgbench")), "-i", "-q", "-s", "1", stack.url(via="direct")],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if init.returncode != 0:
-            raise RuntimeError(init.stderr)
+        benchlib.pgbench_init(stack.url(via="direct"))
         header = " | ".join(f"({t}) {TARGETS[t]}" for t in "abcd")
         short = " / ".join(t for t in "abcd" if t in targets)
         pgbench_lines = [

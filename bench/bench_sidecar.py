@@ -28,7 +28,7 @@ import tempfile
 
 import benchlib
 
-from poolkit.devstack import DevStack, find_pg_binary, free_port
+from poolkit.devstack import DevStack, free_port
 
 WORKLOADS = [
     ("-S -c 10", ["-S", "-c", "10"]),
@@ -113,14 +113,7 @@ def main() -> int:
         bouncer = stack.start_pgbouncer(
             client_tls=False, pool_size=args.pool_size, log_connections="0", log_disconnections="0"
         )
-        init = subprocess.run(
-            [str(find_pg_binary("pgbench")), "-i", "-q", "-s", "1", stack.url(via="direct")],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if init.returncode != 0:
-            raise RuntimeError(init.stderr)
+        benchlib.pgbench_init(stack.url(via="direct"))
         port, http_port = free_port(), free_port()
         sidecar = start_sidecar(stack, args.pool_size, port, http_port)
         # The same sidecar without pipelining across clients (pipeline_depth=0): what that feature adds.

@@ -99,6 +99,15 @@ def pgbench(url: str, args: list[str], seconds: int, mode: str = "simple", *, ch
     )
 
 
+def pgbench_init(url: str) -> None:
+    """pgbench's tables at scale 1 (``pgbench -i``) in the database at ``url``."""
+    done = subprocess.run(
+        [str(find_pg_binary("pgbench")), "-i", "-q", "-s", "1", url], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr)
+
+
 def start_sidecar(settings: dict[str, str], port: int, http_port: int) -> subprocess.Popen[str]:
     """``python -m poolkit.sidecar`` on ``port``; ``settings`` are ``POOLKIT_*`` variables (nothing inherited)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("POOLKIT_") and k != "DATABASE_URL"}
