@@ -35,7 +35,7 @@ from poolkit.sidecar.maintenance import (
 )
 from poolkit.sidecar.metrics import make_registry
 from poolkit.sidecar.pool import UpstreamPool
-from poolkit.sidecar.pooling import forward_cancel
+from poolkit.sidecar.pooling import ServerState, forward_cancel
 from poolkit.sidecar.protocol import IDLE
 from poolkit.sidecar.startup import StartupChecks
 
@@ -613,7 +613,7 @@ class Sidecar:
         for pool in self.upstream_pools():
             pool.generation += 1  # one still connecting closes when it is given back
             for server in list(pool.servers):
-                if server.state == "active":
+                if server.state is ServerState.ACTIVE:
                     pool.close_busy(server, "kill")
 
     def readiness(self) -> tuple[bool, str]:

@@ -14,7 +14,10 @@ from poolkit.sidecar.auth import SCRAM, ScramServerExchange
 from poolkit.sidecar.pooling import (
     NOT_SETTINGS,
     POOL_EXHAUSTED_HINT,
+    TRACKED_PARAMETERS,
     ClientGone,
+    ClientState,
+    ServerState,
     on_client_gone,
     parameter_changes,
     take_server_now,
@@ -22,7 +25,6 @@ from poolkit.sidecar.pooling import (
 )
 from poolkit.sidecar.prepared import AnswerHead, Bound, ClientStatements, Statement
 from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
-from poolkit.sidecar.server import TRACKED_PARAMETERS
 from poolkit.sidecar.session import (
     LITERAL_TAIL,
     NOTHING,
@@ -47,7 +49,8 @@ if TYPE_CHECKING:
 
 log = get_logger("sidecar")
 
-STARTUP, AUTH, WELCOME, READY, ADMIN, CLOSED = range(6)
+# data_received's test, a module global: one lookup per chunk relayed, not two.
+_READY = ClientState.READY
 # Client bytes buffered while waiting for a server before reading from that client pauses.
 _QUEUE_LIMIT = 256 * 1024
 _INTERNAL_QUERY_TIMEOUT = 10.0
@@ -130,7 +133,7 @@ class ClientConnection(asyncio.Protocol):
         self.pool = app.pool
         self.unix = unix
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.state = STARTUP
+        self.state: ClientState = ClientState.STARTUP
         self.server: ServerConnection | None = None
         self.linking: ServerConnection | None = None
         self.scanner = FrontendScanner(app.settings.max_message_size)
@@ -223,7 +226,7 @@ class ClientConnection(asyncio.Protocol):
             )
 
     def data_received(self, data: bytes) -> None:
-        if self.state != READY:
+        if self.state != _READY:
             self._slow_data(data)
             return
         pool = self.pool
@@ -267,7 +270,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self.state = CLOSED
+        self.state = ClientState.CLOSED
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
@@ -882,7 +885,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _server_after_client(self, server: ServerConnection, pinned: frozenset[str] = frozenset()) -> None:
         """Clean up a server whose client vanished while holding it (``pinned``: the session state it had)."""
-        if server.state == "closed":
+        if server.state is ServerState.CLOSED:
             return
         if self.write_paused and server.transport is not None and not server.transport.is_closing():
             server.transport.resume_reading()
@@ -904,9 +907,7 @@ class ClientConnection(asyncio.Protocol):
             self.app.spawn(self._reset(server, rollback=action is ClientGone.ROLLBACK))
         else:
             log.info("server_closed", pool=pool.name, server=server.describe(), reason="client left mid-query")
-            server.state = "closed"
-            pool.servers.discard(server)
-            server.close("client gone")
+            pool.close_server(server, "client gone")
             pool.release(server, time.monotonic())  # no-op for a closed server; refills the pool
 
     async def _reset(self, server: ServerConnection, *, rollback: bool) -> None:
@@ -926,9 +927,7 @@ class ClientConnection(asyncio.Protocol):
             error = {"M": repr(exc)}
         if error is not None:
             log.warning("server_reset_failed", pool=pool.name, server=server.describe(), error=error.get("M"))
-            server.state = "closed"
-            pool.servers.discard(server)
-            server.close("reset failed")
+            pool.close_server(server, "reset failed")
         pool.release(server, time.monotonic())
 
     # ------------------------------------------------------------- failures the client must hear about
@@ -1009,32 +1008,34 @@ class ClientConnection(asyncio.Protocol):
 
     def _login_timed_out(self) -> None:
         self._login_timer = None
-        if self.state in (STARTUP, AUTH, WELCOME):
+        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.WELCOME):
             self.pool.stats.client_logins["error"] += 1
             self.fatal("08006", f"client_login_timeout ({self.app.settings.client_login_timeout:g}s) expired")
 
     # ------------------------------------------------------------- login (slow path)
 
     def _slow_data(self, data: bytes) -> None:
+        # Dispatch on a local: the handlers change self.state, which the AUTH loop reads again.
+        state = self.state
         try:
-            if self.state == STARTUP:
+            if state == ClientState.STARTUP:
                 packet = self._startup.feed(data)
                 if packet is not None:
                     self._on_startup_packet(packet)
-            elif self.state == AUTH:
+            elif state == ClientState.AUTH:
                 assert self._reader is not None
                 for kind, body in self._reader.feed(data):
                     self._on_auth_message(kind, body)
-                    if self.state != AUTH:
+                    if self.state != ClientState.AUTH:
                         break
-            elif self.state == WELCOME:
+            elif state == ClientState.WELCOME:
                 self._early += data
-            elif self.state == ADMIN:
+            elif state == ClientState.ADMIN:
                 assert self._reader is not None
                 for kind, body in self._reader.feed(data):
                     self._on_admin_message(kind, body)
         except ProtocolError as exc:
-            self.pool.stats.client_logins["error"] += self.state != ADMIN
+            self.pool.stats.client_logins["error"] += self.state != ClientState.ADMIN
             self.protocol_violation(str(exc))
 
     def _on_startup_packet(self, packet: protocol.StartupPacket) -> None:
@@ -1055,7 +1056,7 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(packet, protocol.CancelRequest):
             # The app closes this connection once the cancel is forwarded (PostgreSQL's order too);
             # CLOSED: nothing more is read from it and client_login_timeout does not answer it.
-            self.state = CLOSED
+            self.state = ClientState.CLOSED
             if self._login_timer is not None:
                 self._login_timer.cancel()
                 self._login_timer = None
@@ -1144,7 +1145,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._exchange = ScramServerExchange(app.users, user)
         self._reader = MessageReader(side="client", max_message_size=protocol.MAX_STARTUP_SIZE)
-        self.state = AUTH
+        self.state = ClientState.AUTH
         self.transport.write(protocol.auth_sasl([SCRAM]))
 
     def _on_auth_message(self, kind: bytes, body: bytes) -> None:
@@ -1165,7 +1166,7 @@ class ClientConnection(asyncio.Protocol):
             self.pool.stats.client_logins["auth_failed"] += 1
             log.info("client_auth_failed", client=self.describe())
             self.fatal("28P01", f'password authentication failed for user "{self.user}"')
-            self.state = CLOSED
+            self.state = ClientState.CLOSED
             return
         self._exchange = None
         self._logged_in(protocol.auth_sasl_final(final) + protocol.auth_ok())
@@ -1174,7 +1175,7 @@ class ClientConnection(asyncio.Protocol):
         self.pool.stats.client_logins["error" if code != "28P01" else "auth_failed"] += 1
         log.info("client_login_refused", client=self.describe(), code=code, reason=text)
         self.fatal(code, text)
-        self.state = CLOSED
+        self.state = ClientState.CLOSED
 
     def _logged_in(self, auth_messages: bytes) -> None:
         app = self.app
@@ -1194,15 +1195,15 @@ class ClientConnection(asyncio.Protocol):
         if self.admin:
             self._reader = MessageReader(side="client", max_message_size=protocol.MAX_INSPECTED_SIZE)
             welcome = self.pool.welcome or [("server_version", "15.0"), ("client_encoding", "UTF8")]
-            self._finish_login(auth_messages, welcome, ADMIN)
+            self._finish_login(auth_messages, welcome, ClientState.ADMIN)
             return
         welcome_params = self.pool.welcome
         canonical, unknown = app.startup_checks_for(self.pool).resolve(self.wanted, self.pool.generation)
         if welcome_params is not None and not unknown:
             self._set_wanted_all(canonical)
-            self._finish_login(auth_messages, welcome_params, READY)
+            self._finish_login(auth_messages, welcome_params, ClientState.READY)
             return
-        self.state = WELCOME
+        self.state = ClientState.WELCOME
         app.spawn(self._wait_welcome(auth_messages, unknown))
 
     async def _wait_welcome(self, auth_messages: bytes, unknown: list[tuple[str, str]]) -> None:
@@ -1219,11 +1220,11 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse_startup(auth_messages, refused)
                 return
         if not self._login_over():
-            self._finish_login(auth_messages, welcome_params, READY)
+            self._finish_login(auth_messages, welcome_params, ClientState.READY)
 
     def _login_over(self) -> bool:
         """Did the login end while it waited (the client left, a FATAL was sent: login timeout, pool failure)?"""
-        return self.closed or self.state != WELCOME or self.transport.is_closing()
+        return self.closed or self.state != ClientState.WELCOME or self.transport.is_closing()
 
     async def _check_startup(self, unknown: list[tuple[str, str]]) -> Rejection | None:
         """Have a server connection check startup parameters not seen before (startup.py); the rejection, if any.
@@ -1251,7 +1252,7 @@ class ClientConnection(asyncio.Protocol):
             if not self._login_over():
                 pool.stats.client_logins["error"] += 1
                 self.fatal("08006", f"the server connection of pool {pool.name!r} failed while being set up")
-            self.state = CLOSED
+            self.state = ClientState.CLOSED
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return None
@@ -1274,7 +1275,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.pool.stats.client_logins["error"] += 1
         log.info("client_login_refused", client=self.describe(), code=refused.code, reason=refused.message)
-        self.state = CLOSED
+        self.state = ClientState.CLOSED
         transport = self.transport
         if not transport.is_closing():
             error = protocol.error_response(
@@ -1283,7 +1284,7 @@ class ClientConnection(asyncio.Protocol):
             transport.write(auth_messages + error)
             transport.close()
 
-    def _finish_login(self, auth_messages: bytes, params: list[tuple[str, str]], state: int) -> None:
+    def _finish_login(self, auth_messages: bytes, params: list[tuple[str, str]], state: ClientState) -> None:
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
@@ -1300,7 +1301,7 @@ class ClientConnection(asyncio.Protocol):
         )
         self.state = state
         self.pool.stats.client_logins["ok"] += 1
-        if state == READY:
+        if state == ClientState.READY:
             self.pool.clients.add(self)
         early, self._early = self._early, b""
         if early:

@@ -12,7 +12,7 @@ from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SS
 from poolkit.log import get_logger
 from poolkit.sidecar import protocol
 from poolkit.sidecar.auth import UpstreamAuth, UpstreamTls
-from poolkit.sidecar.pooling import should_release
+from poolkit.sidecar.pooling import TRACKED_PARAMETERS, ServerState, should_release
 from poolkit.sidecar.prepared import ServerStatements
 from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader, error_codes
 
@@ -27,19 +27,6 @@ _QUERY_CANCELED = "57014"
 # then kept every other socket waiting for hundreds of milliseconds per turn on a busy box, a CancelRequest
 # among them (issue 15). One turn per full read costs a few microseconds against milliseconds of relaying.
 _TURN_BUDGET = 256 * 1024
-
-# Parameters PostgreSQL reports with ParameterStatus that a client may change and expects to keep
-# across transactions (PgBouncer's "varcache" set).
-TRACKED_PARAMETERS = frozenset(
-    {
-        "client_encoding",
-        "datestyle",
-        "timezone",
-        "intervalstyle",
-        "standard_conforming_strings",
-        "application_name",
-    }
-)
 
 
 class ServerConnection(asyncio.Protocol):
@@ -65,7 +52,7 @@ class ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client: ClientConnection | None = None
         self.relay = False
-        self.state = "connecting"  # connecting | idle | active | closed
+        self.state = ServerState.CONNECTING  # only the pool changes it (UpstreamPool._change_state)
         self.scanner = BackendScanner(pool.max_message_size)
         self.backend_pid = 0
         self.fatal_sent = False  # the server sent a FATAL ErrorResponse: it is about to close
@@ -319,7 +306,7 @@ class ServerConnection(asyncio.Protocol):
             if owner is not None and owner.held_answer is not None and self._retried(owner):
                 owner = None  # it is back in the line
             self._next_turn(owner, now, resume)
-            if self.state == "closed":
+            if self.state is ServerState.CLOSED:
                 break
         else:
             if start < len(data) and self.client is not None:

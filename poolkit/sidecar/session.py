@@ -18,7 +18,7 @@ session reasons per statement (which ``SET`` needs a pin, which statement undoes
 routing's lexer so there is one reading of SQL in poolkit.
 
 Settings PostgreSQL reports with ParameterStatus and the sidecar already carries per client
-(:data:`poolkit.sidecar.server.TRACKED_PARAMETERS`: TimeZone, DateStyle, client_encoding, ...) need
+(:data:`poolkit.sidecar.pooling.TRACKED_PARAMETERS`: TimeZone, DateStyle, client_encoding, ...) need
 no pin: the relay records the new value from the server's ParameterStatus and sets it on whichever
 server connection the client gets next, and resets it for the next client. Every other setting is
 invisible to the relay after the fact, so a plain ``SET`` of it pins.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from poolkit import routing
-from poolkit.sidecar.server import TRACKED_PARAMETERS
+from poolkit.sidecar.pooling import TRACKED_PARAMETERS
 
 __all__ = [
     "CLEAR_ALL",
