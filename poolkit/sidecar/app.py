@@ -124,6 +124,16 @@ class Sidecar:
         # ALTER ROLE ... SET changes the defaults a value like DateStyle=ISO is read against).
         self._startup_checks: weakref.WeakKeyDictionary[UpstreamPool, StartupChecks] = weakref.WeakKeyDictionary()
 
+    def __repr__(self) -> str:
+        if self.draining:
+            state = "draining"
+        elif self.paused:
+            state = "paused"
+        else:
+            state = "running" if self._listeners else "stopped"
+        pools = ",".join(pool.name for pool in self.all_pools())
+        return f"<Sidecar {state} port={self.port} pools={pools} clients={len(self.connections)}>"
+
     # ------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:

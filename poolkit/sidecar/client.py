@@ -1332,6 +1332,14 @@ class ClientConnection(asyncio.Protocol):
     def describe(self) -> str:
         return f"client #{self.process_id} {self.user or '?'}@{self.peer}"
 
+    def __repr__(self) -> str:
+        server = f"#{self.server.ident}" if self.server is not None else "-"
+        pinned = f" pinned={self.pin_reason}" if self.pin_reason else ""
+        return (
+            f"<ClientConnection #{self.process_id} {self.user or '?'}@{self.peer} {self.state.name.lower()} "
+            f"server={server} pending={self.pending}{pinned}>"
+        )
+
     def close_now(self) -> None:
         with contextlib.suppress(Exception):
             self.transport.abort()

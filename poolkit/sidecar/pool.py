@@ -134,6 +134,16 @@ class UpstreamPool:
         while len(self.servers) > self.max_size and self.idle:
             self._close_idle(self.idle[0], "reload")
 
+    def __repr__(self) -> str:
+        # The pool's name and route, never its URL: the password lives there.
+        servers = self.server_counts()
+        flags = " draining" if self.draining else ""
+        return (
+            f"<UpstreamPool {self.name} {self.route}{flags} max={self.max_size} active={servers['active']} "
+            f"idle={servers['idle']} connecting={servers['connecting']} waiting={len(self.waiters)} "
+            f"clients={len(self.clients)} pinned={len(self.pinned)}>"
+        )
+
     # ------------------------------------------------------------- counts (metrics, admin)
 
     def client_counts(self) -> dict[str, int]:

@@ -602,5 +602,12 @@ class ServerConnection(asyncio.Protocol):
         self.relay = True
         return error
 
+    def __repr__(self) -> str:
+        client = f"#{self.client.process_id}" if self.client is not None else "-"
+        return (
+            f"<ServerConnection #{self.ident} {self.pool.name} {self.pool.route} {self.state} "
+            f"pid={self.backend_pid} client={client} followers={len(self.followers)}>"
+        )
+
     def describe(self) -> str:
         return f"server #{self.ident} (backend pid {self.backend_pid})"
