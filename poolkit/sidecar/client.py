@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError
 from poolkit.log import get_logger
@@ -43,9 +44,13 @@ from poolkit.sidecar.session import (
 from poolkit.sidecar.startup import Rejection, check_query, first_column, rejection, sync_statements
 
 if TYPE_CHECKING:
-    from poolkit.sidecar.admin import Console
-    from poolkit.sidecar.app import Sidecar
+    import ssl
+
+    from poolkit.sidecar.auth import UserStore
+    from poolkit.sidecar.config import SidecarSettings
+    from poolkit.sidecar.pool import UpstreamPool
     from poolkit.sidecar.server import ServerConnection
+    from poolkit.sidecar.startup import StartupChecks
 
 log = get_logger("sidecar")
 
@@ -57,6 +62,39 @@ _INTERNAL_QUERY_TIMEOUT = 10.0
 # A pipelined request is kept until answered (it is re-sent if a cancel meant for another client
 # hits it): only small ones are pipelined.
 _PIPELINE_MAX_REQUEST = 8192
+
+
+class AdminSession(Protocol):
+    """An admin console session (admin.Console), as the client connection that feeds it sees it."""
+
+    def query(self, sql: str) -> None: ...
+
+
+class ClientServices(Protocol):
+    """What a client connection uses of the sidecar (app.Sidecar), which sits a layer above it."""
+
+    @property
+    def settings(self) -> SidecarSettings: ...
+    @property
+    def pool(self) -> UpstreamPool: ...
+    @property
+    def users(self) -> UserStore: ...
+    @property
+    def connections(self) -> set[ClientConnection]: ...
+    @property
+    def client_tls_context(self) -> ssl.SSLContext | None: ...
+    def is_loopback(self, host: str) -> bool: ...
+    def next_process_id(self) -> int: ...
+    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]: ...
+    def client_opened(self, client: ClientConnection) -> None: ...
+    def client_closed(self, client: ClientConnection) -> None: ...
+    def pool_for(self, user: str) -> UpstreamPool | str: ...
+    def open_console(self, client: ClientConnection) -> AdminSession | str: ...
+    def startup_checks_for(self, pool: UpstreamPool) -> StartupChecks: ...
+    def welcome_bytes(self, params: list[tuple[str, str]], overrides: tuple[tuple[str, str], ...]) -> bytes: ...
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+    def cancel(self, process_id: int, secret_key: int, requester: asyncio.BaseTransport | None = None) -> None: ...
+    def forward_held_cancel(self, client: ClientConnection) -> None: ...
 
 
 class ClientConnection(asyncio.Protocol):
@@ -128,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, app: Sidecar, *, unix: bool = False) -> None:
+    def __init__(self, app: ClientServices, *, unix: bool = False) -> None:
         self.app = app
         self.pool = app.pool
         self.unix = unix
@@ -158,7 +196,7 @@ class ClientConnection(asyncio.Protocol):
         self.connect_time = time.time()
         self.request_time = self.connect_time
         self.admin = False
-        self.console: Console | None = None
+        self.console: AdminSession | None = None
         self._startup = StartupReader()
         self._reader: MessageReader | None = None
         self._exchange: ScramServerExchange | None = None
