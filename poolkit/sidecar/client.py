@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
@@ -1377,7 +1376,3 @@ class ClientConnection(asyncio.Protocol):
             f"<ClientConnection #{self.process_id} {self.user or '?'}@{self.peer} {self.state.name.lower()} "
             f"server={server} pending={self.pending}{pinned}>"
         )
-
-    def close_now(self) -> None:
-        with contextlib.suppress(Exception):
-            self.transport.abort()

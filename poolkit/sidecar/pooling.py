@@ -262,13 +262,3 @@ def quote_literal(value: str) -> str:
     if "\\" in value:
         return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
     return "'" + value.replace("'", "''") + "'"
-
-
-def set_statements(changes: list[tuple[str, str | None]]) -> str:
-    """One simple-query string applying ``changes`` (names already validated)."""
-    parts = []
-    for name, value in changes:
-        if not valid_setting_name(name):
-            raise ValueError(f"invalid setting name {name!r}")
-        parts.append(f"RESET {name}" if value is None else f"SET {name} TO {quote_literal(value)}")
-    return "; ".join(parts)

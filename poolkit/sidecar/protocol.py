@@ -31,7 +31,6 @@ MAX_INSPECTED_SIZE: Final = 1 << 20
 _U32 = struct.Struct("!I")
 _I32 = struct.Struct("!i")
 _HDR = struct.Struct("!cI")
-_U16 = struct.Struct("!H")
 _I16 = struct.Struct("!h")
 
 # ---------------------------------------------------------------- message kinds (lookup tables)

@@ -121,7 +121,6 @@ _PIN = {reason: Effect(pins=(reason,)) for reason in PIN_REASONS}
 _ROUTE = {reason: Effect(route=reason) for reason in ROUTE_REASONS}
 _CLEAR = {reason: Effect(clears=frozenset({reason})) for reason in PIN_REASONS}
 _CLEAR_EVERYTHING = Effect(clears=CLEAR_ALL)
-_ASYNCPG_RESET_CLEARS = frozenset({"advisory_lock", "hold_cursor", "listen", "session_set"})
 
 _ADVISORY_LOCKS = frozenset(
     {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
