@@ -580,7 +580,7 @@ def _target_problem(app: Sidecar, verb: str, database: str | None) -> str | None
     return f'no such database: "{database}" (this sidecar serves "{app.pool.dsn.database}")'
 
 
-def execute(app: Sidecar, sql: str, console: Console) -> bytes | Coroutine[Any, Any, bytes]:
+def execute(app: Sidecar, sql: str, console: Console) -> bytes | Coroutine[Any, Any, bytes]:  # noqa: PLR0911, PLR0912 - one branch per console command, matched in PgBouncer's order
     """Answer one simple query on the admin console (always ends with ReadyForQuery).
 
     Returns the answer, or for PAUSE a coroutine that returns it once the pool's servers are closed.

@@ -143,7 +143,7 @@ class SidecarCollector(Collector):
     def __init__(self, pools: Callable[[], Sequence[CountedPool]]) -> None:
         self._pools = pools
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Metric]:  # noqa: PLR0912 - builds every family in one pass over the pools at scrape time
         pools = self._pools()
         clients = GaugeMetricFamily("poolkit_sidecar_clients", "Client connections by state.", labels=["pool", "state"])
         servers = GaugeMetricFamily(

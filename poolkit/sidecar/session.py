@@ -234,7 +234,7 @@ def _word(tokens: list[_Token], index: int) -> str:
     return ""
 
 
-def _statement_effect(tokens: list[_Token]) -> Effect:
+def _statement_effect(tokens: list[_Token]) -> Effect:  # noqa: PLR0911, PLR0912 - one return per statement kind, in the order they must be told apart
     head, second = _word(tokens, 0), _word(tokens, 1)
     if head == "close":
         return _CLEAR["hold_cursor"] if second == "all" else NOTHING
