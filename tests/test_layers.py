@@ -85,7 +85,7 @@ SIDECAR_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("policy", frozenset({"auth", "config", "pooling", "prepared", "session", "shapes", "startup"})),
     ("stats", frozenset({"metrics"})),
     ("connections", frozenset({"server", "client", "pool"})),
-    ("service", frozenset({"app", "admin", "maintenance", "http", "cli", "__main__", "__init__"})),
+    ("service", frozenset({"app", "admin", "cancel", "maintenance", "http", "cli", "__main__", "__init__"})),
 )
 
 
