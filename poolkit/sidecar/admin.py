@@ -15,8 +15,8 @@ from pydantic import SecretStr
 from poolkit.dsn import Dsn
 from poolkit.log import get_logger
 from poolkit.sidecar import protocol
-from poolkit.sidecar.client import ADMIN, READY
 from poolkit.sidecar.config import RELOADABLE, SidecarSettings
+from poolkit.sidecar.pooling import ClientState, ServerState
 from poolkit.sidecar.protocol import IDLE
 
 if TYPE_CHECKING:
@@ -215,7 +215,8 @@ def _client_row(app: Sidecar, client: ClientConnection, now: float) -> list[str 
 def _server_row(app: Sidecar, server: ServerConnection) -> list[str | None]:
     pool = server.pool
     client = server.client
-    state = {"connecting": "login", "closed": "closing"}.get(server.state, server.state)
+    # SHOW SERVERS' words (PgBouncer's): the plain strings, not the enum members.
+    state = {ServerState.CONNECTING: "login", ServerState.CLOSED: "closing"}.get(server.state, str(server.state))
     return [
         "S",
         pool.dsn.user,
@@ -418,14 +419,14 @@ def show_databases(app: Sidecar) -> Rows:
 def show_users(app: Sidecar) -> Rows:
     """Users the sidecar knows: configured ones, admin and stats users, and any logged in now."""
     names = set(app.users.names()) | set(admin_users(app)) | set(app.settings.stats_users)
-    names |= {c.user for c in app.connections if c.user and c.state in (READY, ADMIN)}
+    names |= {c.user for c in app.connections if c.user and c.state in (ClientState.READY, ClientState.ADMIN)}
     return ["name", "pool_mode"], [[name, ""] for name in sorted(names)]
 
 
 def show_lists(app: Sidecar) -> Rows:
     """Counts of the sidecar's internal lists (PgBouncer's rows; the DNS ones are always 0 here)."""
     pools = app.upstream_pools()
-    logged_in = sum(1 for c in app.connections if c.state in (READY, ADMIN))
+    logged_in = sum(1 for c in app.connections if c.state in (ClientState.READY, ClientState.ADMIN))
     servers = sum(len(pool.servers) for pool in pools)
     idle = sum(len(pool.idle) for pool in pools)
     users = len(show_users(app)[1])
@@ -579,7 +580,7 @@ def _target_problem(app: Sidecar, verb: str, database: str | None) -> str | None
     return f'no such database: "{database}" (this sidecar serves "{app.pool.dsn.database}")'
 
 
-def execute(app: Sidecar, sql: str, console: Console) -> bytes | Coroutine[Any, Any, bytes]:
+def execute(app: Sidecar, sql: str, console: Console) -> bytes | Coroutine[Any, Any, bytes]:  # noqa: PLR0911, PLR0912 - one branch per console command, matched in PgBouncer's order
     """Answer one simple query on the admin console (always ends with ReadyForQuery).
 
     Returns the answer, or for PAUSE a coroutine that returns it once the pool's servers are closed.

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import secrets
 import signal
 import ssl
 import time
@@ -24,6 +23,7 @@ from poolkit.errors import ConfigError, SidecarError
 from poolkit.log import get_logger
 from poolkit.sidecar import admin, protocol
 from poolkit.sidecar.auth import UserStore, client_tls_context, is_scram_verifier, read_auth_file
+from poolkit.sidecar.cancel import Cancels
 from poolkit.sidecar.client import ClientConnection
 from poolkit.sidecar.config import RELOADABLE, SidecarSettings, load_sidecar_settings
 from poolkit.sidecar.http import OpsHttpServer
@@ -35,21 +35,15 @@ from poolkit.sidecar.maintenance import (
 )
 from poolkit.sidecar.metrics import make_registry
 from poolkit.sidecar.pool import UpstreamPool
-from poolkit.sidecar.pooling import forward_cancel
+from poolkit.sidecar.pooling import ServerState
 from poolkit.sidecar.protocol import IDLE
 from poolkit.sidecar.startup import StartupChecks
 
 if TYPE_CHECKING:
-    from poolkit.sidecar.server import ServerConnection
+    pass
 
 log = get_logger("sidecar")
 _WELCOME_CACHE_SIZE = 256
-_CANCEL_TIMEOUT = 10.0
-# The process ids the sidecar gives clients lie above Linux's largest possible pid_max (PID_MAX_LIMIT,
-# 2**22): no real backend can have one, so pg_terminate_backend(<the pid a client was told>) (a common
-# pattern in tests) fails instead of killing whichever backend happens to have that pid.
-_PID_FLOOR = 1 << 22
-_PID_CEILING = 0x7FFFFFFF
 
 
 def _secrets_from(settings: SidecarSettings) -> dict[str, str]:
@@ -102,7 +96,8 @@ class Sidecar:
         if settings.effective_client_tls != "disable" and settings.tls_cert_file and settings.tls_key_file:
             self.client_tls_context = client_tls_context(settings.tls_cert_file, settings.tls_key_file)
         self.connections: set[ClientConnection] = set()
-        self.cancel_keys: dict[int, ClientConnection] = {}  # the process id a client was given -> it
+        self.cancels = Cancels(self)
+        self.cancel_keys = self.cancels.keys  # the process id a client was given -> it (SHOW, tests)
         self.registry = make_registry(self.all_pools)
         self.http = OpsHttpServer(self.registry, self.readiness)
         self.port = 0
@@ -123,6 +118,16 @@ class Sidecar:
         # What each pool's upstream made of clients' startup parameters (per pool: per upstream and role, as
         # ALTER ROLE ... SET changes the defaults a value like DateStyle=ISO is read against).
         self._startup_checks: weakref.WeakKeyDictionary[UpstreamPool, StartupChecks] = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        if self.draining:
+            state = "draining"
+        elif self.paused:
+            state = "paused"
+        else:
+            state = "running" if self._listeners else "stopped"
+        pools = ",".join(pool.name for pool in self.all_pools())
+        return f"<Sidecar {state} port={self.port} pools={pools} clients={len(self.connections)}>"
 
     # ------------------------------------------------------------- lifecycle
 
@@ -355,110 +360,23 @@ class Sidecar:
     def client_closed(self, client: ClientConnection) -> None:
         self.connections.discard(client)
         client.pool.clients.discard(client)
-        if self.cancel_keys.get(client.process_id) is client:
-            del self.cancel_keys[client.process_id]
+        self.cancels.forget(client)
 
     def next_process_id(self) -> int:
-        """A new connection's number, from its first byte (logs, SHOW CLIENTS, its BackendKeyData).
-
-        Random, as PgBouncer's are, so one client's key says nothing about another's, and never a real pid.
-        """
-        keys = self.cancel_keys
-        while True:
-            pid = _PID_FLOOR + 1 + secrets.randbelow(_PID_CEILING - _PID_FLOOR)
-            if pid not in keys:
-                return pid
+        """A new connection's number, from its first byte (see :meth:`Cancels.next_process_id`)."""
+        return self.cancels.next_process_id()
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
-        """``client``'s BackendKeyData: its process id, unique among logged-in clients, and 32 random secret bits."""
-        if client.process_id in self.cancel_keys:
-            # Drawn twice among the connections open since it was drawn (about 1 in 2**31 per pair).
-            client.process_id = self.next_process_id()
-        self.cancel_keys[client.process_id] = client
-        return client.process_id, int.from_bytes(secrets.token_bytes(4), "big", signed=True)
+        """``client``'s BackendKeyData (see :meth:`Cancels.register_cancel_key`)."""
+        return self.cancels.register_cancel_key(client)
 
     def cancel(self, process_id: int, secret_key: int, requester: asyncio.BaseTransport | None = None) -> None:
-        """A CancelRequest: forward it to the backend now running that client's query.
-
-        ``requester`` (the connection the request came on) is closed once forwarding is over: a
-        client that waits for that close knows its cancel can no longer reach anyone's query.
-        """
-        client = self.cancel_keys.get(process_id)
-        if client is not None and client.secret_key != secret_key:
-            client = None  # a wrong secret is no cancel at all (PostgreSQL only logs it)
-        server = client.server if client is not None else None
-        if client is not None and server is not None and server.backend_pid:
-            if server.shared and server.client is not client and client.pending > 0:
-                # Queued behind other clients' requests (pipelining): it can only be canceled once it
-                # is the one running, so the cancel waits for its turn (server._next_turn).
-                client.cancel_held = [*(client.cancel_held or []), requester]
-                return
-            if forward_cancel(serving_target=server.client is client, pending=client.pending):
-                client.cancel_asked = True
-                for follower in server.followers:
-                    # If its query ends before the cancel lands, the next one in line is canceled
-                    # instead: their answers are held and checked (server._retried).
-                    if follower is not None and follower.held_answer is None:
-                        follower.held_answer = []
-                # The server serves nobody else until this cancel is done (UpstreamPool.release).
-                server.pool.cancel_started(server)
-                # Priority: a result of many small messages keeps the loop busy relaying, and each step of
-                # the cancel (accept, connect, TLS, send) would wait behind a chunk of it; the canceled
-                # result can wait instead, in the socket buffers, until the cancel is out (_send_cancel).
-                transport = server.transport
-                if transport is not None and not transport.is_closing():
-                    transport.pause_reading()
-                self.spawn(self._send_cancel(server, requester))
-                return
-        elif client is not None and client.waiting:
-            client.cancel_wait()
-        # Nothing to cancel (no such key, an idle client, a query that already finished, a server
-        # still being set up): dropping the request is what PostgreSQL does for an idle backend too.
-        if requester is not None:
-            requester.close()
+        """A CancelRequest: forward it to the backend now running that client's query (cancel.py)."""
+        self.cancels.cancel(process_id, secret_key, requester)
 
     def forward_held_cancel(self, client: ClientConnection) -> None:
-        """A client whose cancel waited in a pipeline is at the head now: forward it."""
-        requesters, client.cancel_held = client.cancel_held or [], None
-        for requester in requesters:
-            self.cancel(client.process_id, client.secret_key, requester)
-
-    async def _send_cancel(self, server: ServerConnection, requester: asyncio.BaseTransport | None) -> None:
-        pool = server.pool
-        try:
-            await self._forward_cancel(pool, server.backend_pid, server.backend_key)
-        finally:
-            if pool.being_canceled.get(server) == 1:  # the last cancel on its way there
-                transport, client = server.transport, server.client
-                if (
-                    transport is not None
-                    and not transport.is_closing()
-                    and not (client is not None and client.write_paused)
-                ):
-                    transport.resume_reading()
-            pool.cancel_done(server)
-            if requester is not None:
-                requester.close()
-
-    async def _forward_cancel(self, pool: UpstreamPool, backend_pid: int, backend_key: int) -> None:
-        dsn, tls = pool.dsn, pool.tls
-        try:
-            # Bounded even with connect_timeout=0: the target server serves nobody until this ends.
-            async with asyncio.timeout(self.settings.connect_timeout or _CANCEL_TIMEOUT):
-                if dsn.is_unix_socket:
-                    reader, writer = await asyncio.open_unix_connection(f"{dsn.host}/.s.PGSQL.{dsn.port}")
-                else:
-                    reader, writer = await asyncio.open_connection(dsn.host, dsn.port)
-                if tls.context is not None:
-                    writer.write(protocol.ssl_request())
-                    if await reader.readexactly(1) == b"S":
-                        await writer.start_tls(tls.context, server_hostname=tls.server_hostname)
-                writer.write(protocol.cancel_request(backend_pid, backend_key))
-                await writer.drain()
-                await reader.read()  # the server closes when done
-                writer.close()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            log.warning("cancel_failed", pool=self.pool.name, error=str(exc))
+        """A client whose cancel waited in a pipeline is at the head now: forward it (cancel.py)."""
+        self.cancels.forward_held_cancel(client)
 
     @staticmethod
     def is_loopback(host: str) -> bool:
@@ -613,7 +531,7 @@ class Sidecar:
         for pool in self.upstream_pools():
             pool.generation += 1  # one still connecting closes when it is given back
             for server in list(pool.servers):
-                if server.state == "active":
+                if server.state is ServerState.ACTIVE:
                     pool.close_busy(server, "kill")
 
     def readiness(self) -> tuple[bool, str]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError
 from poolkit.log import get_logger
@@ -14,7 +14,10 @@ from poolkit.sidecar.auth import SCRAM, ScramServerExchange
 from poolkit.sidecar.pooling import (
     NOT_SETTINGS,
     POOL_EXHAUSTED_HINT,
+    TRACKED_PARAMETERS,
     ClientGone,
+    ClientState,
+    ServerState,
     on_client_gone,
     parameter_changes,
     take_server_now,
@@ -22,7 +25,6 @@ from poolkit.sidecar.pooling import (
 )
 from poolkit.sidecar.prepared import AnswerHead, Bound, ClientStatements, Statement
 from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
-from poolkit.sidecar.server import TRACKED_PARAMETERS
 from poolkit.sidecar.session import (
     LITERAL_TAIL,
     NOTHING,
@@ -41,19 +43,57 @@ from poolkit.sidecar.session import (
 from poolkit.sidecar.startup import Rejection, check_query, first_column, rejection, sync_statements
 
 if TYPE_CHECKING:
-    from poolkit.sidecar.admin import Console
-    from poolkit.sidecar.app import Sidecar
+    import ssl
+
+    from poolkit.sidecar.auth import UserStore
+    from poolkit.sidecar.config import SidecarSettings
+    from poolkit.sidecar.pool import UpstreamPool
     from poolkit.sidecar.server import ServerConnection
+    from poolkit.sidecar.startup import StartupChecks
 
 log = get_logger("sidecar")
 
-STARTUP, AUTH, WELCOME, READY, ADMIN, CLOSED = range(6)
+# data_received's test, a module global: one lookup per chunk relayed, not two.
+_READY = ClientState.READY
 # Client bytes buffered while waiting for a server before reading from that client pauses.
 _QUEUE_LIMIT = 256 * 1024
 _INTERNAL_QUERY_TIMEOUT = 10.0
 # A pipelined request is kept until answered (it is re-sent if a cancel meant for another client
 # hits it): only small ones are pipelined.
 _PIPELINE_MAX_REQUEST = 8192
+
+
+class AdminSession(Protocol):
+    """An admin console session (admin.Console), as the client connection that feeds it sees it."""
+
+    def query(self, sql: str) -> None: ...
+
+
+class ClientServices(Protocol):
+    """What a client connection uses of the sidecar (app.Sidecar), which sits a layer above it."""
+
+    @property
+    def settings(self) -> SidecarSettings: ...
+    @property
+    def pool(self) -> UpstreamPool: ...
+    @property
+    def users(self) -> UserStore: ...
+    @property
+    def connections(self) -> set[ClientConnection]: ...
+    @property
+    def client_tls_context(self) -> ssl.SSLContext | None: ...
+    def is_loopback(self, host: str) -> bool: ...
+    def next_process_id(self) -> int: ...
+    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]: ...
+    def client_opened(self, client: ClientConnection) -> None: ...
+    def client_closed(self, client: ClientConnection) -> None: ...
+    def pool_for(self, user: str) -> UpstreamPool | str: ...
+    def open_console(self, client: ClientConnection) -> AdminSession | str: ...
+    def startup_checks_for(self, pool: UpstreamPool) -> StartupChecks: ...
+    def welcome_bytes(self, params: list[tuple[str, str]], overrides: tuple[tuple[str, str], ...]) -> bytes: ...
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+    def cancel(self, process_id: int, secret_key: int, requester: asyncio.BaseTransport | None = None) -> None: ...
+    def forward_held_cancel(self, client: ClientConnection) -> None: ...
 
 
 class ClientConnection(asyncio.Protocol):
@@ -125,12 +165,12 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, app: Sidecar, *, unix: bool = False) -> None:
+    def __init__(self, app: ClientServices, *, unix: bool = False) -> None:  # noqa: PLR0915 - one assignment per slot: the connection's whole state, in one place
         self.app = app
         self.pool = app.pool
         self.unix = unix
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.state = STARTUP
+        self.state: ClientState = ClientState.STARTUP
         self.server: ServerConnection | None = None
         self.linking: ServerConnection | None = None
         self.scanner = FrontendScanner(app.settings.max_message_size)
@@ -155,7 +195,7 @@ class ClientConnection(asyncio.Protocol):
         self.connect_time = time.time()
         self.request_time = self.connect_time
         self.admin = False
-        self.console: Console | None = None
+        self.console: AdminSession | None = None
         self._startup = StartupReader()
         self._reader: MessageReader | None = None
         self._exchange: ScramServerExchange | None = None
@@ -222,8 +262,8 @@ class ClientConnection(asyncio.Protocol):
                 app.settings.client_login_timeout, self._login_timed_out
             )
 
-    def data_received(self, data: bytes) -> None:
-        if self.state != READY:
+    def data_received(self, data: bytes) -> None:  # noqa: PLR0911 - the relay's hot path: each return is one chunk's fast exit, not a call
+        if self.state != _READY:
             self._slow_data(data)
             return
         pool = self.pool
@@ -267,7 +307,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self.state = CLOSED
+        self.state = ClientState.CLOSED
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
@@ -335,7 +375,7 @@ class ClientConnection(asyncio.Protocol):
             return self._chunk_effect(data)
         return NOTHING, NOTHING
 
-    def _enqueue(self, data: bytes, effect: Effect, route: Effect) -> None:
+    def _enqueue(self, data: bytes, effect: Effect, route: Effect) -> None:  # noqa: PLR0912 - per request on the hot path: a call per branch would cost throughput
         if self.waiting or self.linking is not None:
             self.follow_ok = False  # more than its first request waits now
             # The pool is chosen: a session feature now pins whatever server this client gets.
@@ -882,7 +922,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _server_after_client(self, server: ServerConnection, pinned: frozenset[str] = frozenset()) -> None:
         """Clean up a server whose client vanished while holding it (``pinned``: the session state it had)."""
-        if server.state == "closed":
+        if server.state is ServerState.CLOSED:
             return
         if self.write_paused and server.transport is not None and not server.transport.is_closing():
             server.transport.resume_reading()
@@ -904,9 +944,7 @@ class ClientConnection(asyncio.Protocol):
             self.app.spawn(self._reset(server, rollback=action is ClientGone.ROLLBACK))
         else:
             log.info("server_closed", pool=pool.name, server=server.describe(), reason="client left mid-query")
-            server.state = "closed"
-            pool.servers.discard(server)
-            server.close("client gone")
+            pool.close_server(server, "client gone")
             pool.release(server, time.monotonic())  # no-op for a closed server; refills the pool
 
     async def _reset(self, server: ServerConnection, *, rollback: bool) -> None:
@@ -926,9 +964,7 @@ class ClientConnection(asyncio.Protocol):
             error = {"M": repr(exc)}
         if error is not None:
             log.warning("server_reset_failed", pool=pool.name, server=server.describe(), error=error.get("M"))
-            server.state = "closed"
-            pool.servers.discard(server)
-            server.close("reset failed")
+            pool.close_server(server, "reset failed")
         pool.release(server, time.monotonic())
 
     # ------------------------------------------------------------- failures the client must hear about
@@ -1009,32 +1045,34 @@ class ClientConnection(asyncio.Protocol):
 
     def _login_timed_out(self) -> None:
         self._login_timer = None
-        if self.state in (STARTUP, AUTH, WELCOME):
+        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.WELCOME):
             self.pool.stats.client_logins["error"] += 1
             self.fatal("08006", f"client_login_timeout ({self.app.settings.client_login_timeout:g}s) expired")
 
     # ------------------------------------------------------------- login (slow path)
 
     def _slow_data(self, data: bytes) -> None:
+        # Dispatch on a local: the handlers change self.state, which the AUTH loop reads again.
+        state = self.state
         try:
-            if self.state == STARTUP:
+            if state == ClientState.STARTUP:
                 packet = self._startup.feed(data)
                 if packet is not None:
                     self._on_startup_packet(packet)
-            elif self.state == AUTH:
+            elif state == ClientState.AUTH:
                 assert self._reader is not None
                 for kind, body in self._reader.feed(data):
                     self._on_auth_message(kind, body)
-                    if self.state != AUTH:
+                    if self.state != ClientState.AUTH:
                         break
-            elif self.state == WELCOME:
+            elif state == ClientState.WELCOME:
                 self._early += data
-            elif self.state == ADMIN:
+            elif state == ClientState.ADMIN:
                 assert self._reader is not None
                 for kind, body in self._reader.feed(data):
                     self._on_admin_message(kind, body)
         except ProtocolError as exc:
-            self.pool.stats.client_logins["error"] += self.state != ADMIN
+            self.pool.stats.client_logins["error"] += self.state != ClientState.ADMIN
             self.protocol_violation(str(exc))
 
     def _on_startup_packet(self, packet: protocol.StartupPacket) -> None:
@@ -1055,7 +1093,7 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(packet, protocol.CancelRequest):
             # The app closes this connection once the cancel is forwarded (PostgreSQL's order too);
             # CLOSED: nothing more is read from it and client_login_timeout does not answer it.
-            self.state = CLOSED
+            self.state = ClientState.CLOSED
             if self._login_timer is not None:
                 self._login_timer.cancel()
                 self._login_timer = None
@@ -1077,7 +1115,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport
         self.tls = True
 
-    def _on_startup_message(self, packet: protocol.StartupMessage) -> None:
+    def _on_startup_message(self, packet: protocol.StartupMessage) -> None:  # noqa: PLR0911 - each return refuses the login with its own error, in PostgreSQL's order
         app = self.app
         settings = app.settings
         params = packet.params
@@ -1144,7 +1182,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._exchange = ScramServerExchange(app.users, user)
         self._reader = MessageReader(side="client", max_message_size=protocol.MAX_STARTUP_SIZE)
-        self.state = AUTH
+        self.state = ClientState.AUTH
         self.transport.write(protocol.auth_sasl([SCRAM]))
 
     def _on_auth_message(self, kind: bytes, body: bytes) -> None:
@@ -1165,7 +1203,7 @@ class ClientConnection(asyncio.Protocol):
             self.pool.stats.client_logins["auth_failed"] += 1
             log.info("client_auth_failed", client=self.describe())
             self.fatal("28P01", f'password authentication failed for user "{self.user}"')
-            self.state = CLOSED
+            self.state = ClientState.CLOSED
             return
         self._exchange = None
         self._logged_in(protocol.auth_sasl_final(final) + protocol.auth_ok())
@@ -1174,7 +1212,7 @@ class ClientConnection(asyncio.Protocol):
         self.pool.stats.client_logins["error" if code != "28P01" else "auth_failed"] += 1
         log.info("client_login_refused", client=self.describe(), code=code, reason=text)
         self.fatal(code, text)
-        self.state = CLOSED
+        self.state = ClientState.CLOSED
 
     def _logged_in(self, auth_messages: bytes) -> None:
         app = self.app
@@ -1194,15 +1232,15 @@ class ClientConnection(asyncio.Protocol):
         if self.admin:
             self._reader = MessageReader(side="client", max_message_size=protocol.MAX_INSPECTED_SIZE)
             welcome = self.pool.welcome or [("server_version", "15.0"), ("client_encoding", "UTF8")]
-            self._finish_login(auth_messages, welcome, ADMIN)
+            self._finish_login(auth_messages, welcome, ClientState.ADMIN)
             return
         welcome_params = self.pool.welcome
         canonical, unknown = app.startup_checks_for(self.pool).resolve(self.wanted, self.pool.generation)
         if welcome_params is not None and not unknown:
             self._set_wanted_all(canonical)
-            self._finish_login(auth_messages, welcome_params, READY)
+            self._finish_login(auth_messages, welcome_params, ClientState.READY)
             return
-        self.state = WELCOME
+        self.state = ClientState.WELCOME
         app.spawn(self._wait_welcome(auth_messages, unknown))
 
     async def _wait_welcome(self, auth_messages: bytes, unknown: list[tuple[str, str]]) -> None:
@@ -1219,11 +1257,11 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse_startup(auth_messages, refused)
                 return
         if not self._login_over():
-            self._finish_login(auth_messages, welcome_params, READY)
+            self._finish_login(auth_messages, welcome_params, ClientState.READY)
 
     def _login_over(self) -> bool:
         """Did the login end while it waited (the client left, a FATAL was sent: login timeout, pool failure)?"""
-        return self.closed or self.state != WELCOME or self.transport.is_closing()
+        return self.closed or self.state != ClientState.WELCOME or self.transport.is_closing()
 
     async def _check_startup(self, unknown: list[tuple[str, str]]) -> Rejection | None:
         """Have a server connection check startup parameters not seen before (startup.py); the rejection, if any.
@@ -1251,7 +1289,7 @@ class ClientConnection(asyncio.Protocol):
             if not self._login_over():
                 pool.stats.client_logins["error"] += 1
                 self.fatal("08006", f"the server connection of pool {pool.name!r} failed while being set up")
-            self.state = CLOSED
+            self.state = ClientState.CLOSED
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return None
@@ -1274,7 +1312,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.pool.stats.client_logins["error"] += 1
         log.info("client_login_refused", client=self.describe(), code=refused.code, reason=refused.message)
-        self.state = CLOSED
+        self.state = ClientState.CLOSED
         transport = self.transport
         if not transport.is_closing():
             error = protocol.error_response(
@@ -1283,7 +1321,7 @@ class ClientConnection(asyncio.Protocol):
             transport.write(auth_messages + error)
             transport.close()
 
-    def _finish_login(self, auth_messages: bytes, params: list[tuple[str, str]], state: int) -> None:
+    def _finish_login(self, auth_messages: bytes, params: list[tuple[str, str]], state: ClientState) -> None:
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
@@ -1300,7 +1338,7 @@ class ClientConnection(asyncio.Protocol):
         )
         self.state = state
         self.pool.stats.client_logins["ok"] += 1
-        if state == READY:
+        if state == ClientState.READY:
             self.pool.clients.add(self)
         early, self._early = self._early, b""
         if early:
@@ -1331,6 +1369,10 @@ class ClientConnection(asyncio.Protocol):
     def describe(self) -> str:
         return f"client #{self.process_id} {self.user or '?'}@{self.peer}"
 
-    def close_now(self) -> None:
-        with contextlib.suppress(Exception):
-            self.transport.abort()
+    def __repr__(self) -> str:
+        server = f"#{self.server.ident}" if self.server is not None else "-"
+        pinned = f" pinned={self.pin_reason}" if self.pin_reason else ""
+        return (
+            f"<ClientConnection #{self.process_id} {self.user or '?'}@{self.peer} {self.state.name.lower()} "
+            f"server={server} pending={self.pending}{pinned}>"
+        )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -12,9 +12,6 @@ from prometheus_client.registry import Collector
 
 from poolkit.sidecar.prepared import EVENTS as PREPARED_EVENTS
 from poolkit.sidecar.session import PIN_REASONS, ROUTE_REASONS
-
-if TYPE_CHECKING:
-    from poolkit.sidecar.pool import UpstreamPool
 
 DURATION_BUCKETS = (
     0.0005,
@@ -124,13 +121,29 @@ class SidecarStats:
         self.query_time_total = 0.0
 
 
+class CountedPool(Protocol):
+    """What the collector reads of a pool (``pool.UpstreamPool``), which sits above this module: it counts into it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def route(self) -> str: ...
+    @property
+    def stats(self) -> SidecarStats: ...
+    @property
+    def direct(self) -> CountedPool | None: ...
+    def client_counts(self) -> dict[str, int]: ...
+    def server_counts(self) -> dict[str, int]: ...
+    def pinned_counts(self) -> dict[str, int]: ...
+
+
 class SidecarCollector(Collector):
     """Builds every ``poolkit_sidecar_*`` metric from the pool(s) at scrape time."""
 
-    def __init__(self, pools: Callable[[], list[UpstreamPool]]) -> None:
+    def __init__(self, pools: Callable[[], Sequence[CountedPool]]) -> None:
         self._pools = pools
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Metric]:  # noqa: PLR0912 - builds every family in one pass over the pools at scrape time
         pools = self._pools()
         clients = GaugeMetricFamily("poolkit_sidecar_clients", "Client connections by state.", labels=["pool", "state"])
         servers = GaugeMetricFamily(
@@ -248,7 +261,7 @@ class SidecarCollector(Collector):
         yield from hist_families.values()
 
 
-def make_registry(pools: Callable[[], list[UpstreamPool]]) -> CollectorRegistry:
+def make_registry(pools: Callable[[], Sequence[CountedPool]]) -> CollectorRegistry:
     """A registry of its own per sidecar, so two sidecars in one process (tests) never collide."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SidecarCollector(pools))

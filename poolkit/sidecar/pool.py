@@ -14,6 +14,7 @@ from poolkit.log import get_logger
 from poolkit.sidecar.auth import upstream_tls
 from poolkit.sidecar.metrics import SidecarStats
 from poolkit.sidecar.pooling import (
+    ServerState,
     connections_to_open,
     login_retry_wait,
     may_follow,
@@ -133,6 +134,16 @@ class UpstreamPool:
         while len(self.servers) > self.max_size and self.idle:
             self._close_idle(self.idle[0], "reload")
 
+    def __repr__(self) -> str:
+        # The pool's name and route, never its URL: the password lives there.
+        servers = self.server_counts()
+        flags = " draining" if self.draining else ""
+        return (
+            f"<UpstreamPool {self.name} {self.route}{flags} max={self.max_size} active={servers['active']} "
+            f"idle={servers['idle']} connecting={servers['connecting']} waiting={len(self.waiters)} "
+            f"clients={len(self.clients)} pinned={len(self.pinned)}>"
+        )
+
     # ------------------------------------------------------------- counts (metrics, admin)
 
     def client_counts(self) -> dict[str, int]:
@@ -178,8 +189,8 @@ class UpstreamPool:
         idle = self.idle
         while idle:
             server = idle.pop()
-            if server.state == "idle":
-                server.state = "active"
+            if server.state is ServerState.IDLE:
+                self._change_state(server, ServerState.ACTIVE)
                 if needs_check(now=now, idle_since=server.idle_since, check_delay=self.settings.server_check_delay):
                     # Idle long enough to have died unseen: check it first; this client waits for it
                     # (or for any other server that frees up sooner).
@@ -254,7 +265,7 @@ class UpstreamPool:
         """``server`` finished a transaction: give it to the next waiting client or put it back."""
         server.client = None
         server.shareable = False
-        if server.state == "closed":
+        if server.state is ServerState.CLOSED:
             return
         if server in self.being_canceled:
             self.held.add(server)  # handed on when its cancels are done (cancel_done)
@@ -267,21 +278,19 @@ class UpstreamPool:
             or server.transport.is_closing()
             or (self.settings.server_lifetime > 0 and now - server.created_at >= self.settings.server_lifetime)
         ):
-            server.state = "closed"
-            self.servers.discard(server)
-            server.close("lifetime" if server.generation == self.generation else "reload")
+            self.close_server(server, "lifetime" if server.generation == self.generation else "reload")
             self._fill()
             return
         waiters = self.waiters
         while waiters:
             client = waiters.popleft()
             if not client.closed:
-                server.state = "active"
+                self._change_state(server, ServerState.ACTIVE)
                 client.attach(server, now)
                 if server.shareable:
                     self.top_up(server)
                 return
-        server.state = "idle"
+        self._change_state(server, ServerState.IDLE)
         server.idle_since = now
         self.idle.append(server)
 
@@ -304,15 +313,30 @@ class UpstreamPool:
         with contextlib.suppress(ValueError):
             self.waiters.remove(client)
 
+    # ------------------------------------------------------------- a server's state (only here)
+
+    def _change_state(self, server: ServerConnection, state: ServerState) -> None:
+        # The one assignment of a server's state (PgBouncer's change_server_state).
+        server.state = state
+
+    def _forget(self, server: ServerConnection) -> None:
+        """``server`` is closed: no longer counted in this pool (its transport is the caller's to close)."""
+        self._change_state(server, ServerState.CLOSED)
+        self.servers.discard(server)
+
+    def close_server(self, server: ServerConnection, reason: str) -> None:
+        """Close ``server`` politely (Terminate) and stop counting it; the caller takes it out of ``idle``."""
+        self._forget(server)
+        server.close(reason)
+
     # ------------------------------------------------------------- losing servers
 
     def server_lost(self, server: ServerConnection, exc: BaseException | None) -> None:
         """The transport closed (upstream restart, pg_terminate_backend, network)."""
-        if server.state == "connecting":
+        if server.state is ServerState.CONNECTING:
             return  # the connect coroutine reports it
-        was_closed = server.state == "closed"
-        server.state = "closed"
-        self.servers.discard(server)
+        was_closed = server.state is ServerState.CLOSED
+        self._forget(server)
         if server in self.idle:
             self.idle.remove(server)
         self.held.discard(server)
@@ -339,8 +363,7 @@ class UpstreamPool:
         server.client = None
         if client is not None and client.server is server:
             client.server = None
-        server.state = "closed"
-        self.servers.discard(server)
+        self._forget(server)
         self.held.discard(server)
         server.abort(reason)  # not close(): a stalled upstream would never take a polite Terminate
         self._fill()
@@ -353,9 +376,7 @@ class UpstreamPool:
     def _close_idle(self, server: ServerConnection, reason: str) -> None:
         if server in self.idle:
             self.idle.remove(server)
-        server.state = "closed"
-        self.servers.discard(server)
-        server.close(reason)
+        self.close_server(server, reason)
 
     def close_expired(self, now: float) -> int:
         """Close idle servers past server_idle_timeout or server_lifetime; return how many."""
@@ -375,7 +396,7 @@ class UpstreamPool:
 
     def close_all(self, reason: str) -> None:
         for server in list(self.servers):
-            server.state = "closed"
+            self._change_state(server, ServerState.CLOSED)
             server.close(reason)
         self.servers.clear()
         self.idle.clear()
@@ -485,11 +506,10 @@ class UpstreamPool:
             server.idle_since = now
             self.release(server, now)
             return
-        if server.state != "closed":  # else server_lost has counted and logged it
+        if server.state is not ServerState.CLOSED:  # else server_lost has counted and logged it
             log.warning("server_check_failed", pool=self.name, server=server.describe(), error=failure)
             self.stats.upstream_errors["terminated"] += 1
-            server.state = "closed"
-            self.servers.discard(server)
+            self._forget(server)
             server.abort("check failed")
         self._fill()
 
@@ -515,8 +535,7 @@ class UpstreamPool:
                 await server.connect(self.dsn, self.tls, self.startup)
         except (Exception, asyncio.CancelledError) as exc:
             self.connecting -= 1
-            self.servers.discard(server)
-            server.state = "closed"
+            self._forget(server)
             server.abort("connect failed")
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -524,13 +543,18 @@ class UpstreamPool:
             return
         self.connecting -= 1
         self.last_error = None
-        if server.state == "connecting" and server.transport is not None and not server.transport.is_closing():
-            server.state = "active"
+        if (
+            server.state is ServerState.CONNECTING
+            and server.transport is not None
+            and not server.transport.is_closing()
+        ):
+            self._change_state(server, ServerState.ACTIVE)
             if self.welcome is None:
                 self.welcome = list(server.reported)
             self._wake_welcome(None)
             self.release(server, time.monotonic())
         else:
+            # Lost while logging in (server_lost left it to us) or closed by close_all: its state stays.
             self.servers.discard(server)
             self._fill()
 

@@ -4,10 +4,46 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from enum import Enum
+from enum import Enum, IntEnum, StrEnum
 from typing import Final
 
 from poolkit.sidecar.protocol import IDLE
+
+# Parameters PostgreSQL reports with ParameterStatus that a client may change and expects to keep
+# across transactions (PgBouncer's "varcache" set).
+TRACKED_PARAMETERS = frozenset(
+    {
+        "client_encoding",
+        "datestyle",
+        "timezone",
+        "intervalstyle",
+        "standard_conforming_strings",
+        "application_name",
+    }
+)
+
+
+class ServerState(StrEnum):
+    """Where a server connection is in its life; only ``UpstreamPool`` moves it (pool.py).
+
+    A ``StrEnum``: SHOW SERVERS and the metrics print these values, so they are part of the contract.
+    """
+
+    CONNECTING = "connecting"  # logging in; counted in the pool's servers already
+    IDLE = "idle"  # in the pool's idle list
+    ACTIVE = "active"  # serving a client (or being checked, reset, handed over)
+    CLOSED = "closed"  # no longer in the pool; its transport is closing or closed
+
+
+class ClientState(IntEnum):
+    """Where a client connection is in its life (client.py moves it)."""
+
+    STARTUP = 0  # before its StartupMessage (or SSLRequest)
+    AUTH = 1  # authenticating
+    WELCOME = 2  # logged in, being sent its welcome (ParameterStatus, BackendKeyData)
+    READY = 3  # relaying
+    ADMIN = 4  # on the admin console
+    CLOSED = 5
 
 
 def should_release(status: int, pending: int, unsynced: bool, client_at_boundary: bool) -> bool:
@@ -30,7 +66,7 @@ PIPELINE_WINDOW: Final = 0.005
 
 def may_follow(
     *,
-    state: str,
+    state: ServerState,
     being_canceled: bool,
     current_generation: bool,
     writable: bool,
@@ -53,7 +89,11 @@ def may_follow(
     if idle_elsewhere and not joins_quick_write:
         return False
     return (
-        state == "active" and not being_canceled and current_generation and writable and running_for < PIPELINE_WINDOW
+        state == ServerState.ACTIVE
+        and not being_canceled
+        and current_generation
+        and writable
+        and running_for < PIPELINE_WINDOW
     )
 
 
@@ -222,13 +262,3 @@ def quote_literal(value: str) -> str:
     if "\\" in value:
         return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
     return "'" + value.replace("'", "''") + "'"
-
-
-def set_statements(changes: list[tuple[str, str | None]]) -> str:
-    """One simple-query string applying ``changes`` (names already validated)."""
-    parts = []
-    for name, value in changes:
-        if not valid_setting_name(name):
-            raise ValueError(f"invalid setting name {name!r}")
-        parts.append(f"RESET {name}" if value is None else f"SET {name} TO {quote_literal(value)}")
-    return "; ".join(parts)

@@ -31,7 +31,6 @@ MAX_INSPECTED_SIZE: Final = 1 << 20
 _U32 = struct.Struct("!I")
 _I32 = struct.Struct("!i")
 _HDR = struct.Struct("!cI")
-_U16 = struct.Struct("!H")
 _I16 = struct.Struct("!h")
 
 # ---------------------------------------------------------------- message kinds (lookup tables)
@@ -177,7 +176,7 @@ class FrontendScanner(_HeaderWalk):
         self.named_syncs = 0
         self.named_batch = 0
 
-    def feed(self, data: bytes) -> int:
+    def feed(self, data: bytes) -> int:  # noqa: PLR0912, PLR0915 - the codec's per-message loop: a call per message costs throughput
         """Scan one received chunk; return how many ReadyForQuery answers it will cause."""
         prefix = len(self._partial)
         if prefix:
@@ -326,7 +325,7 @@ class BackendScanner(_HeaderWalk):
         """
         return self._skip, self._partial
 
-    def feed(self, data: bytes) -> int:
+    def feed(self, data: bytes) -> int:  # noqa: PLR0912, PLR0915 - the codec's per-message loop: a call per message costs throughput
         """Scan one received chunk; return how many ReadyForQuery messages it completes."""
         # The same header walk as FrontendScanner.feed, kept inline on purpose: a shared walker would cost
         # a callback per message on the per-chunk hot path, and the per-kind work differs.

@@ -12,7 +12,7 @@ from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SS
 from poolkit.log import get_logger
 from poolkit.sidecar import protocol
 from poolkit.sidecar.auth import UpstreamAuth, UpstreamTls
-from poolkit.sidecar.pooling import should_release
+from poolkit.sidecar.pooling import TRACKED_PARAMETERS, ServerState, should_release
 from poolkit.sidecar.prepared import ServerStatements
 from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader, error_codes
 
@@ -27,19 +27,6 @@ _QUERY_CANCELED = "57014"
 # then kept every other socket waiting for hundreds of milliseconds per turn on a busy box, a CancelRequest
 # among them (issue 15). One turn per full read costs a few microseconds against milliseconds of relaying.
 _TURN_BUDGET = 256 * 1024
-
-# Parameters PostgreSQL reports with ParameterStatus that a client may change and expects to keep
-# across transactions (PgBouncer's "varcache" set).
-TRACKED_PARAMETERS = frozenset(
-    {
-        "client_encoding",
-        "datestyle",
-        "timezone",
-        "intervalstyle",
-        "standard_conforming_strings",
-        "application_name",
-    }
-)
 
 
 class ServerConnection(asyncio.Protocol):
@@ -65,7 +52,7 @@ class ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client: ClientConnection | None = None
         self.relay = False
-        self.state = "connecting"  # connecting | idle | active | closed
+        self.state = ServerState.CONNECTING  # only the pool changes it (UpstreamPool._change_state)
         self.scanner = BackendScanner(pool.max_message_size)
         self.backend_pid = 0
         self.fatal_sent = False  # the server sent a FATAL ErrorResponse: it is about to close
@@ -112,7 +99,7 @@ class ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:  # noqa: PLR0912 - the relay's hot path: one chunk, no call per message
         if not self.relay:
             self._handshake_data(data)
             return
@@ -319,7 +306,7 @@ class ServerConnection(asyncio.Protocol):
             if owner is not None and owner.held_answer is not None and self._retried(owner):
                 owner = None  # it is back in the line
             self._next_turn(owner, now, resume)
-            if self.state == "closed":
+            if self.state is ServerState.CLOSED:
                 break
         else:
             if start < len(data) and self.client is not None:
@@ -511,7 +498,7 @@ class ServerConnection(asyncio.Protocol):
                 self._waiter = None
         return self._inbox.popleft()
 
-    async def connect(self, dsn: Dsn, tls: UpstreamTls, startup: dict[str, str]) -> None:
+    async def connect(self, dsn: Dsn, tls: UpstreamTls, startup: dict[str, str]) -> None:  # noqa: PLR0912, PLR0915 - the login handshake, step by step in the protocol's order
         """Open the socket, negotiate TLS as ``tls`` says, log in, and switch to relay mode."""
         loop = asyncio.get_running_loop()
         try:
@@ -614,6 +601,13 @@ class ServerConnection(asyncio.Protocol):
             self.scanner.feed(rest)  # keep the header walk in step with the byte stream
         self.relay = True
         return error
+
+    def __repr__(self) -> str:
+        client = f"#{self.client.process_id}" if self.client is not None else "-"
+        return (
+            f"<ServerConnection #{self.ident} {self.pool.name} {self.pool.route} {self.state} "
+            f"pid={self.backend_pid} client={client} followers={len(self.followers)}>"
+        )
 
     def describe(self) -> str:
         return f"server #{self.ident} (backend pid {self.backend_pid})"

@@ -18,7 +18,7 @@ session reasons per statement (which ``SET`` needs a pin, which statement undoes
 routing's lexer so there is one reading of SQL in poolkit.
 
 Settings PostgreSQL reports with ParameterStatus and the sidecar already carries per client
-(:data:`poolkit.sidecar.server.TRACKED_PARAMETERS`: TimeZone, DateStyle, client_encoding, ...) need
+(:data:`poolkit.sidecar.pooling.TRACKED_PARAMETERS`: TimeZone, DateStyle, client_encoding, ...) need
 no pin: the relay records the new value from the server's ParameterStatus and sets it on whichever
 server connection the client gets next, and resets it for the next client. Every other setting is
 invisible to the relay after the fact, so a plain ``SET`` of it pins.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from poolkit import routing
-from poolkit.sidecar.server import TRACKED_PARAMETERS
+from poolkit.sidecar.pooling import TRACKED_PARAMETERS
 
 __all__ = [
     "CLEAR_ALL",
@@ -121,7 +121,6 @@ _PIN = {reason: Effect(pins=(reason,)) for reason in PIN_REASONS}
 _ROUTE = {reason: Effect(route=reason) for reason in ROUTE_REASONS}
 _CLEAR = {reason: Effect(clears=frozenset({reason})) for reason in PIN_REASONS}
 _CLEAR_EVERYTHING = Effect(clears=CLEAR_ALL)
-_ASYNCPG_RESET_CLEARS = frozenset({"advisory_lock", "hold_cursor", "listen", "session_set"})
 
 _ADVISORY_LOCKS = frozenset(
     {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
@@ -235,7 +234,7 @@ def _word(tokens: list[_Token], index: int) -> str:
     return ""
 
 
-def _statement_effect(tokens: list[_Token]) -> Effect:
+def _statement_effect(tokens: list[_Token]) -> Effect:  # noqa: PLR0911, PLR0912 - one return per statement kind, in the order they must be told apart
     head, second = _word(tokens, 0), _word(tokens, 1)
     if head == "close":
         return _CLEAR["hold_cursor"] if second == "all" else NOTHING

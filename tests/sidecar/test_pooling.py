@@ -18,7 +18,6 @@ from poolkit.sidecar.pooling import (
     quote_literal,
     same_setting,
     server_expired,
-    set_statements,
     should_release,
     take_server_now,
 )
@@ -118,11 +117,10 @@ def test_parameter_changes_sets_what_the_client_wants_and_resets_leftovers() -> 
     assert parameter_changes(wanted, {**defaults, **wanted}, defaults) == []
 
 
-def test_set_statements_quote_values_and_refuse_bad_names() -> None:
-    sql = set_statements([("application_name", "it's"), ("search_path", r"a\b"), ("timezone", None)])
-    assert sql == "SET application_name TO 'it''s'; SET search_path TO E'a\\\\b'; RESET timezone"
-    with pytest.raises(ValueError, match="invalid setting name"):
-        set_statements([("x; drop table t", "1")])
+def test_quote_literal_quotes_values_and_refuses_nul() -> None:
+    # set_statements, which this case also covered, is gone (issue 17: it had no caller).
+    assert quote_literal("it's") == "'it''s'"
+    assert quote_literal(r"a\b") == "E'a\\\\b'"
     with pytest.raises(ValueError, match="NUL"):
         quote_literal("a\x00b")
 
