@@ -945,7 +945,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             log.info("server_closed", pool=pool.name, server=server.describe(), reason="client left mid-query")
             pool.close_server(server, "client gone")
-            pool.release(server, time.monotonic())  # no-op for a closed server; refills the pool
+            # A no-op for a closed server; its connection_lost refills the pool (UpstreamPool.server_lost).
+            pool.release(server, time.monotonic())
 
     async def _reset(self, server: ServerConnection, *, rollback: bool) -> None:
         """ROLLBACK (if in a transaction) and server_reset_query, then give ``server`` back; close it on failure."""
