@@ -38,6 +38,7 @@ OTHER_ENV = frozenset(
         "POOLKIT_PROMETHEUS_URL",
         "POOLKIT_SCREENSHOT",
         "POOLKIT_SETUP_PROMETHEUS",
+        "POOLKIT_CONFORMANCE_CACHE",
     }
 )
 # A loopback URL: lets a setting's sslmode be judged by the same rule (and message) as a URL's.
