@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError
 from poolkit.log import get_logger
 from poolkit.sidecar import protocol
-from poolkit.sidecar.auth import SCRAM, ScramServerExchange
+from poolkit.sidecar.login import Action as LoginAction
+from poolkit.sidecar.login import AskPassword, Authenticated, Login, LoginRules, Refuse, Send, StartTLS, WrongPassword
 from poolkit.sidecar.pooling import (
-    NOT_SETTINGS,
     POOL_EXHAUSTED_HINT,
     TRACKED_PARAMETERS,
     ClientGone,
@@ -21,10 +21,9 @@ from poolkit.sidecar.pooling import (
     on_client_gone,
     parameter_changes,
     take_server_now,
-    valid_setting_name,
 )
 from poolkit.sidecar.prepared import AnswerHead, Bound, ClientStatements, Statement
-from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
+from poolkit.sidecar.protocol import FrontendScanner, MessageReader
 from poolkit.sidecar.session import (
     LITERAL_TAIL,
     NOTHING,
@@ -102,15 +101,11 @@ class ClientConnection(asyncio.Protocol):
     # Slots: thousands of idle clients each cost one of these objects.
     __slots__ = (
         "_clear_guard",
-        "_early",
-        "_exchange",
+        "_login",
         "_login_server",
         "_login_timer",
         "_plain_req",
         "_reader",
-        "_sasl_started",
-        "_spelling",
-        "_startup",
         "_wanted_key",
         "admin",
         "app",
@@ -196,15 +191,12 @@ class ClientConnection(asyncio.Protocol):
         self.request_time = self.connect_time
         self.admin = False
         self.console: AdminSession | None = None
-        self._startup = StartupReader()
-        self._reader: MessageReader | None = None
-        self._exchange: ScramServerExchange | None = None
-        self._sasl_started = False
+        # The login under way (login.py), dropped once the client is greeted.
+        self._login: Login | None = Login()
+        self._reader: MessageReader | None = None  # the admin console's
         self._wanted_key: tuple[tuple[str, str], ...] | None = None
-        self._early = b""
         self._login_timer: asyncio.TimerHandle | None = None
         self._login_server: asyncio.Future[ServerConnection] | None = None  # to check its startup parameters
-        self._spelling: dict[str, str] | None = None  # startup parameter names not in lower case, as sent
         # Session state (see session.py): why this client keeps its server connection ("" = it does
         # not), every reason it holds, the last chunk whose SQL was checked, a statement still
         # arriving in pieces, and what a reset statement claimed to undo (kept until it succeeded).
@@ -1053,21 +1045,16 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------- login (slow path)
 
     def _slow_data(self, data: bytes) -> None:
-        # Dispatch on a local: the handlers change self.state, which the AUTH loop reads again.
+        # Dispatch on a local: the handlers change self.state.
         state = self.state
         try:
-            if state == ClientState.STARTUP:
-                packet = self._startup.feed(data)
-                if packet is not None:
-                    self._on_startup_packet(packet)
-            elif state == ClientState.AUTH:
-                assert self._reader is not None
-                for kind, body in self._reader.feed(data):
-                    self._on_auth_message(kind, body)
-                    if self.state != ClientState.AUTH:
-                        break
+            if state in (ClientState.STARTUP, ClientState.AUTH):
+                login = self._login
+                assert login is not None
+                self._carry_out(login, login.feed(data, self._login_rules()))
             elif state == ClientState.WELCOME:
-                self._early += data
+                assert self._login is not None
+                self._login.early += data
             elif state == ClientState.ADMIN:
                 assert self._reader is not None
                 for kind, body in self._reader.feed(data):
@@ -1076,31 +1063,56 @@ class ClientConnection(asyncio.Protocol):
             self.pool.stats.client_logins["error"] += self.state != ClientState.ADMIN
             self.protocol_violation(str(exc))
 
-    def _on_startup_packet(self, packet: protocol.StartupPacket) -> None:
-        if isinstance(packet, protocol.SSLRequest):
-            if self._startup.take_rest():
-                raise ProtocolError("data after SSLRequest before the TLS handshake")
-            if self.app.client_tls_context is not None and not self.tls:
+    def _login_rules(self) -> LoginRules:
+        app = self.app
+        settings = app.settings
+        return LoginRules(
+            users=app.users,
+            database=self.pool.dsn.database,
+            admin_database=settings.admin_database,
+            trust=settings.effective_auth_type == "trust",
+            tls_offered=app.client_tls_context is not None and not self.tls,
+            tls_required=settings.effective_client_tls == "require" and not self.tls and not self.unix,
+            loopback=self.loopback,
+            peer=self.peer,
+        )
+
+    def _carry_out(self, login: Login, actions: list[LoginAction]) -> None:
+        """Do what the login (login.py) decided, in its order."""
+        self.user = login.user
+        self.database = login.database
+        self.admin = login.admin
+        if login.wanted is not None and self.state == ClientState.STARTUP:
+            self.wanted = login.wanted
+            self._wanted_key = None
+        for action in actions:
+            if isinstance(action, Send):
+                self.transport.write(action.data)
+            elif isinstance(action, AskPassword):
+                self.state = ClientState.AUTH
+                self.transport.write(action.data)
+            elif isinstance(action, Authenticated):
+                self._logged_in(action.auth_messages)
+            elif isinstance(action, Refuse):
+                self._login_failed(action.code, action.text)
+            elif isinstance(action, WrongPassword):
+                self.pool.stats.client_logins["auth_failed"] += 1
+                log.info("client_auth_failed", client=self.describe())
+                self.fatal("28P01", action.text)
+                self.state = ClientState.CLOSED
+            elif isinstance(action, StartTLS):
                 self.transport.write(b"S")
                 # Stop reading now: the ClientHello must reach the TLS layer, not this protocol.
                 self.transport.pause_reading()
                 self.app.spawn(self._start_tls())
             else:
-                self.transport.write(b"N")
-            return
-        if isinstance(packet, protocol.GSSENCRequest):
-            self.transport.write(b"N")
-            return
-        if isinstance(packet, protocol.CancelRequest):
-            # The app closes this connection once the cancel is forwarded (PostgreSQL's order too);
-            # CLOSED: nothing more is read from it and client_login_timeout does not answer it.
-            self.state = ClientState.CLOSED
-            if self._login_timer is not None:
-                self._login_timer.cancel()
-                self._login_timer = None
-            self.app.cancel(packet.process_id, packet.secret_key, self.transport)
-            return
-        self._on_startup_message(packet)
+                # The app closes this connection once the cancel is forwarded (PostgreSQL's order too);
+                # CLOSED: nothing more is read from it and client_login_timeout does not answer it.
+                self.state = ClientState.CLOSED
+                if self._login_timer is not None:
+                    self._login_timer.cancel()
+                    self._login_timer = None
+                self.app.cancel(action.process_id, action.secret_key, self.transport)
 
     async def _start_tls(self) -> None:
         assert self.app.client_tls_context is not None
@@ -1115,99 +1127,6 @@ class ClientConnection(asyncio.Protocol):
             return
         self.transport = transport
         self.tls = True
-
-    def _on_startup_message(self, packet: protocol.StartupMessage) -> None:  # noqa: PLR0911 - each return refuses the login with its own error, in PostgreSQL's order
-        app = self.app
-        settings = app.settings
-        params = packet.params
-        self._early = self._startup.take_rest()
-        unsupported = [k for k in params if k.startswith("_pq_.")]
-        if packet.minor > 0 or unsupported:
-            self.transport.write(protocol.negotiate_protocol_version(0, unsupported))
-        user = params.get("user", "")
-        if not user:
-            self._login_failed("28000", "no PostgreSQL user name specified in startup packet")
-            return
-        self.user = user
-        self.database = params.get("database") or user
-        if app.settings.effective_client_tls == "require" and not self.tls and not self.unix:
-            self._login_failed("28000", "the sidecar requires TLS (client_tls=require): connect with sslmode=require")
-            return
-        if params.get("options", "").strip():
-            self._login_failed(
-                "08P01",
-                "startup parameter 'options' is not supported by a transaction pooler: use SET inside "
-                "transactions or ALTER ROLE ... SET",
-            )
-            return
-        replication = params.get("replication", "").lower()
-        if replication and replication not in ("false", "off", "no", "0"):
-            self._login_failed(
-                "0A000",
-                f"replication connections (replication={replication}) are not relayed by the poolkit sidecar, "
-                "a transaction pooler: connect pg_basebackup, pg_receivewal and logical replication "
-                "clients to the direct URL (POOLKIT_DIRECT_URL)",
-            )
-            return
-        self.admin = self.database == settings.admin_database
-        if not self.admin and self.database != self.pool.dsn.database:
-            self._login_failed(
-                "3D000",
-                f'database "{self.database}" does not exist on this sidecar: it serves '
-                f'"{self.pool.dsn.database}" (and the admin console "{settings.admin_database}")',
-            )
-            return
-        wanted: dict[str, str] = {}
-        for name, value in params.items():
-            if name in NOT_SETTINGS or name.startswith("_pq_."):
-                continue
-            if not valid_setting_name(name) or "\x00" in value:
-                self._login_failed("42704", f"invalid startup parameter name {name!r}")
-                return
-            key = name.lower()
-            wanted[key] = value
-            if key != name:
-                # PostgreSQL's error names the parameter as the client spelled it: so must the check's.
-                self._spelling = {**(self._spelling or {}), key: name}
-        self.wanted = wanted
-        self._wanted_key = None
-        if settings.effective_auth_type == "trust":
-            if not self.loopback:
-                self._login_failed(
-                    "28000",
-                    f"trust authentication only admits loopback and Unix-socket clients, not {self.peer}: "
-                    "configure users (POOLKIT_SIDECAR_USERS) for remote clients",
-                )
-                return
-            self._logged_in(protocol.auth_ok())
-            return
-        self._exchange = ScramServerExchange(app.users, user)
-        self._reader = MessageReader(side="client", max_message_size=protocol.MAX_STARTUP_SIZE)
-        self.state = ClientState.AUTH
-        self.transport.write(protocol.auth_sasl([SCRAM]))
-
-    def _on_auth_message(self, kind: bytes, body: bytes) -> None:
-        exchange = self._exchange
-        if kind != b"p" or exchange is None:
-            raise ProtocolError(f"expected a SASL response during authentication, got message {kind!r}")
-        try:
-            if not self._sasl_started:
-                mechanism, data = protocol.parse_sasl_initial_response(body)
-                if mechanism != SCRAM:
-                    self._login_failed("28000", f"SASL mechanism {mechanism} is not offered; use {SCRAM}")
-                    return
-                self._sasl_started = True
-                self.transport.write(protocol.auth_sasl_continue(exchange.first(data)))
-                return
-            final = exchange.final(body)
-        except AuthenticationFailed:
-            self.pool.stats.client_logins["auth_failed"] += 1
-            log.info("client_auth_failed", client=self.describe())
-            self.fatal("28P01", f'password authentication failed for user "{self.user}"')
-            self.state = ClientState.CLOSED
-            return
-        self._exchange = None
-        self._logged_in(protocol.auth_sasl_final(final) + protocol.auth_ok())
 
     def _login_failed(self, code: str, text: str) -> None:
         self.pool.stats.client_logins["error" if code != "28P01" else "auth_failed"] += 1
@@ -1282,7 +1201,7 @@ class ClientConnection(asyncio.Protocol):
         rows: list[bytes] = []
         try:
             async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
-                spelling = self._spelling or {}
+                spelling = (self._login.spelling if self._login is not None else None) or {}
                 spelled = [(spelling.get(name, name), value) for name, value in unknown]
                 error = await server.run_internal(check_query(spelled), rows)
         except (Exception, asyncio.CancelledError) as exc:
@@ -1341,7 +1260,8 @@ class ClientConnection(asyncio.Protocol):
         self.pool.stats.client_logins["ok"] += 1
         if state == ClientState.READY:
             self.pool.clients.add(self)
-        early, self._early = self._early, b""
+        login, self._login = self._login, None
+        early = login.early if login is not None else b""
         if early:
             self.data_received(early)
 
