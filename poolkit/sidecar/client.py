@@ -25,13 +25,9 @@ from poolkit.sidecar.pooling import (
 from poolkit.sidecar.prepared import AnswerHead, Bound, ClientStatements, Statement
 from poolkit.sidecar.protocol import FrontendScanner, MessageReader
 from poolkit.sidecar.session import (
-    LITERAL_TAIL,
     NOTHING,
-    PIN_REASONS,
     Effect,
-    StatementTap,
     autocommit_head,
-    chunk_effect,
     decide,
     no_session_hint,
     no_session_message,
@@ -40,6 +36,7 @@ from poolkit.sidecar.session import (
     quick_nothing,
 )
 from poolkit.sidecar.startup import Rejection, check_query, first_column, rejection, sync_statements
+from poolkit.sidecar.tracker import SessionTracker, pins_nothing
 
 if TYPE_CHECKING:
     import ssl
@@ -100,11 +97,9 @@ class ClientConnection(asyncio.Protocol):
 
     # Slots: thousands of idle clients each cost one of these objects.
     __slots__ = (
-        "_clear_guard",
         "_login",
         "_login_server",
         "_login_timer",
-        "_plain_req",
         "_reader",
         "_wanted_key",
         "admin",
@@ -132,10 +127,6 @@ class ClientConnection(asyncio.Protocol):
         "loopback",
         "peer",
         "pending",
-        "pin_reason",
-        "pin_reasons",
-        "pinned_since",
-        "plain_template",
         "pool",
         "process_id",
         "request",
@@ -144,12 +135,10 @@ class ClientConnection(asyncio.Protocol):
         "scanner",
         "secret_key",
         "server",
+        "session",
         "shape",
-        "sql_seen",
         "state",
         "statements",
-        "tap",
-        "template_autocommit",
         "tls",
         "transport",
         "unix",
@@ -160,7 +149,7 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, app: ClientServices, *, unix: bool = False) -> None:  # noqa: PLR0915 - one assignment per slot: the connection's whole state, in one place
+    def __init__(self, app: ClientServices, *, unix: bool = False) -> None:
         self.app = app
         self.pool = app.pool
         self.unix = unix
@@ -197,17 +186,8 @@ class ClientConnection(asyncio.Protocol):
         self._wanted_key: tuple[tuple[str, str], ...] | None = None
         self._login_timer: asyncio.TimerHandle | None = None
         self._login_server: asyncio.Future[ServerConnection] | None = None  # to check its startup parameters
-        # Session state (see session.py): why this client keeps its server connection ("" = it does
-        # not), every reason it holds, the last chunk whose SQL was checked, a statement still
-        # arriving in pieces, and what a reset statement claimed to undo (kept until it succeeded).
-        self.pin_reason = ""
-        self.pin_reasons: frozenset[str] = frozenset()
-        self.pinned_since = 0.0
-        self.sql_seen = b""
-        self.plain_template = b""
-        self.template_autocommit = False  # plain_template is no transaction control either
-        self.tap: StatementTap | None = None
-        self._clear_guard: tuple[int, frozenset[str]] | None = None
+        # Session state (tracker.py): pins and their reasons, the reset guard, the statement tap.
+        self.session = SessionTracker()
         # Named prepared statements (prepared.py), created at the first one; rewrite_queued: the
         # buffer holds messages naming one, to rewrite once a server is linked.
         self.statements: ClientStatements | None = None
@@ -219,7 +199,6 @@ class ClientConnection(asyncio.Protocol):
         # request as sent (re-sent if a cancel meant for another client hits it), its answer while held
         # (a cancel may have hit it), a cancel waiting for its request to reach the head (the
         # requester to close once forwarded), whether it asked for a cancel itself.
-        self._plain_req = False
         self.follow_ok = False
         self.follow_keys: list[bytes] | None = None  # the statement keys its pipelinable request binds
         self.follow_binds: list[Bound] = []
@@ -274,11 +253,12 @@ class ClientConnection(asyncio.Protocol):
             return
         server = self.server
         if server is not None:
-            # A new Query/Parse (or the rest of one): session state may pin this client (session.py).
-            if (scanner.sql_chunk is not self.sql_seen or self.tap is not None) and not self._held_statements(
-                server, data
-            ):
-                return
+            # A new Query/Parse (or the rest of one): session state may pin this client (tracker.py).
+            session = self.session
+            if scanner.sql_chunk is not session.sql_seen or session.tap is not None:
+                effect = session.chunk_effect(scanner, data)[0]  # mid-transaction: the route is chosen already
+                if not effect.nothing and not self._apply(effect):
+                    return
             if scanner.named_at >= 0 and self._send_rewritten(server, data, syncs):
                 return
             if syncs:
@@ -309,10 +289,8 @@ class ClientConnection(asyncio.Protocol):
         if self.waiting:
             self.waiting = False
             self._forget_wait()
-        reasons: frozenset[str] = frozenset()
-        if self.pin_reason:
-            guard = self._clear_guard
-            reasons = self.pin_reasons | (guard[1] if guard else frozenset()) | {self.pin_reason}
+        reasons = self.session.held_reasons()
+        if reasons:
             self._unpin("client left")
         server = self.server
         if server is not None:
@@ -363,8 +341,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _new_effects(self, data: bytes) -> tuple[Effect, Effect]:
         """The session effect and route of SQL this chunk brings (none when it brings no new SQL)."""
-        if self.scanner.sql_chunk is not self.sql_seen or self.tap is not None:
-            return self._chunk_effect(data)
+        session = self.session
+        if self.scanner.sql_chunk is not session.sql_seen or session.tap is not None:
+            return session.chunk_effect(self.scanner, data)
         return NOTHING, NOTHING
 
     def _enqueue(self, data: bytes, effect: Effect, route: Effect) -> None:  # noqa: PLR0912 - per request on the hot path: a call per branch would cost throughput
@@ -401,9 +380,10 @@ class ClientConnection(asyncio.Protocol):
             if not self._apply(effect):
                 return
             reason = effect.route or route.route
-            if pool.direct is not None and (self.pin_reason or reason):
+            pinned = self.session.pin_reason
+            if pool.direct is not None and (pinned or reason):
                 pool = pool.direct
-                if not self.pin_reason:
+                if not pinned:
                     pool.stats.routed[reason] += 1
         elif route.route and pool.direct is not None:
             pool = pool.direct
@@ -430,80 +410,45 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------- session state: pin, unpin, route
 
+    @property
+    def pin_reason(self) -> str:
+        """Why this client keeps its server connection between transactions ("" = it does not)."""
+        return self.session.pin_reason
+
+    @property
+    def pin_reasons(self) -> frozenset[str]:
+        """Every session feature this client holds (session.PIN_REASONS)."""
+        return self.session.pin_reasons
+
+    @property
+    def pinned_since(self) -> float:
+        return self.session.pinned_since
+
+    @property
+    def plain_template(self) -> bytes:
+        return self.session.plain_template
+
     def _chunk_effect(self, data: bytes) -> tuple[Effect, Effect]:
         """The session effect of the SQL in this chunk, and the route of a statement still arriving."""
-        effect = NOTHING
-        self._plain_req = False
-        tap = self.tap
-        if tap is not None:
-            done = tap.feed(data)  # its next bytes open this chunk
-            if done is not None:
-                self.tap = None
-                effect = done
-        scanner = self.scanner
-        chunk = scanner.sql_chunk
-        if chunk is self.sql_seen:
-            return effect, NOTHING
-        self.sql_seen = chunk
-        last, end = scanner.sql_start, scanner.sql_end
-        if scanner.sql_first == last:  # one statement in this chunk: the hot path
-            start = last
-            if chunk[last - 5] == 80:  # Parse: the statement name comes first
-                start = chunk.find(b"\x00", last, end) + 1
-                stop = chunk.find(b"\x00", start, end) if start else -1
-            else:  # Query: the text and a NUL are the whole body
-                stop = end - 1 if end > last and chunk[end - 1] == 0 else -1
-            if stop >= 0:
-                # The same text as the last one found plain but for a trailing number (pgbench -S,
-                # a parameterized query): no effect either, and two byte comparisons say so.
-                template = self.plain_template
-                if (
-                    template
-                    and chunk.startswith(template, start)
-                    and not chunk[start + len(template) : stop].strip(LITERAL_TAIL)
-                ):
-                    self._plain_req = effect.nothing and self.template_autocommit
-                    return effect, NOTHING
-                sql = chunk[start:stop]
-                text = sql.decode("utf-8", "replace")
-                if quick_nothing(text):
-                    self.plain_template = sql.rstrip(LITERAL_TAIL)
-                    self.template_autocommit = autocommit = autocommit_head(sql)
-                    self._plain_req = effect.nothing and autocommit
-                    return effect, NOTHING
-                return effect.then(decide(text)), NOTHING
-        found, route, self.tap = chunk_effect(chunk, scanner.sql_first, last, end)
-        return effect.then(found), route
-
-    def _held_statements(self, server: ServerConnection, data: bytes) -> bool:
-        """Session effects of a chunk for a client holding ``server``; False when it must not be forwarded."""
-        effect, _ = self._chunk_effect(data)  # mid-transaction: the route is chosen already
-        return effect.nothing or self._apply(effect)
+        return self.session.chunk_effect(self.scanner, data)
 
     def _apply(self, effect: Effect) -> bool:
         """Apply a statement's pins and clears; False (and the client is answered) when over the limit."""
-        if effect.sets and self.pool.transaction_pooler:
-            effect = effect.behind_transaction_pooler()
-        reasons = effect.apply(self.pin_reasons)
-        if self.pin_reason:
-            if effect.clears:
-                server = self.server or self.linking
-                if server is None:
-                    # No server yet to confirm the reset ran: keep the pin (it is released with the client).
-                    reasons = self.pin_reasons | frozenset(effect.pins)
-                elif self._clear_guard is None:
-                    # Believe a reset once the server has answered it without an error (_still_pinned).
-                    self._clear_guard = (server.scanner.errors, self.pin_reasons)
-            self.pin_reasons = reasons
-            return True
-        if not reasons:
-            return True
         pool = self.pool
-        reason = next(r for r in effect.pins if r in reasons)
+        server = self.server or self.linking
+        pin = self.session.apply(
+            effect,
+            transaction_pooler=pool.transaction_pooler,
+            server_errors=server.scanner.errors if server is not None else None,
+        )
+        if pin is None:
+            return True
+        reason, reasons = pin
         limit = pool.pin_limit
-        if self._pins_nothing():
-            # A pin to a transaction pooler's connection pins nothing: the next transaction may run on
-            # another backend, without the state, and the state stays behind for someone else.
+        on_pooler = server.pool is pool if server is not None else self.waiting and self in pool.waiters
+        if pins_nothing(
+            transaction_pooler=pool.transaction_pooler, has_direct=pool.direct is not None, on_pooler=on_pooler
+        ):
             log.warning("session_feature_refused", pool=pool.name, client=self.describe(), reason=reason)
             self._refuse("0A000", no_session_message(reason), no_session_hint())
             return False
@@ -511,25 +456,11 @@ class ClientConnection(asyncio.Protocol):
             log.warning("pin_limit_reached", pool=pool.name, client=self.describe(), reason=reason, limit=limit)
             self._refuse("53400", pin_limit_message(pool=pool.name, limit=limit, reason=reason), pin_limit_hint())
             return False
-        self.pin_reason = reason
-        self.pin_reasons = reasons
-        self.pinned_since = time.time()
+        self.session.pin(reason, reasons, time.time())
         pool.pinned.add(self)
         pool.stats.pins[reason] += 1
         log.info("client_pinned", pool=pool.name, client=self.describe(), reason=reason)
         return True
-
-    def _pins_nothing(self) -> bool:
-        """Would a pin land on a transaction pooler's connection (which keeps no session)?"""
-        pool = self.pool
-        if not pool.transaction_pooler:
-            return False
-        if pool.direct is None:
-            return True
-        server = self.server or self.linking
-        if server is not None:
-            return server.pool is pool  # mid-transaction on the pooler: the state would stay behind there
-        return self.waiting and self in pool.waiters
 
     def _refuse(self, code: str, text: str, hint: str) -> None:
         """Answer a statement that must not run (with no server, the client goes on)."""
@@ -546,26 +477,7 @@ class ClientConnection(asyncio.Protocol):
     def _unpin(self, why: str) -> None:
         log.info("client_unpinned", pool=self.pool.name, client=self.describe(), reason=self.pin_reason, why=why)
         self.pool.pinned.discard(self)
-        self.pin_reason = ""
-        self.pin_reasons = frozenset()
-        self._clear_guard = None
-
-    def _still_pinned(self, server: ServerConnection) -> bool:
-        """At the end of a pinned client's transaction: keep its server, or did a reset free it?"""
-        guard = self._clear_guard
-        if guard is not None:
-            self._clear_guard = None
-            if server.scanner.errors != guard[0]:
-                # An error since the reset statement was sent: it may not have run. Keep what it
-                # was to undo (PostgreSQL refuses DISCARD ALL inside a transaction block, for one).
-                self.pin_reasons |= guard[1]
-        reasons = self.pin_reasons
-        if not reasons:
-            self._unpin("reset by the client")
-            return False
-        if self.pin_reason not in reasons:
-            self.pin_reason = next(r for r in PIN_REASONS if r in reasons)
-        return True
+        self.session.unpin()
 
     # ------------------------------------------------------------- pipelining across clients (server.py)
 
@@ -576,7 +488,8 @@ class ClientConnection(asyncio.Protocol):
         name, nothing else owed or held): it cannot leave a transaction or session state behind for
         the requests queued after it.
         """
-        plain, self._plain_req = self._plain_req, False
+        session = self.session
+        plain, session.plain_req = session.plain_req, False
         self.head = None  # a new transaction: nothing of an earlier answer is still owed
         self.follow_keys = None
         self.shape = None
@@ -586,7 +499,7 @@ class ClientConnection(asyncio.Protocol):
             and not self.buffer
             and effect.nothing
             and route.nothing
-            and not self.pin_reason
+            and not session.pin_reason
             and self.held_effects is None
             and scanner.at_boundary
             and not scanner.unsynced
@@ -611,7 +524,7 @@ class ClientConnection(asyncio.Protocol):
                 self.shape = keys[0]
             return True
         if plain and scanner.sql_chunk is data and scanner.named_at < 0:
-            self.shape = self.plain_template
+            self.shape = session.plain_template
             return True
         return False
 
@@ -663,7 +576,7 @@ class ClientConnection(asyncio.Protocol):
         stats.transactions += 1
         stats.transaction_duration.observe(elapsed)
         stats.xact_time_total += elapsed
-        self.scanner.sql_chunk = self.sql_seen = b""  # do not keep the last chunk alive while idle
+        self.scanner.sql_chunk = self.session.sql_seen = b""  # do not keep the last chunk alive while idle
 
     def resume_deferred(self) -> None:
         """Send what it held while in a pipeline, as a new transaction."""
@@ -898,11 +811,14 @@ class ClientConnection(asyncio.Protocol):
         if server is None:
             return
         self._transaction_done(server, now)
-        if self.pin_reason and self._still_pinned(server):
-            server.assigned_at = -1.0  # data_received stamps the next transaction's start
-            if self.close_after_release:
-                self.shutdown_close()
-            return
+        session = self.session
+        if session.pin_reason:
+            if session.transaction_over(server.scanner.errors):
+                server.assigned_at = -1.0  # data_received stamps the next transaction's start
+                if self.close_after_release:
+                    self.shutdown_close()
+                return
+            self._unpin("reset by the client")
         self.server = None
         if self.write_paused and server.transport is not None:
             server.transport.resume_reading()
