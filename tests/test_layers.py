@@ -84,7 +84,9 @@ SIDECAR_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("wire", frozenset({"protocol"})),
     (
         "policy",
-        frozenset({"auth", "config", "login", "pooling", "prepared", "session", "shapes", "startup", "tracker"}),
+        frozenset(
+            {"auth", "config", "login", "pipeline", "pooling", "prepared", "session", "shapes", "startup", "tracker"}
+        ),
     ),
     ("stats", frozenset({"metrics"})),
     ("connections", frozenset({"server", "client", "pool"})),

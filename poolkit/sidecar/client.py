@@ -12,6 +12,7 @@ from poolkit.log import get_logger
 from poolkit.sidecar import protocol
 from poolkit.sidecar.login import Action as LoginAction
 from poolkit.sidecar.login import AskPassword, Authenticated, Login, LoginRules, Refuse, Send, StartTLS, WrongPassword
+from poolkit.sidecar.pipeline import ClientPipeline
 from poolkit.sidecar.pooling import (
     POOL_EXHAUSTED_HINT,
     TRACKED_PARAMETERS,
@@ -106,30 +107,26 @@ class ClientConnection(asyncio.Protocol):
         "app",
         "buffer",
         "buffered",
-        "cancel_asked",
-        "cancel_held",
         "close_after_release",
         "closed",
         "connect_time",
         "console",
         "database",
-        "deferred_syncs",
         "deferring",
         "dirty",
         "follow_binds",
         "follow_keys",
         "follow_ok",
         "head",
-        "held_answer",
         "held_effects",
         "input_paused",
         "linking",
         "loopback",
         "peer",
         "pending",
+        "pipeline",
         "pool",
         "process_id",
-        "request",
         "request_time",
         "rewrite_queued",
         "scanner",
@@ -194,11 +191,8 @@ class ClientConnection(asyncio.Protocol):
         self.rewrite_queued = False
         # The session effects (and route) of a new transaction's first bytes, while they end mid-message.
         self.held_effects: tuple[Effect, Effect] | None = None
-        # Pipelining across clients (server.py): this client's request shares a server connection
-        # (``deferring``: whatever it sends meanwhile waits in ``buffer`` with ``deferred_syncs``), the
-        # request as sent (re-sent if a cancel meant for another client hits it), its answer while held
-        # (a cancel may have hit it), a cancel waiting for its request to reach the head (the
-        # requester to close once forwarded), whether it asked for a cancel itself.
+        # Pipelining across clients (server.py): may its request queue on a busy server connection, and
+        # what it binds.
         self.follow_ok = False
         self.follow_keys: list[bytes] | None = None  # the statement keys its pipelinable request binds
         self.follow_binds: list[Bound] = []
@@ -206,12 +200,10 @@ class ClientConnection(asyncio.Protocol):
         self.head: AnswerHead | None = None
         # Its pipelinable request's shape (shapes.py), kept until its answer times it, only if it queued.
         self.shape: bytes | None = None
+        # Its request shares a server connection: whatever it sends meanwhile waits in ``buffer`` (read
+        # per chunk, so a slot here rather than in ``pipeline``, which holds the rest: pipeline.py).
         self.deferring = False
-        self.deferred_syncs = 0
-        self.request = b""
-        self.held_answer: list[bytes] | None = None
-        self.cancel_held: list[asyncio.BaseTransport | None] | None = None
-        self.cancel_asked = False
+        self.pipeline = ClientPipeline()
 
     # ------------------------------------------------------------- asyncio.Protocol
 
@@ -421,6 +413,11 @@ class ClientConnection(asyncio.Protocol):
         return self.session.pin_reasons
 
     @property
+    def cancel_held(self) -> list[asyncio.BaseTransport | None] | None:
+        """Cancels for its request waiting for it to reach the head of its pipeline (pipeline.py)."""
+        return self.pipeline.cancel_held
+
+    @property
     def pinned_since(self) -> float:
         return self.session.pinned_since
 
@@ -543,7 +540,7 @@ class ClientConnection(asyncio.Protocol):
         self.held_effects = (effect, route) if held is None else (held[0].then(effect), held[1].then(route))
         self.buffer.append(data)
         self.buffered += len(data)
-        self.deferred_syncs += syncs
+        self.pipeline.deferred_syncs += syncs
         if self.buffered > _QUEUE_LIMIT:
             self.pause_input()
 
@@ -563,13 +560,12 @@ class ClientConnection(asyncio.Protocol):
 
     def drop_held_cancels(self) -> None:
         """Its request was answered (or never will be) before its turn came: nothing left to cancel."""
-        held, self.cancel_held = self.cancel_held, None
-        for requester in held or ():
+        for requester in self.pipeline.take_cancels():
             if requester is not None:
                 requester.close()
 
     def _transaction_done(self, server: ServerConnection, now: float) -> None:
-        self.cancel_asked = False
+        self.pipeline.cancel_asked = False
         stats = self.pool.stats
         started = server.assigned_at
         elapsed = now - (started if started >= 0 else server.query_started)
@@ -582,8 +578,7 @@ class ClientConnection(asyncio.Protocol):
         """Send what it held while in a pipeline, as a new transaction."""
         if self.closed or not self.buffer:
             return
-        self.pending += self.deferred_syncs
-        self.deferred_syncs = 0
+        self.pending += self.pipeline.take_syncs()
         data = self.buffer[0] if len(self.buffer) == 1 else b"".join(self.buffer)
         self.buffer = []
         self.buffered = 0
