@@ -442,7 +442,10 @@ class ClientConnection(asyncio.Protocol):
             return True
         reason, reasons = pin
         limit = pool.pin_limit
-        on_pooler = server.pool is pool if server is not None else self.waiting and self in pool.waiters
+        # Where it would land matters behind a pooler only: the waiters' scan is not made for nothing.
+        on_pooler = pool.transaction_pooler and (
+            server.pool is pool if server is not None else self.waiting and self in pool.waiters
+        )
         if pins_nothing(
             transaction_pooler=pool.transaction_pooler, has_direct=pool.direct is not None, on_pooler=on_pooler
         ):
