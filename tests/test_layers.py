@@ -82,7 +82,12 @@ def test_the_sync_pool_reaches_no_driver_module_of_the_async_pool() -> None:
 # through small Protocols (metrics.CountedPool, client.ClientServices), not by importing them.
 SIDECAR_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("wire", frozenset({"protocol"})),
-    ("policy", frozenset({"auth", "config", "pooling", "prepared", "session", "shapes", "startup"})),
+    (
+        "policy",
+        frozenset(
+            {"auth", "config", "login", "pipeline", "pooling", "prepared", "session", "shapes", "startup", "tracker"}
+        ),
+    ),
     ("stats", frozenset({"metrics"})),
     ("connections", frozenset({"server", "client", "pool"})),
     ("service", frozenset({"app", "admin", "cancel", "maintenance", "http", "cli", "__main__", "__init__"})),

@@ -86,15 +86,15 @@ class Cancels:
             if server.shared and server.client is not client and client.pending > 0:
                 # Queued behind other clients' requests (pipelining): it can only be canceled once it
                 # is the one running, so the cancel waits for its turn (server._next_turn).
-                client.cancel_held = [*(client.cancel_held or []), requester]
+                client.pipeline.hold_cancel(requester)
                 return
             if forward_cancel(serving_target=server.client is client, pending=client.pending):
-                client.cancel_asked = True
+                client.pipeline.cancel_asked = True
                 for follower in server.followers:
                     # If its query ends before the cancel lands, the next one in line is canceled
                     # instead: their answers are held and checked (server._retried).
-                    if follower is not None and follower.held_answer is None:
-                        follower.held_answer = []
+                    if follower is not None:
+                        follower.pipeline.hold_answer()
                 # The server serves nobody else until this cancel is done (UpstreamPool.release).
                 server.pool.cancel_started(server)
                 # Priority: a result of many small messages keeps the loop busy relaying, and each step of
@@ -114,7 +114,7 @@ class Cancels:
 
     def forward_held_cancel(self, client: ClientConnection) -> None:
         """A client whose cancel waited in a pipeline is at the head now: forward it."""
-        requesters, client.cancel_held = client.cancel_held or [], None
+        requesters = client.pipeline.take_cancels()
         for requester in requesters:
             self.cancel(client.process_id, client.secret_key, requester)
 

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError
 from poolkit.log import get_logger
 from poolkit.sidecar import protocol
-from poolkit.sidecar.auth import SCRAM, ScramServerExchange
+from poolkit.sidecar.login import Action as LoginAction
+from poolkit.sidecar.login import AskPassword, Authenticated, Login, LoginRules, Refuse, Send, StartTLS, WrongPassword
+from poolkit.sidecar.pipeline import ClientPipeline
 from poolkit.sidecar.pooling import (
-    NOT_SETTINGS,
     POOL_EXHAUSTED_HINT,
     TRACKED_PARAMETERS,
     ClientGone,
@@ -21,18 +22,13 @@ from poolkit.sidecar.pooling import (
     on_client_gone,
     parameter_changes,
     take_server_now,
-    valid_setting_name,
 )
 from poolkit.sidecar.prepared import AnswerHead, Bound, ClientStatements, Statement
-from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
+from poolkit.sidecar.protocol import FrontendScanner, MessageReader
 from poolkit.sidecar.session import (
-    LITERAL_TAIL,
     NOTHING,
-    PIN_REASONS,
     Effect,
-    StatementTap,
     autocommit_head,
-    chunk_effect,
     decide,
     no_session_hint,
     no_session_message,
@@ -41,6 +37,7 @@ from poolkit.sidecar.session import (
     quick_nothing,
 )
 from poolkit.sidecar.startup import Rejection, check_query, first_column, rejection, sync_statements
+from poolkit.sidecar.tracker import SessionTracker, pins_nothing
 
 if TYPE_CHECKING:
     import ssl
@@ -101,60 +98,44 @@ class ClientConnection(asyncio.Protocol):
 
     # Slots: thousands of idle clients each cost one of these objects.
     __slots__ = (
-        "_clear_guard",
-        "_early",
-        "_exchange",
+        "_login",
         "_login_server",
         "_login_timer",
-        "_plain_req",
         "_reader",
-        "_sasl_started",
-        "_spelling",
-        "_startup",
         "_wanted_key",
         "admin",
         "app",
         "buffer",
         "buffered",
-        "cancel_asked",
-        "cancel_held",
         "close_after_release",
         "closed",
         "connect_time",
         "console",
         "database",
-        "deferred_syncs",
         "deferring",
         "dirty",
         "follow_binds",
         "follow_keys",
         "follow_ok",
         "head",
-        "held_answer",
         "held_effects",
         "input_paused",
         "linking",
         "loopback",
         "peer",
         "pending",
-        "pin_reason",
-        "pin_reasons",
-        "pinned_since",
-        "plain_template",
+        "pipeline",
         "pool",
         "process_id",
-        "request",
         "request_time",
         "rewrite_queued",
         "scanner",
         "secret_key",
         "server",
+        "session",
         "shape",
-        "sql_seen",
         "state",
         "statements",
-        "tap",
-        "template_autocommit",
         "tls",
         "transport",
         "unix",
@@ -165,7 +146,7 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, app: ClientServices, *, unix: bool = False) -> None:  # noqa: PLR0915 - one assignment per slot: the connection's whole state, in one place
+    def __init__(self, app: ClientServices, *, unix: bool = False) -> None:
         self.app = app
         self.pool = app.pool
         self.unix = unix
@@ -196,38 +177,22 @@ class ClientConnection(asyncio.Protocol):
         self.request_time = self.connect_time
         self.admin = False
         self.console: AdminSession | None = None
-        self._startup = StartupReader()
-        self._reader: MessageReader | None = None
-        self._exchange: ScramServerExchange | None = None
-        self._sasl_started = False
+        # The login under way (login.py), dropped once the client is greeted.
+        self._login: Login | None = Login()
+        self._reader: MessageReader | None = None  # the admin console's
         self._wanted_key: tuple[tuple[str, str], ...] | None = None
-        self._early = b""
         self._login_timer: asyncio.TimerHandle | None = None
         self._login_server: asyncio.Future[ServerConnection] | None = None  # to check its startup parameters
-        self._spelling: dict[str, str] | None = None  # startup parameter names not in lower case, as sent
-        # Session state (see session.py): why this client keeps its server connection ("" = it does
-        # not), every reason it holds, the last chunk whose SQL was checked, a statement still
-        # arriving in pieces, and what a reset statement claimed to undo (kept until it succeeded).
-        self.pin_reason = ""
-        self.pin_reasons: frozenset[str] = frozenset()
-        self.pinned_since = 0.0
-        self.sql_seen = b""
-        self.plain_template = b""
-        self.template_autocommit = False  # plain_template is no transaction control either
-        self.tap: StatementTap | None = None
-        self._clear_guard: tuple[int, frozenset[str]] | None = None
+        # Session state (tracker.py): pins and their reasons, the reset guard, the statement tap.
+        self.session = SessionTracker()
         # Named prepared statements (prepared.py), created at the first one; rewrite_queued: the
         # buffer holds messages naming one, to rewrite once a server is linked.
         self.statements: ClientStatements | None = None
         self.rewrite_queued = False
         # The session effects (and route) of a new transaction's first bytes, while they end mid-message.
         self.held_effects: tuple[Effect, Effect] | None = None
-        # Pipelining across clients (server.py): this client's request shares a server connection
-        # (``deferring``: whatever it sends meanwhile waits in ``buffer`` with ``deferred_syncs``), the
-        # request as sent (re-sent if a cancel meant for another client hits it), its answer while held
-        # (a cancel may have hit it), a cancel waiting for its request to reach the head (the
-        # requester to close once forwarded), whether it asked for a cancel itself.
-        self._plain_req = False
+        # Pipelining across clients (server.py): may its request queue on a busy server connection, and
+        # what it binds.
         self.follow_ok = False
         self.follow_keys: list[bytes] | None = None  # the statement keys its pipelinable request binds
         self.follow_binds: list[Bound] = []
@@ -235,12 +200,10 @@ class ClientConnection(asyncio.Protocol):
         self.head: AnswerHead | None = None
         # Its pipelinable request's shape (shapes.py), kept until its answer times it, only if it queued.
         self.shape: bytes | None = None
+        # Its request shares a server connection: whatever it sends meanwhile waits in ``buffer`` (read
+        # per chunk, so a slot here rather than in ``pipeline``, which holds the rest: pipeline.py).
         self.deferring = False
-        self.deferred_syncs = 0
-        self.request = b""
-        self.held_answer: list[bytes] | None = None
-        self.cancel_held: list[asyncio.BaseTransport | None] | None = None
-        self.cancel_asked = False
+        self.pipeline = ClientPipeline()
 
     # ------------------------------------------------------------- asyncio.Protocol
 
@@ -282,11 +245,12 @@ class ClientConnection(asyncio.Protocol):
             return
         server = self.server
         if server is not None:
-            # A new Query/Parse (or the rest of one): session state may pin this client (session.py).
-            if (scanner.sql_chunk is not self.sql_seen or self.tap is not None) and not self._held_statements(
-                server, data
-            ):
-                return
+            # A new Query/Parse (or the rest of one): session state may pin this client (tracker.py).
+            session = self.session
+            if scanner.sql_chunk is not session.sql_seen or session.tap is not None:
+                effect = session.chunk_effect(scanner, data)[0]  # mid-transaction: the route is chosen already
+                if not effect.nothing and not self._apply(effect):
+                    return
             if scanner.named_at >= 0 and self._send_rewritten(server, data, syncs):
                 return
             if syncs:
@@ -317,10 +281,8 @@ class ClientConnection(asyncio.Protocol):
         if self.waiting:
             self.waiting = False
             self._forget_wait()
-        reasons: frozenset[str] = frozenset()
-        if self.pin_reason:
-            guard = self._clear_guard
-            reasons = self.pin_reasons | (guard[1] if guard else frozenset()) | {self.pin_reason}
+        reasons = self.session.held_reasons()
+        if reasons:
             self._unpin("client left")
         server = self.server
         if server is not None:
@@ -371,8 +333,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _new_effects(self, data: bytes) -> tuple[Effect, Effect]:
         """The session effect and route of SQL this chunk brings (none when it brings no new SQL)."""
-        if self.scanner.sql_chunk is not self.sql_seen or self.tap is not None:
-            return self._chunk_effect(data)
+        session = self.session
+        if self.scanner.sql_chunk is not session.sql_seen or session.tap is not None:
+            return session.chunk_effect(self.scanner, data)
         return NOTHING, NOTHING
 
     def _enqueue(self, data: bytes, effect: Effect, route: Effect) -> None:  # noqa: PLR0912 - per request on the hot path: a call per branch would cost throughput
@@ -409,9 +372,10 @@ class ClientConnection(asyncio.Protocol):
             if not self._apply(effect):
                 return
             reason = effect.route or route.route
-            if pool.direct is not None and (self.pin_reason or reason):
+            pinned = self.session.pin_reason
+            if pool.direct is not None and (pinned or reason):
                 pool = pool.direct
-                if not self.pin_reason:
+                if not pinned:
                     pool.stats.routed[reason] += 1
         elif route.route and pool.direct is not None:
             pool = pool.direct
@@ -438,80 +402,53 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------- session state: pin, unpin, route
 
+    @property
+    def pin_reason(self) -> str:
+        """Why this client keeps its server connection between transactions ("" = it does not)."""
+        return self.session.pin_reason
+
+    @property
+    def pin_reasons(self) -> frozenset[str]:
+        """Every session feature this client holds (session.PIN_REASONS)."""
+        return self.session.pin_reasons
+
+    @property
+    def cancel_held(self) -> list[asyncio.BaseTransport | None] | None:
+        """Cancels for its request waiting for it to reach the head of its pipeline (pipeline.py)."""
+        return self.pipeline.cancel_held
+
+    @property
+    def pinned_since(self) -> float:
+        return self.session.pinned_since
+
+    @property
+    def plain_template(self) -> bytes:
+        return self.session.plain_template
+
     def _chunk_effect(self, data: bytes) -> tuple[Effect, Effect]:
         """The session effect of the SQL in this chunk, and the route of a statement still arriving."""
-        effect = NOTHING
-        self._plain_req = False
-        tap = self.tap
-        if tap is not None:
-            done = tap.feed(data)  # its next bytes open this chunk
-            if done is not None:
-                self.tap = None
-                effect = done
-        scanner = self.scanner
-        chunk = scanner.sql_chunk
-        if chunk is self.sql_seen:
-            return effect, NOTHING
-        self.sql_seen = chunk
-        last, end = scanner.sql_start, scanner.sql_end
-        if scanner.sql_first == last:  # one statement in this chunk: the hot path
-            start = last
-            if chunk[last - 5] == 80:  # Parse: the statement name comes first
-                start = chunk.find(b"\x00", last, end) + 1
-                stop = chunk.find(b"\x00", start, end) if start else -1
-            else:  # Query: the text and a NUL are the whole body
-                stop = end - 1 if end > last and chunk[end - 1] == 0 else -1
-            if stop >= 0:
-                # The same text as the last one found plain but for a trailing number (pgbench -S,
-                # a parameterized query): no effect either, and two byte comparisons say so.
-                template = self.plain_template
-                if (
-                    template
-                    and chunk.startswith(template, start)
-                    and not chunk[start + len(template) : stop].strip(LITERAL_TAIL)
-                ):
-                    self._plain_req = effect.nothing and self.template_autocommit
-                    return effect, NOTHING
-                sql = chunk[start:stop]
-                text = sql.decode("utf-8", "replace")
-                if quick_nothing(text):
-                    self.plain_template = sql.rstrip(LITERAL_TAIL)
-                    self.template_autocommit = autocommit = autocommit_head(sql)
-                    self._plain_req = effect.nothing and autocommit
-                    return effect, NOTHING
-                return effect.then(decide(text)), NOTHING
-        found, route, self.tap = chunk_effect(chunk, scanner.sql_first, last, end)
-        return effect.then(found), route
-
-    def _held_statements(self, server: ServerConnection, data: bytes) -> bool:
-        """Session effects of a chunk for a client holding ``server``; False when it must not be forwarded."""
-        effect, _ = self._chunk_effect(data)  # mid-transaction: the route is chosen already
-        return effect.nothing or self._apply(effect)
+        return self.session.chunk_effect(self.scanner, data)
 
     def _apply(self, effect: Effect) -> bool:
         """Apply a statement's pins and clears; False (and the client is answered) when over the limit."""
-        if effect.sets and self.pool.transaction_pooler:
-            effect = effect.behind_transaction_pooler()
-        reasons = effect.apply(self.pin_reasons)
-        if self.pin_reason:
-            if effect.clears:
-                server = self.server or self.linking
-                if server is None:
-                    # No server yet to confirm the reset ran: keep the pin (it is released with the client).
-                    reasons = self.pin_reasons | frozenset(effect.pins)
-                elif self._clear_guard is None:
-                    # Believe a reset once the server has answered it without an error (_still_pinned).
-                    self._clear_guard = (server.scanner.errors, self.pin_reasons)
-            self.pin_reasons = reasons
-            return True
-        if not reasons:
-            return True
         pool = self.pool
-        reason = next(r for r in effect.pins if r in reasons)
+        server = self.server or self.linking
+        pin = self.session.apply(
+            effect,
+            transaction_pooler=pool.transaction_pooler,
+            server_errors=server.scanner.errors if server is not None else None,
+        )
+        if pin is None:
+            return True
+        reason, reasons = pin
         limit = pool.pin_limit
-        if self._pins_nothing():
-            # A pin to a transaction pooler's connection pins nothing: the next transaction may run on
-            # another backend, without the state, and the state stays behind for someone else.
+        # Where it would land matters behind a pooler only: the waiters' scan is not made for nothing.
+        on_pooler = pool.transaction_pooler and (
+            server.pool is pool if server is not None else self.waiting and self in pool.waiters
+        )
+        if pins_nothing(
+            transaction_pooler=pool.transaction_pooler, has_direct=pool.direct is not None, on_pooler=on_pooler
+        ):
             log.warning("session_feature_refused", pool=pool.name, client=self.describe(), reason=reason)
             self._refuse("0A000", no_session_message(reason), no_session_hint())
             return False
@@ -519,25 +456,11 @@ class ClientConnection(asyncio.Protocol):
             log.warning("pin_limit_reached", pool=pool.name, client=self.describe(), reason=reason, limit=limit)
             self._refuse("53400", pin_limit_message(pool=pool.name, limit=limit, reason=reason), pin_limit_hint())
             return False
-        self.pin_reason = reason
-        self.pin_reasons = reasons
-        self.pinned_since = time.time()
+        self.session.pin(reason, reasons, time.time())
         pool.pinned.add(self)
         pool.stats.pins[reason] += 1
         log.info("client_pinned", pool=pool.name, client=self.describe(), reason=reason)
         return True
-
-    def _pins_nothing(self) -> bool:
-        """Would a pin land on a transaction pooler's connection (which keeps no session)?"""
-        pool = self.pool
-        if not pool.transaction_pooler:
-            return False
-        if pool.direct is None:
-            return True
-        server = self.server or self.linking
-        if server is not None:
-            return server.pool is pool  # mid-transaction on the pooler: the state would stay behind there
-        return self.waiting and self in pool.waiters
 
     def _refuse(self, code: str, text: str, hint: str) -> None:
         """Answer a statement that must not run (with no server, the client goes on)."""
@@ -554,26 +477,7 @@ class ClientConnection(asyncio.Protocol):
     def _unpin(self, why: str) -> None:
         log.info("client_unpinned", pool=self.pool.name, client=self.describe(), reason=self.pin_reason, why=why)
         self.pool.pinned.discard(self)
-        self.pin_reason = ""
-        self.pin_reasons = frozenset()
-        self._clear_guard = None
-
-    def _still_pinned(self, server: ServerConnection) -> bool:
-        """At the end of a pinned client's transaction: keep its server, or did a reset free it?"""
-        guard = self._clear_guard
-        if guard is not None:
-            self._clear_guard = None
-            if server.scanner.errors != guard[0]:
-                # An error since the reset statement was sent: it may not have run. Keep what it
-                # was to undo (PostgreSQL refuses DISCARD ALL inside a transaction block, for one).
-                self.pin_reasons |= guard[1]
-        reasons = self.pin_reasons
-        if not reasons:
-            self._unpin("reset by the client")
-            return False
-        if self.pin_reason not in reasons:
-            self.pin_reason = next(r for r in PIN_REASONS if r in reasons)
-        return True
+        self.session.unpin()
 
     # ------------------------------------------------------------- pipelining across clients (server.py)
 
@@ -584,7 +488,8 @@ class ClientConnection(asyncio.Protocol):
         name, nothing else owed or held): it cannot leave a transaction or session state behind for
         the requests queued after it.
         """
-        plain, self._plain_req = self._plain_req, False
+        session = self.session
+        plain, session.plain_req = session.plain_req, False
         self.head = None  # a new transaction: nothing of an earlier answer is still owed
         self.follow_keys = None
         self.shape = None
@@ -594,7 +499,7 @@ class ClientConnection(asyncio.Protocol):
             and not self.buffer
             and effect.nothing
             and route.nothing
-            and not self.pin_reason
+            and not session.pin_reason
             and self.held_effects is None
             and scanner.at_boundary
             and not scanner.unsynced
@@ -619,7 +524,7 @@ class ClientConnection(asyncio.Protocol):
                 self.shape = keys[0]
             return True
         if plain and scanner.sql_chunk is data and scanner.named_at < 0:
-            self.shape = self.plain_template
+            self.shape = session.plain_template
             return True
         return False
 
@@ -638,7 +543,7 @@ class ClientConnection(asyncio.Protocol):
         self.held_effects = (effect, route) if held is None else (held[0].then(effect), held[1].then(route))
         self.buffer.append(data)
         self.buffered += len(data)
-        self.deferred_syncs += syncs
+        self.pipeline.deferred_syncs += syncs
         if self.buffered > _QUEUE_LIMIT:
             self.pause_input()
 
@@ -658,27 +563,25 @@ class ClientConnection(asyncio.Protocol):
 
     def drop_held_cancels(self) -> None:
         """Its request was answered (or never will be) before its turn came: nothing left to cancel."""
-        held, self.cancel_held = self.cancel_held, None
-        for requester in held or ():
+        for requester in self.pipeline.take_cancels():
             if requester is not None:
                 requester.close()
 
     def _transaction_done(self, server: ServerConnection, now: float) -> None:
-        self.cancel_asked = False
+        self.pipeline.cancel_asked = False
         stats = self.pool.stats
         started = server.assigned_at
         elapsed = now - (started if started >= 0 else server.query_started)
         stats.transactions += 1
         stats.transaction_duration.observe(elapsed)
         stats.xact_time_total += elapsed
-        self.scanner.sql_chunk = self.sql_seen = b""  # do not keep the last chunk alive while idle
+        self.scanner.sql_chunk = self.session.sql_seen = b""  # do not keep the last chunk alive while idle
 
     def resume_deferred(self) -> None:
         """Send what it held while in a pipeline, as a new transaction."""
         if self.closed or not self.buffer:
             return
-        self.pending += self.deferred_syncs
-        self.deferred_syncs = 0
+        self.pending += self.pipeline.take_syncs()
         data = self.buffer[0] if len(self.buffer) == 1 else b"".join(self.buffer)
         self.buffer = []
         self.buffered = 0
@@ -906,11 +809,14 @@ class ClientConnection(asyncio.Protocol):
         if server is None:
             return
         self._transaction_done(server, now)
-        if self.pin_reason and self._still_pinned(server):
-            server.assigned_at = -1.0  # data_received stamps the next transaction's start
-            if self.close_after_release:
-                self.shutdown_close()
-            return
+        session = self.session
+        if session.pin_reason:
+            if session.transaction_over(server.scanner.errors):
+                server.assigned_at = -1.0  # data_received stamps the next transaction's start
+                if self.close_after_release:
+                    self.shutdown_close()
+                return
+            self._unpin("reset by the client")
         self.server = None
         if self.write_paused and server.transport is not None:
             server.transport.resume_reading()
@@ -1053,21 +959,16 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------- login (slow path)
 
     def _slow_data(self, data: bytes) -> None:
-        # Dispatch on a local: the handlers change self.state, which the AUTH loop reads again.
+        # Dispatch on a local: the handlers change self.state.
         state = self.state
         try:
-            if state == ClientState.STARTUP:
-                packet = self._startup.feed(data)
-                if packet is not None:
-                    self._on_startup_packet(packet)
-            elif state == ClientState.AUTH:
-                assert self._reader is not None
-                for kind, body in self._reader.feed(data):
-                    self._on_auth_message(kind, body)
-                    if self.state != ClientState.AUTH:
-                        break
+            if state in (ClientState.STARTUP, ClientState.AUTH):
+                login = self._login
+                assert login is not None
+                self._carry_out(login, login.feed(data, self._login_rules()))
             elif state == ClientState.WELCOME:
-                self._early += data
+                assert self._login is not None
+                self._login.early += data
             elif state == ClientState.ADMIN:
                 assert self._reader is not None
                 for kind, body in self._reader.feed(data):
@@ -1076,31 +977,56 @@ class ClientConnection(asyncio.Protocol):
             self.pool.stats.client_logins["error"] += self.state != ClientState.ADMIN
             self.protocol_violation(str(exc))
 
-    def _on_startup_packet(self, packet: protocol.StartupPacket) -> None:
-        if isinstance(packet, protocol.SSLRequest):
-            if self._startup.take_rest():
-                raise ProtocolError("data after SSLRequest before the TLS handshake")
-            if self.app.client_tls_context is not None and not self.tls:
+    def _login_rules(self) -> LoginRules:
+        app = self.app
+        settings = app.settings
+        return LoginRules(
+            users=app.users,
+            database=self.pool.dsn.database,
+            admin_database=settings.admin_database,
+            trust=settings.effective_auth_type == "trust",
+            tls_offered=app.client_tls_context is not None and not self.tls,
+            tls_required=settings.effective_client_tls == "require" and not self.tls and not self.unix,
+            loopback=self.loopback,
+            peer=self.peer,
+        )
+
+    def _carry_out(self, login: Login, actions: list[LoginAction]) -> None:
+        """Do what the login (login.py) decided, in its order."""
+        self.user = login.user
+        self.database = login.database
+        self.admin = login.admin
+        if login.wanted is not None and self.state == ClientState.STARTUP:
+            self.wanted = login.wanted
+            self._wanted_key = None
+        for action in actions:
+            if isinstance(action, Send):
+                self.transport.write(action.data)
+            elif isinstance(action, AskPassword):
+                self.state = ClientState.AUTH
+                self.transport.write(action.data)
+            elif isinstance(action, Authenticated):
+                self._logged_in(action.auth_messages)
+            elif isinstance(action, Refuse):
+                self._login_failed(action.code, action.text)
+            elif isinstance(action, WrongPassword):
+                self.pool.stats.client_logins["auth_failed"] += 1
+                log.info("client_auth_failed", client=self.describe())
+                self.fatal("28P01", action.text)
+                self.state = ClientState.CLOSED
+            elif isinstance(action, StartTLS):
                 self.transport.write(b"S")
                 # Stop reading now: the ClientHello must reach the TLS layer, not this protocol.
                 self.transport.pause_reading()
                 self.app.spawn(self._start_tls())
             else:
-                self.transport.write(b"N")
-            return
-        if isinstance(packet, protocol.GSSENCRequest):
-            self.transport.write(b"N")
-            return
-        if isinstance(packet, protocol.CancelRequest):
-            # The app closes this connection once the cancel is forwarded (PostgreSQL's order too);
-            # CLOSED: nothing more is read from it and client_login_timeout does not answer it.
-            self.state = ClientState.CLOSED
-            if self._login_timer is not None:
-                self._login_timer.cancel()
-                self._login_timer = None
-            self.app.cancel(packet.process_id, packet.secret_key, self.transport)
-            return
-        self._on_startup_message(packet)
+                # The app closes this connection once the cancel is forwarded (PostgreSQL's order too);
+                # CLOSED: nothing more is read from it and client_login_timeout does not answer it.
+                self.state = ClientState.CLOSED
+                if self._login_timer is not None:
+                    self._login_timer.cancel()
+                    self._login_timer = None
+                self.app.cancel(action.process_id, action.secret_key, self.transport)
 
     async def _start_tls(self) -> None:
         assert self.app.client_tls_context is not None
@@ -1115,99 +1041,6 @@ class ClientConnection(asyncio.Protocol):
             return
         self.transport = transport
         self.tls = True
-
-    def _on_startup_message(self, packet: protocol.StartupMessage) -> None:  # noqa: PLR0911 - each return refuses the login with its own error, in PostgreSQL's order
-        app = self.app
-        settings = app.settings
-        params = packet.params
-        self._early = self._startup.take_rest()
-        unsupported = [k for k in params if k.startswith("_pq_.")]
-        if packet.minor > 0 or unsupported:
-            self.transport.write(protocol.negotiate_protocol_version(0, unsupported))
-        user = params.get("user", "")
-        if not user:
-            self._login_failed("28000", "no PostgreSQL user name specified in startup packet")
-            return
-        self.user = user
-        self.database = params.get("database") or user
-        if app.settings.effective_client_tls == "require" and not self.tls and not self.unix:
-            self._login_failed("28000", "the sidecar requires TLS (client_tls=require): connect with sslmode=require")
-            return
-        if params.get("options", "").strip():
-            self._login_failed(
-                "08P01",
-                "startup parameter 'options' is not supported by a transaction pooler: use SET inside "
-                "transactions or ALTER ROLE ... SET",
-            )
-            return
-        replication = params.get("replication", "").lower()
-        if replication and replication not in ("false", "off", "no", "0"):
-            self._login_failed(
-                "0A000",
-                f"replication connections (replication={replication}) are not relayed by the poolkit sidecar, "
-                "a transaction pooler: connect pg_basebackup, pg_receivewal and logical replication "
-                "clients to the direct URL (POOLKIT_DIRECT_URL)",
-            )
-            return
-        self.admin = self.database == settings.admin_database
-        if not self.admin and self.database != self.pool.dsn.database:
-            self._login_failed(
-                "3D000",
-                f'database "{self.database}" does not exist on this sidecar: it serves '
-                f'"{self.pool.dsn.database}" (and the admin console "{settings.admin_database}")',
-            )
-            return
-        wanted: dict[str, str] = {}
-        for name, value in params.items():
-            if name in NOT_SETTINGS or name.startswith("_pq_."):
-                continue
-            if not valid_setting_name(name) or "\x00" in value:
-                self._login_failed("42704", f"invalid startup parameter name {name!r}")
-                return
-            key = name.lower()
-            wanted[key] = value
-            if key != name:
-                # PostgreSQL's error names the parameter as the client spelled it: so must the check's.
-                self._spelling = {**(self._spelling or {}), key: name}
-        self.wanted = wanted
-        self._wanted_key = None
-        if settings.effective_auth_type == "trust":
-            if not self.loopback:
-                self._login_failed(
-                    "28000",
-                    f"trust authentication only admits loopback and Unix-socket clients, not {self.peer}: "
-                    "configure users (POOLKIT_SIDECAR_USERS) for remote clients",
-                )
-                return
-            self._logged_in(protocol.auth_ok())
-            return
-        self._exchange = ScramServerExchange(app.users, user)
-        self._reader = MessageReader(side="client", max_message_size=protocol.MAX_STARTUP_SIZE)
-        self.state = ClientState.AUTH
-        self.transport.write(protocol.auth_sasl([SCRAM]))
-
-    def _on_auth_message(self, kind: bytes, body: bytes) -> None:
-        exchange = self._exchange
-        if kind != b"p" or exchange is None:
-            raise ProtocolError(f"expected a SASL response during authentication, got message {kind!r}")
-        try:
-            if not self._sasl_started:
-                mechanism, data = protocol.parse_sasl_initial_response(body)
-                if mechanism != SCRAM:
-                    self._login_failed("28000", f"SASL mechanism {mechanism} is not offered; use {SCRAM}")
-                    return
-                self._sasl_started = True
-                self.transport.write(protocol.auth_sasl_continue(exchange.first(data)))
-                return
-            final = exchange.final(body)
-        except AuthenticationFailed:
-            self.pool.stats.client_logins["auth_failed"] += 1
-            log.info("client_auth_failed", client=self.describe())
-            self.fatal("28P01", f'password authentication failed for user "{self.user}"')
-            self.state = ClientState.CLOSED
-            return
-        self._exchange = None
-        self._logged_in(protocol.auth_sasl_final(final) + protocol.auth_ok())
 
     def _login_failed(self, code: str, text: str) -> None:
         self.pool.stats.client_logins["error" if code != "28P01" else "auth_failed"] += 1
@@ -1282,7 +1115,7 @@ class ClientConnection(asyncio.Protocol):
         rows: list[bytes] = []
         try:
             async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
-                spelling = self._spelling or {}
+                spelling = (self._login.spelling if self._login is not None else None) or {}
                 spelled = [(spelling.get(name, name), value) for name, value in unknown]
                 error = await server.run_internal(check_query(spelled), rows)
         except (Exception, asyncio.CancelledError) as exc:
@@ -1341,7 +1174,8 @@ class ClientConnection(asyncio.Protocol):
         self.pool.stats.client_logins["ok"] += 1
         if state == ClientState.READY:
             self.pool.clients.add(self)
-        early, self._early = self._early, b""
+        login, self._login = self._login, None
+        early = login.early if login is not None else b""
         if early:
             self.data_received(early)
 

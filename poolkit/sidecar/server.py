@@ -231,11 +231,11 @@ class ServerConnection(asyncio.Protocol):
                 # Statement names only (the server has them all: pool.follow_target checked).
                 client.rewrite_queued = False
                 request = client.rename_for(self, request, 1 + len(self.followers))
-            client.request = request
+            client.pipeline.request = request
             client.server = self
             client.deferring = True
             self.followers.append(client)
-            requests.append(client.request)
+            requests.append(client.pipeline.request)
         self.line_quick = line_quick
         self.pool.stats.pipelined_requests += len(clients)
         self._send_soon(requests)
@@ -303,7 +303,7 @@ class ServerConnection(asyncio.Protocol):
                 log.warning("pipeline_left_transaction", pool=self.pool.name, server=self.describe())
                 self.abort("a pipelined request left a transaction open")
                 break
-            if owner is not None and owner.held_answer is not None and self._retried(owner):
+            if owner is not None and owner.pipeline.held_answer is not None and self._retried(owner):
                 owner = None  # it is back in the line
             self._next_turn(owner, now, resume)
             if self.state is ServerState.CLOSED:
@@ -316,7 +316,7 @@ class ServerConnection(asyncio.Protocol):
             client.resume_deferred()
 
     def _deliver(self, owner: ClientConnection, part: bytes) -> None:
-        held = owner.held_answer
+        held = owner.pipeline.held_answer
         if held is not None:
             held.append(part)  # a cancel meant for another client may have hit it: see _retried
         else:
@@ -330,11 +330,10 @@ class ServerConnection(asyncio.Protocol):
 
     def _retried(self, owner: ClientConnection) -> bool:
         """The held answer of a request at risk is complete: re-send it if another client's cancel hit it."""
-        answer = b"".join(owner.held_answer or ())
-        owner.held_answer = None
+        answer = owner.pipeline.take_answer()
         keys = owner.follow_keys
         if (
-            not owner.cancel_asked
+            not owner.pipeline.cancel_asked
             and _QUERY_CANCELED in error_codes(answer)
             # Behind a transaction pooler its request prepares what it binds itself (reprepare).
             and (keys is None or self.statements.transaction or all(key in self.statements.cache for key in keys))
@@ -348,9 +347,9 @@ class ServerConnection(asyncio.Protocol):
                 # PostgreSQL signals a canceled backend twice (the process, then its process group); on
                 # a busy machine the second signal can land later and cancel the request sent again.
                 # Once the cancel connection has closed, both have been sent (cancel_over).
-                self._after_cancel.append(owner.request)
+                self._after_cancel.append(owner.pipeline.request)
             else:
-                self._send_soon([owner.request])
+                self._send_soon([owner.pipeline.request])
             return True
         head = owner.head
         if head is not None:
@@ -371,7 +370,7 @@ class ServerConnection(asyncio.Protocol):
         """``done``'s answer is complete: the next request in line (or the pool) gets the connection."""
         followers = self.followers
         if done is not None:
-            done.request = b""
+            done.pipeline.request = b""
             if done.buffer:
                 resume.append(done)
         if followers:
@@ -383,7 +382,7 @@ class ServerConnection(asyncio.Protocol):
             if nxt is not None:
                 if nxt.write_paused and self.transport is not None:
                     self.transport.pause_reading()  # its socket is full: hold the rest of the line back
-                if nxt.cancel_held is not None:
+                if nxt.pipeline.cancel_held is not None:
                     nxt.app.forward_held_cancel(nxt)
             self.pool.top_up(self)
             return
