@@ -245,7 +245,7 @@ class AsyncpgAcquire(Acquire):
 
     __slots__ = ()
 
-    async def __aenter__(self) -> Any:  # noqa: PLR0912, PLR0915 - inline on purpose: every acquisition runs it, a helper would add a frame
+    async def __aenter__(self) -> Any:  # noqa: PLR0915 - inline on purpose: every acquisition runs it, a helper would add a frame
         pool = self._pool
         # The binding of the running loop, without a dict lookup or a coroutine when it is the last one used.
         binding: Any = pool._hot
@@ -265,9 +265,7 @@ class AsyncpgAcquire(Acquire):
                 conn = await binding.driver_pool.acquire()
             except BaseException as exc:
                 binding.claimed -= 1
-                closed = _closed_error(exc, pool.name)
-                if closed is not None:
-                    raise closed from None
+                _raise_if_closed(exc, pool.name)
                 raise
         else:
             limit = pool.settings.acquire_timeout if self._timeout is None else self._timeout
@@ -285,9 +283,7 @@ class AsyncpgAcquire(Acquire):
                 raise
             except BaseException as exc:
                 binding.claimed -= 1
-                closed = _closed_error(exc, pool.name)
-                if closed is not None:
-                    raise closed from None
+                _raise_if_closed(exc, pool.name)
                 raise
             finally:
                 pool.waiting -= 1
@@ -333,10 +329,10 @@ class AsyncpgAcquire(Acquire):
             binding.claimed -= 1
 
 
-def _closed_error(exc: BaseException, name: str) -> PoolClosed | None:
+def _raise_if_closed(exc: BaseException, name: str) -> None:
+    """asyncpg's "pool is closed/closing" as poolkit's PoolClosed (any other error is the caller's to re-raise)."""
     if isinstance(exc, asyncpg.exceptions.InterfaceError) and ("closed" in str(exc) or "closing" in str(exc)):
-        return PoolClosed(f"pool {name!r} is closed")
-    return None
+        raise PoolClosed(f"pool {name!r} is closed") from None
 
 
 # What the direct route's release adds to asyncpg's reset (advisory unlocks, CLOSE ALL, UNLISTEN, RESET ALL)
