@@ -38,10 +38,10 @@ import benchlib
 import psycopg
 from psycopg import errors
 
-from poolkit.devstack import DevStack, free_port
-from poolkit.sidecar import protocol
-from poolkit.sidecar.auth import UpstreamAuth
-from poolkit.sidecar.protocol import MessageReader
+from poolkit.dev.devstack import DevStack, free_port
+from poolkit.sidecar.policy.auth import UpstreamAuth
+from poolkit.sidecar.wire import protocol
+from poolkit.sidecar.wire.protocol import MessageReader
 
 _CANCEL_AFTER = 1 << 20
 # ReadyForQuery(I), the end of a simple query's answer: in a COPY of numbers no CopyData can hold these bytes.

@@ -17,12 +17,12 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import poolkit.metrics
 import pytest
 from prom_harness import Samples, ascrape
 
 import poolkit
-import poolkit.metrics
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 from poolkit.errors import PoolTimeout
 
 DRIVERS = ("asyncpg", "psycopg", "psycopg-sync")

@@ -15,9 +15,9 @@ import asyncpg
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
+from poolkit.dev.netdelay import DelayRelay, build_netdelay
 from poolkit.errors import DevStackError
-from poolkit.netdelay import DelayRelay, build_netdelay
 
 DELAY_MS = 5.0
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
+import poolkit.metrics
 import psycopg
 import pytest
 from prom_harness import Samples
@@ -24,8 +25,7 @@ from prometheus_client import generate_latest
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 import poolkit
-import poolkit.metrics
-from poolkit.devstack import DevStack, PgBouncerHandle
+from poolkit.dev.devstack import DevStack, PgBouncerHandle
 
 DRIVERS = ("asyncpg", "psycopg", "psycopg-sync")
 SIZE = 2

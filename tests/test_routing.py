@@ -15,8 +15,8 @@ from corpus import Case, load_corpus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poolkit import routing
-from poolkit.routing import (
+from poolkit.sql import routing
+from poolkit.sql.routing import (
     CATALOG_RELATIONS,
     INTROSPECTION_FUNCTIONS,
     POOLED,

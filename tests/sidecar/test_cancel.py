@@ -15,10 +15,10 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from poolkit.devstack import DevStack
-from poolkit.sidecar import protocol
-from poolkit.sidecar.auth import UpstreamAuth
-from poolkit.sidecar.protocol import MessageReader
+from poolkit.dev.devstack import DevStack
+from poolkit.sidecar.policy.auth import UpstreamAuth
+from poolkit.sidecar.wire import protocol
+from poolkit.sidecar.wire.protocol import MessageReader
 
 from .conftest import SidecarThread
 from .test_startup import login
