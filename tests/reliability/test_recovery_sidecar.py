@@ -67,7 +67,8 @@ async def warm(runner: SidecarRunner, upstream: Upstream) -> tuple[list[asyncpg.
     Returns the clients and the backend pids their transactions ran on (``pg_backend_pid()``).
     """
     clients = [await connect(runner) for _ in range(SIZE)]
-    pids = set(await asyncio.gather(*(backend_pid(c, 0.3) for c in clients)))
+    # Long enough to overlap on a loaded machine, where opening the third server can take a while.
+    pids = set(await asyncio.gather(*(backend_pid(c, 1.0) for c in clients)))
     assert len(pids) == SIZE
     if upstream.is_pooler:  # the sidecar sees the pooler's key data, not the backends' pids
         await until(lambda: len(server_pids(runner, "idle")) == SIZE, "the warm servers never went idle")
