@@ -1,4 +1,4 @@
-"""The delay relay (poolkit/netdelay): adds its delay both ways, keeps every byte in order, carries PostgreSQL."""
+"""The delay relay (tests/support/netdelay): adds its delay both ways, keeps every byte in order, carries PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
+from support.netdelay import DelayRelay, build_netdelay
 
 from poolkit.devstack import DevStack
 from poolkit.errors import DevStackError
-from poolkit.netdelay import DelayRelay, build_netdelay
 
 DELAY_MS = 5.0
 
