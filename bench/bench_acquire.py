@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 _CHILD = """
 import asyncio, json, os, sys, time

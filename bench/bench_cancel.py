@@ -38,8 +38,8 @@ import benchlib
 import psycopg
 from psycopg import errors
 
-from poolkit.devstack import DevStack, free_port
-from poolkit.sidecar import protocol
+from poolkit.dev.devstack import DevStack, free_port
+from poolkit.sidecar.wire import protocol
 
 sys.path.insert(0, str(benchlib.REPO / "tests"))  # the raw protocol client the tests use too
 from support.wire import open_raw, raw_login

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from typing import Any
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 # Run in the child; prints one JSON line. perf_counter starts after the interpreter itself is up.
 _IMPORT_ONLY = """

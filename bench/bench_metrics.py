@@ -31,9 +31,9 @@ import asyncpg
 from psycopg_pool import AsyncConnectionPool
 
 import poolkit
-from poolkit import detect
-from poolkit.detect import Mode
-from poolkit.devstack import DevStack
+from poolkit.core import detect
+from poolkit.core.detect import Mode
+from poolkit.dev.devstack import DevStack
 
 Query = Callable[[int], Awaitable[Any]]
 

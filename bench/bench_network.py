@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 import benchlib
 
 from poolkit import Pool
-from poolkit.devstack import DevStack, PgBouncerHandle, find_pgbouncer, free_port
-from poolkit.settings import load_settings
+from poolkit.core.settings import load_settings
+from poolkit.dev.devstack import DevStack, PgBouncerHandle, find_pgbouncer, free_port
 
 sys.path.insert(0, str(benchlib.REPO / "tests"))  # the delay relay lives with the tests' support code
 from support.netdelay import DelayRelay

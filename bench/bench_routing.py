@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from corpus import Case, load_corpus  # noqa: E402
 from support.pglast_reference import classify_pglast  # noqa: E402
 
-from poolkit import routing  # noqa: E402
-from poolkit.routing import Decision  # noqa: E402
-from poolkit.sqlnorm import normalize  # noqa: E402
+from poolkit.sql import routing  # noqa: E402
+from poolkit.sql.normalize import normalize  # noqa: E402
+from poolkit.sql.routing import Decision  # noqa: E402
 
 
 def _pglast_or_lexer(sql: str) -> Decision:

@@ -28,7 +28,7 @@ import tempfile
 
 import benchlib
 
-from poolkit.devstack import DevStack, free_port
+from poolkit.dev.devstack import DevStack, free_port
 
 WORKLOADS = [
     ("-S -c 10", ["-S", "-c", "10"]),

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from poolkit.devstack import find_pg_binary
+from poolkit.dev.devstack import find_pg_binary
 
 REPO = Path(__file__).resolve().parents[1]
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE.parent.parent))
     import psycopg  # noqa: PLC0415
 
-    from poolkit.devstack import DevStack  # noqa: PLC0415
+    from poolkit.dev.devstack import DevStack  # noqa: PLC0415
 
     with DevStack() as stack:
         with psycopg.connect(stack.direct_url, autocommit=True) as conn:

@@ -10,9 +10,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# Eager: `compare` is also the name of its submodule, and an import of `poolkit.compare` made before the first
-# access would otherwise leave the module, not the function, as `poolkit.compare`. The module is light.
-from poolkit.compare import compare
 from poolkit.errors import (
     AuthenticationFailed,
     CommitOutcomeUnknown,
@@ -33,35 +30,37 @@ from poolkit.errors import (
 )
 
 if TYPE_CHECKING:
-    from poolkit.detect import Mode, detect_mode
-    from poolkit.dsn import Dsn
-    from poolkit.migrate import direct, migration_url
-    from poolkit.pool import Pool, create_pool
-    from poolkit.provider import DatabaseProvider
-    from poolkit.provider import get_provider as get_provider  # public, though not in __all__ (as before)
-    from poolkit.registry import get_pool, get_sync_pool
-    from poolkit.settings import Settings, load_settings
-    from poolkit.sync_pool import SyncPool, create_sync_pool
+    from poolkit.apps.migrate import direct, migration_url
+    from poolkit.apps.provider import DatabaseProvider
+    from poolkit.apps.provider import get_provider as get_provider  # public, though not in __all__ (as before)
+    from poolkit.core.detect import Mode, detect_mode
+    from poolkit.core.dsn import Dsn
+    from poolkit.core.settings import Settings, load_settings
+    from poolkit.dev.compare import compare
+    from poolkit.pool.async_pool import Pool, create_pool
+    from poolkit.pool.registry import get_pool, get_sync_pool
+    from poolkit.pool.sync_pool import SyncPool, create_sync_pool
 
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it (imported on first access).
 _LAZY = {
-    "Mode": "poolkit.detect",
-    "detect_mode": "poolkit.detect",
-    "Dsn": "poolkit.dsn",
-    "direct": "poolkit.migrate",
-    "migration_url": "poolkit.migrate",
-    "Pool": "poolkit.pool",
-    "create_pool": "poolkit.pool",
-    "DatabaseProvider": "poolkit.provider",
-    "get_provider": "poolkit.provider",
-    "get_pool": "poolkit.registry",
-    "get_sync_pool": "poolkit.registry",
-    "Settings": "poolkit.settings",
-    "load_settings": "poolkit.settings",
-    "SyncPool": "poolkit.sync_pool",
-    "create_sync_pool": "poolkit.sync_pool",
+    "compare": "poolkit.dev.compare",
+    "Mode": "poolkit.core.detect",
+    "detect_mode": "poolkit.core.detect",
+    "Dsn": "poolkit.core.dsn",
+    "direct": "poolkit.apps.migrate",
+    "migration_url": "poolkit.apps.migrate",
+    "Pool": "poolkit.pool.async_pool",
+    "create_pool": "poolkit.pool.async_pool",
+    "DatabaseProvider": "poolkit.apps.provider",
+    "get_provider": "poolkit.apps.provider",
+    "get_pool": "poolkit.pool.registry",
+    "get_sync_pool": "poolkit.pool.registry",
+    "Settings": "poolkit.core.settings",
+    "load_settings": "poolkit.core.settings",
+    "SyncPool": "poolkit.pool.sync_pool",
+    "create_sync_pool": "poolkit.pool.sync_pool",
 }
 
 

@@ -27,7 +27,7 @@ SETTINGS_REFERENCE = (
 
 def _sidecar_health_url(config: str | None) -> str:
     """The running sidecar's /readyz, from the same settings the sidecar reads (env, then the TOML file)."""
-    from poolkit.sidecar.config import load_sidecar_settings  # noqa: PLC0415 - only when --url is not given
+    from poolkit.sidecar.policy.config import load_sidecar_settings  # noqa: PLC0415 - only when --url is not given
 
     settings = load_sidecar_settings(config)
     if not settings.http_enabled:
@@ -75,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tasks", type=int, default=20, help="concurrent tasks (default 20)")
 
     sidecar = sub.add_parser("sidecar", help="run the transaction-pooling PostgreSQL proxy", epilog=SETTINGS_REFERENCE)
-    from poolkit.sidecar.cli import add_arguments  # noqa: PLC0415 - keep `poolkit dev` light
+    from poolkit.sidecar.service.cli import add_arguments  # noqa: PLC0415 - keep `poolkit dev` light
 
     add_arguments(sidecar)
 
     check = sub.add_parser("check", help="diagnose the configured URLs: DNS, TLS, auth, pooler type, budget")
-    from poolkit.check import add_arguments as add_check_arguments  # noqa: PLC0415
+    from poolkit.dev.check import add_arguments as add_check_arguments  # noqa: PLC0415
 
     add_check_arguments(check)
 
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        from poolkit.devstack import run_dev  # noqa: PLC0415
+        from poolkit.dev.devstack import run_dev  # noqa: PLC0415
 
         forwarded: list[str] = []
         for flag, value in (
@@ -125,15 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             forwarded.append("--keep")
         return run_dev(forwarded)
     if args.command == "demo":
-        from poolkit.demo import run_demo  # noqa: PLC0415
+        from poolkit.dev.demo import run_demo  # noqa: PLC0415
 
         return run_demo(queries=args.queries, tasks=args.tasks)
     if args.command == "check":
-        from poolkit.check import run as run_check  # noqa: PLC0415
+        from poolkit.dev.check import run as run_check  # noqa: PLC0415
 
         return run_check(args)
     if args.command == "sidecar":
-        from poolkit.sidecar.cli import run  # noqa: PLC0415
+        from poolkit.sidecar.service.cli import run  # noqa: PLC0415
 
         return run(args)
     return _health(args)

@@ -70,7 +70,7 @@ class TooManyConnections(ConnectError):
 class SessionStateError(PoolkitError):
     """A statement would leave session state on a transaction pooler's shared server connection.
 
-    ``reason`` is the :func:`poolkit.routing.classify` reason (``set_role``, ``session_set``, ...).
+    ``reason`` is the :func:`poolkit.sql.routing.classify` reason (``set_role``, ``session_set``, ...).
     """
 
     def __init__(self, message: str, *, reason: str = "") -> None:

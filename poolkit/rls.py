@@ -1,4 +1,4 @@
-"""RLS-scoped sessions: one transaction that runs as a Supabase-style user (JWT claims + role), and nothing after it.
+"""Public import path of RLS-scoped sessions: one transaction as a Supabase-style user (JWT claims + role).
 
 The public names, from where they live: the claims as SQL (``rls_claims``), the async session (``rls_async``)
 and the sync one generated from it (``rls_sync``).
@@ -6,9 +6,9 @@ and the sync one generated from it (``rls_sync``).
 
 from __future__ import annotations
 
-from poolkit.rls_async import UserSession, as_user
-from poolkit.rls_claims import CLAIMS_SETTING, SUB_SETTING, claims_json, quote_role
-from poolkit.rls_sync import SyncUserSession, as_user_sync
+from poolkit.pool.rls_async import UserSession, as_user
+from poolkit.pool.rls_claims import CLAIMS_SETTING, SUB_SETTING, claims_json, quote_role
+from poolkit.pool.rls_sync import SyncUserSession, as_user_sync
 
 __all__ = [
     "CLAIMS_SETTING",

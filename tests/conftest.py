@@ -1,6 +1,6 @@
 """Shared pytest fixtures: one real PostgreSQL + PgBouncer stack per test session.
 
-``stack``      a started :class:`poolkit.devstack.DevStack` (session-scoped; stopped at the end).
+``stack``      a started :class:`poolkit.dev.devstack.DevStack` (session-scoped; stopped at the end).
                Tests that change server state (restart, pool size, ...) should start their own
                ``DevStack`` or ``stack.start_pgbouncer(...)`` instead of altering this one.
 ``stack_env``  ``stack.env()`` in ``os.environ`` for one test, with every other URL variable
@@ -29,7 +29,7 @@ import pytest
 import trustme
 from hypothesis import settings
 
-from poolkit.devstack import DevStack, PgBouncerHandle
+from poolkit.dev.devstack import DevStack, PgBouncerHandle
 from poolkit.errors import PoolkitError
 
 # CI runs a fixed set of generated examples so a red build is reproducible; local runs keep exploring

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from poolkit.devstack import free_port
+from poolkit.dev.devstack import free_port
 
 PROMETHEUS_INSTALL = "apt-get install -y prometheus"
 

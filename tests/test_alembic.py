@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 import poolkit
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "tests" / "alembic_project"

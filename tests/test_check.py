@@ -15,8 +15,8 @@ import psycopg
 import pytest
 import trustme
 
-from poolkit.check import add_arguments, run
-from poolkit.devstack import DevStack
+from poolkit.dev.check import add_arguments, run
+from poolkit.dev.devstack import DevStack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,12 +176,12 @@ def test_pooler_detection_by_behaviour(stack_env: DevStack, capsys: pytest.Captu
 def test_bad_settings_and_the_module_entry_point(stack_env: DevStack) -> None:
     env = {**os.environ, "POOLKIT_POOLED_URL": "mysql://nope"}
     done = subprocess.run(
-        [sys.executable, "-m", "poolkit.check"], env=env, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "poolkit.dev.check"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 1
     assert "scheme 'mysql'" in done.stdout
     done = subprocess.run(
-        [sys.executable, "-m", "poolkit.check", "--json"],
+        [sys.executable, "-m", "poolkit.dev.check", "--json"],
         env=dict(os.environ),
         capture_output=True,
         text=True,

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from poolkit.settings import DIRECT_URL_ENV, POOLED_URL_ENV
+from poolkit.core.settings import DIRECT_URL_ENV, POOLED_URL_ENV
 
 
 def _clean_env() -> dict[str, str]:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from poolkit import ConfigError
-from poolkit.compare import compare, dollar_to_percent, percent_to_dollar
-from poolkit.devstack import DevStack
+from poolkit.dev.compare import compare, dollar_to_percent, percent_to_dollar
+from poolkit.dev.devstack import DevStack
 
 
 @pytest.fixture

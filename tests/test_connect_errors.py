@@ -12,9 +12,9 @@ import pytest
 
 import poolkit
 from poolkit import AuthenticationFailed
-from poolkit.devstack import DevStack
-from poolkit.dsn import Dsn
-from poolkit.translate import is_supabase_host, translate_connect_error
+from poolkit.core.dsn import Dsn
+from poolkit.core.translate import is_supabase_host, translate_connect_error
+from poolkit.dev.devstack import DevStack
 
 
 def wrong_password(url: str) -> str:

@@ -8,9 +8,9 @@ import socket
 import pytest
 
 from poolkit import Dsn, Mode, detect_mode
-from poolkit.detect import asyncpg_statement_options, psycopg_statement_options
+from poolkit.core.detect import asyncpg_statement_options, psycopg_statement_options
+from poolkit.core.translate import translate_connect_error, translate_query_error
 from poolkit.errors import AuthenticationFailed, ConnectTimeout, PreparedStatementError, SSLError
-from poolkit.translate import translate_connect_error, translate_query_error
 
 
 @pytest.mark.parametrize(

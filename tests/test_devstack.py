@@ -19,7 +19,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack, DevStackError, find_pg_binary
+from poolkit.dev.devstack import DevStack, DevStackError, find_pg_binary
 from poolkit.errors import ConfigError
 
 # --------------------------------------------------------------------------- helpers
@@ -320,7 +320,7 @@ def test_a_killed_owner_leaves_no_server_behind(server_tmp: pathlib.Path) -> Non
     """SIGKILL skips atexit; the watchdog still stops both servers and removes the directory."""
     base = server_tmp / "orphan"
     code = (
-        "import sys, time; from poolkit.devstack import DevStack\n"
+        "import sys, time; from poolkit.dev.devstack import DevStack\n"
         "s = DevStack(sys.argv[1]).start()\n"
         "print(s.postmaster_pid, s.pgbouncer.pid, flush=True)\n"
         "time.sleep(300)\n"
@@ -446,7 +446,7 @@ def test_run_dev_prints_urls_and_stops_on_sigterm(server_tmp: pathlib.Path) -> N
         [
             sys.executable,
             "-c",
-            "import sys; from poolkit.devstack import run_dev; sys.exit(run_dev(sys.argv[1:]))",
+            "import sys; from poolkit.dev.devstack import run_dev; sys.exit(run_dev(sys.argv[1:]))",
             "--dir",
             str(base),
         ],

@@ -21,7 +21,7 @@ from prom_harness import Samples, ascrape
 
 import poolkit
 import poolkit.metrics
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 from poolkit.errors import PoolTimeout
 
 WAITERS = 100

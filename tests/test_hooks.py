@@ -17,7 +17,7 @@ from psycopg.types.numeric import FloatLoader
 
 import poolkit
 from poolkit import ConfigError, PoolTimeout
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 from poolkit.errors import TooManyWaiting
 
 

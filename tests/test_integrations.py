@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from poolkit import ConfigError
-from poolkit.devstack import DevStack, free_port
+from poolkit.dev.devstack import DevStack, free_port
 from poolkit.integrations.django import databases
 
 REPO = Path(__file__).resolve().parents[1]

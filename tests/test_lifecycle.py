@@ -21,8 +21,8 @@ import pytest
 from conftest import backend_pids  # type: ignore[import-not-found]
 
 import poolkit
-from poolkit.devstack import DevStack
-from poolkit.registry import forget_pools
+from poolkit.dev.devstack import DevStack
+from poolkit.pool.registry import forget_pools
 
 
 def _app_name() -> str:
@@ -179,7 +179,10 @@ async def test_get_pool_survives_100_reloads(stack: DevStack, tmp_path: Path, mo
     import userapp_db  # type: ignore[import-not-found]
 
     first = userapp_db.pool
-    ours = [sys.modules[m] for m in ("poolkit.pool", "poolkit.registry", "poolkit.settings", "poolkit.metrics")]
+    ours = [
+        sys.modules[m]
+        for m in ("poolkit.pool.async_pool", "poolkit.pool.registry", "poolkit.core.settings", "poolkit.obs.metrics")
+    ]
     try:
         for i in range(100):
             importlib.reload(userapp_db)

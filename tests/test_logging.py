@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import poolkit
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 SECRET = "SECRET-PARAM-123"
 LITERAL = "SECRET-LITERAL-456"

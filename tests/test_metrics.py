@@ -22,7 +22,7 @@ from prom_harness import Samples, ascrape
 
 import poolkit
 import poolkit.metrics
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 from poolkit.errors import PoolTimeout
 
 DRIVERS = ("asyncpg", "psycopg", "psycopg-sync")

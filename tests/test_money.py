@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from poolkit import ConfigError, IdempotencyConflict, Pool, create_pool
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 from poolkit.money import ensure_table, idempotent
 
 TABLE = "money_demo.idem"

@@ -20,7 +20,7 @@ import pytest
 from prom_harness import Samples, free_port, scrape
 
 import poolkit.metrics
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GUNICORN_INSTALL = f"{sys.executable} -m pip install gunicorn (it belongs in the dev extra)"

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from support.netdelay import DelayRelay, build_netdelay
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 from poolkit.errors import DevStackError
 
 DELAY_MS = 5.0

@@ -14,7 +14,7 @@ import psycopg_pool
 import pytest
 
 import poolkit
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 TASKS = 20
 PER_TASK = 50  # 20 x 50 = 1,000 statements

@@ -26,7 +26,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 import poolkit
-from poolkit.devstack import DevStack, PgBouncerHandle
+from poolkit.dev.devstack import DevStack, PgBouncerHandle
 from poolkit.errors import SessionStateError
 
 DRIVERS = ("asyncpg", "psycopg", "psycopg-sync")

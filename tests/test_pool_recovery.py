@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 import poolkit
 import poolkit.metrics
-from poolkit.devstack import DevStack, PgBouncerHandle
+from poolkit.dev.devstack import DevStack, PgBouncerHandle
 
 DRIVERS = ("asyncpg", "psycopg", "psycopg-sync")
 SIZE = 2

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 from prom_harness import Prometheus, scrape
 
-from poolkit.devstack import DevStack
-from poolkit.metrics import COMMON_SQLSTATE_CLASSES
+from poolkit.dev.devstack import DevStack
+from poolkit.obs.metrics import COMMON_SQLSTATE_CLASSES
 
 POOL = "prom-workload"
 SLOW = 4

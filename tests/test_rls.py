@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from poolkit import ConfigError, create_pool, create_sync_pool
-from poolkit.devstack import DevStack, PgBouncerHandle
+from poolkit.dev.devstack import DevStack, PgBouncerHandle
 from poolkit.rls import as_user, quote_role
 
 ALICE = "11111111-1111-1111-1111-111111111111"

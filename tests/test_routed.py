@@ -15,9 +15,9 @@ from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import poolkit
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 from poolkit.errors import ConfigError, SessionStateError
-from poolkit.registry import forget_pools
+from poolkit.pool.registry import forget_pools
 
 
 @pytest.fixture

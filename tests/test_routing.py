@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support.pglast_reference import classify_pglast
 
-from poolkit import routing
-from poolkit.routing import (
+from poolkit.sql import routing
+from poolkit.sql.routing import (
     CATALOG_RELATIONS,
     INTROSPECTION_FUNCTIONS,
     POOLED,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from poolkit import ConfigError, Settings, load_settings
-from poolkit.settings import DIRECT_URL_ENV, POOLED_URL_ENV
+from poolkit.core.settings import DIRECT_URL_ENV, POOLED_URL_ENV
 
 A = "postgresql://app:pw-a@a.example.com:6543/postgres"
 B = "postgresql://app:pw-b@b.example.com:5432/postgres"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from poolkit import ConfigError
-from poolkit.devstack import DevStack
-from poolkit.settings import DIRECT_URL_ENV, POOLED_URL_ENV, check_env
-from poolkit.sidecar.config import SidecarSettings, check_sidecar_env
+from poolkit.core.settings import DIRECT_URL_ENV, POOLED_URL_ENV, check_env
+from poolkit.dev.devstack import DevStack
+from poolkit.sidecar.policy.config import SidecarSettings, check_sidecar_env
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 REMOTE = "postgresql://app:pw-remote@db.example.com:6543/postgres"

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 import poolkit
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ async def test_async_psycopg_fetchrow_and_fetchval_read_only_the_first_row(stack
         await pool.close()
 
 
-GENERATED = ("poolkit/psycopg_sync.py", "poolkit/shortcuts_sync.py", "poolkit/rls_sync.py")
+GENERATED = ("poolkit/pool/psycopg_sync.py", "poolkit/pool/shortcuts_sync.py", "poolkit/pool/rls_sync.py")
 
 
 def _check_generated(root: Path) -> subprocess.CompletedProcess[str]:
@@ -113,13 +113,13 @@ def test_the_generated_sync_modules_match_their_async_sources(tmp_path: Path) ->
     # A hand edit of a generated file (what drift looked like) fails the check, with the difference shown.
     copy = tmp_path / "repo"
     (copy / "scripts").mkdir(parents=True)
-    (copy / "poolkit").mkdir()
+    (copy / "poolkit" / "pool").mkdir(parents=True)
     shutil.copy(REPO / "scripts" / "async_to_sync", copy / "scripts")
     shutil.copy(REPO / "pyproject.toml", copy)
-    for path in [*(REPO / "poolkit").glob("*_async.py"), *(REPO / "poolkit").glob("*_sync.py")]:
-        shutil.copy(path, copy / "poolkit")
+    for path in [*(REPO / "poolkit" / "pool").glob("*_async.py"), *(REPO / "poolkit" / "pool").glob("*_sync.py")]:
+        shutil.copy(path, copy / "poolkit" / "pool")
     assert _check_generated(copy).returncode == 0
-    edited = copy / "poolkit" / "shortcuts_sync.py"
+    edited = copy / "poolkit" / "pool" / "shortcuts_sync.py"
     edited.write_text(edited.read_text().replace("def fetchrow(", "def fetch_row("))
     done = _check_generated(copy)
     assert done.returncode == 1

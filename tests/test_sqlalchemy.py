@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
 import poolkit
 from poolkit import sqlalchemy as pk_sa
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 from poolkit.errors import ConfigError
 
 TASKS = 12

@@ -1,4 +1,4 @@
-"""poolkit.sqlnorm: literals, numbers and comments never reach the output; arbitrary text never raises."""
+"""poolkit.sql.normalize: literals, numbers and comments never reach the output; arbitrary text never raises."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from poolkit.sqlnorm import TRUNCATION_MARKER, normalize
+from poolkit.sql.normalize import TRUNCATION_MARKER, normalize
 
 # ---------------------------------------------------------------------------------------------
 # Examples: what the normalised text looks like.

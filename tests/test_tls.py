@@ -10,7 +10,7 @@ import pytest
 import trustme
 
 import poolkit
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from poolkit import detect
-from poolkit.detect import Mode
-from poolkit.dsn import Dsn
-from poolkit.settings import Settings, load_settings
+from poolkit.core import detect
+from poolkit.core.detect import Mode
+from poolkit.core.dsn import Dsn
+from poolkit.core.settings import Settings, load_settings
 
 
 def _entry(dsn: Dsn, settings: Settings, mode: Mode, *, pooled: bool) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from fastapi import Depends
 from starlette.requests import Request
 
 from poolkit.errors import ConfigError
-from poolkit.pool import Pool, create_pool
+from poolkit.pool.async_pool import Pool, create_pool
 
 STATE_NAME = "pool"
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from poolkit.sidecar.config import SidecarSettings, load_sidecar_settings
+from poolkit.sidecar.policy.config import SidecarSettings, load_sidecar_settings
 
 __all__ = ["SidecarSettings", "load_sidecar_settings"]

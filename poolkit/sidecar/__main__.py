@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from poolkit.sidecar.cli import main
+from poolkit.sidecar.service.cli import main
 
 sys.exit(main())

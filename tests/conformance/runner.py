@@ -40,7 +40,7 @@ import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from poolkit.devstack import DevStack, free_port
+from poolkit.dev.devstack import DevStack, free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import yaml
 
-from poolkit.devstack import free_port
+from poolkit.dev.devstack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = REPO / "grafana" / "dashboards"

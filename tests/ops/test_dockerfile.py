@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 from .prom import REPO
 

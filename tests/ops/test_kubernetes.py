@@ -172,7 +172,7 @@ def test_the_podmonitor_scrapes_the_sidecar_as_the_job_the_alerts_select() -> No
 
 def test_configmap_sidecar_settings_are_real_settings() -> None:
     """Every POOLKIT_SIDECAR_* name in the ConfigMap is a sidecar setting (a typo would be ignored silently)."""
-    from poolkit.sidecar.config import SidecarSettings
+    from poolkit.sidecar.policy.config import SidecarSettings
 
     data = yaml.safe_load((REPO / "deploy" / "kubernetes" / "configmap.yaml").read_text())["data"]
     names = [k for k in data if k.startswith("POOLKIT_SIDECAR_")]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from sidecar.conftest import sidecar_argv, stop_child
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 from .prom import ALERTS, REPO, Prometheus, PromQL, deploy_scrape_configs, free_port, promql_expressions
 

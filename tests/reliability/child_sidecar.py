@@ -18,7 +18,7 @@ from typing import IO
 
 from sidecar.conftest import sidecar_argv, stop_child
 
-from poolkit.devstack import DevStack, free_port
+from poolkit.dev.devstack import DevStack, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,9 +22,9 @@ from typing import Any, Literal, TypeVar
 import pytest
 from sidecar.conftest import SidecarThread
 
-from poolkit.devstack import DevStack, PgBouncerHandle, free_port
-from poolkit.dsn import Dsn
-from poolkit.sidecar.config import load_sidecar_settings
+from poolkit.core.dsn import Dsn
+from poolkit.dev.devstack import DevStack, PgBouncerHandle, free_port
+from poolkit.sidecar.policy.config import load_sidecar_settings
 
 from .relay import FaultRelay
 

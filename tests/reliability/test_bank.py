@@ -31,10 +31,10 @@ import psycopg
 import pytest
 
 from poolkit import Pool
-from poolkit.devstack import DevStack
+from poolkit.core.settings import load_settings
+from poolkit.dev.devstack import DevStack
 from poolkit.errors import CommitOutcomeUnknown
 from poolkit.money import ensure_table, idempotent
-from poolkit.settings import load_settings
 
 from .conftest import Upstream, through_relay
 from .relay import FaultRelay

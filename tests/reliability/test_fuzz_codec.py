@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from poolkit.errors import AuthenticationFailed, ProtocolError
-from poolkit.sidecar import protocol as p
-from poolkit.sidecar.auth import ScramServerExchange, UserStore
-from poolkit.sidecar.protocol import BackendScanner, FrontendScanner, MessageReader, StartupReader
+from poolkit.sidecar.policy.auth import ScramServerExchange, UserStore
+from poolkit.sidecar.wire import protocol as p
+from poolkit.sidecar.wire.protocol import BackendScanner, FrontendScanner, MessageReader, StartupReader
 
 from .report import write_summary
 

@@ -29,10 +29,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 from poolkit.errors import ProtocolError
-from poolkit.sidecar import protocol as p
-from poolkit.sidecar.protocol import FrontendScanner, MessageReader, StartupReader
+from poolkit.sidecar.wire import protocol as p
+from poolkit.sidecar.wire.protocol import FrontendScanner, MessageReader, StartupReader
 
 from .child_sidecar import ChildSidecar
 from .report import write_summary

@@ -17,8 +17,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack
-from poolkit.sidecar.config import SidecarSettings
+from poolkit.dev.devstack import DevStack
+from poolkit.sidecar.policy.config import SidecarSettings
 
 from .conftest import Upstream
 from .relay import FaultRelay

@@ -25,11 +25,11 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 import poolkit
-from poolkit.devstack import DevStack
-from poolkit.dsn import Dsn
-from poolkit.sidecar import protocol as p
-from poolkit.sidecar.admin import COMMANDS
-from poolkit.sidecar.config import load_sidecar_settings
+from poolkit.core.dsn import Dsn
+from poolkit.dev.devstack import DevStack
+from poolkit.sidecar.policy.config import load_sidecar_settings
+from poolkit.sidecar.service.admin import COMMANDS
+from poolkit.sidecar.wire import protocol as p
 
 from .child_sidecar import ChildSidecar, free_port
 
@@ -237,11 +237,11 @@ def test_the_checks_catch_a_password_when_there_is_one(stack: DevStack) -> None:
     from conftest import SWEEP  # tests/conftest.py, the session-wide sweep
 
     before = len(SWEEP.leaks)
-    logging.getLogger("poolkit.demo").warning("connecting to %s", stack.direct_url)  # what poolkit must never do
+    logging.getLogger("poolkit.dev.demo").warning("connecting to %s", stack.direct_url)  # what poolkit must never do
     poolkit.ConfigError(f"cannot use {stack.direct_url}")
     caught = SWEEP.leaks[before:]
     del SWEEP.leaks[before:]  # shown on purpose here: not a leak of the product
-    assert [leak.split(": ")[1] for leak in caught] == ["log record on poolkit.demo", "ConfigError"], caught
+    assert [leak.split(": ")[1] for leak in caught] == ["log record on poolkit.dev.demo", "ConfigError"], caught
     assert all("<SESSION_PASSWORD>" in leak and stack.app_password not in leak for leak in caught)
     raw = Seen()
     raw.add("a raw URL", stack.direct_url)

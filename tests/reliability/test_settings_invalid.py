@@ -1,7 +1,7 @@
 """Every invalid setting value gives an error naming the setting and how to fix it, and never echoes a password.
 
-Table-driven over every field of :class:`poolkit.settings.Settings` (env and keyword) and of
-:class:`poolkit.sidecar.config.SidecarSettings` (env, TOML config file and flag). tests/test_settings.py
+Table-driven over every field of :class:`poolkit.core.settings.Settings` (env and keyword) and of
+:class:`poolkit.sidecar.policy.config.SidecarSettings` (env, TOML config file and flag). tests/test_settings.py
 checks precedence and a first set of messages; this table adds the remaining fields and values (NaN,
 infinity, negative, wrong types, URL shapes) and a guard: a new field without an invalid-value case here
 fails the suite. Each URL in the table carries the same password, and no message may contain it.
@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from poolkit import ConfigError, Settings, load_settings
+from poolkit.core.settings import DIRECT_URL_ENV, POOLED_URL_ENV
 from poolkit.errors import SidecarError
-from poolkit.settings import DIRECT_URL_ENV, POOLED_URL_ENV
-from poolkit.sidecar.app import Sidecar
-from poolkit.sidecar.config import SidecarSettings, load_sidecar_settings
+from poolkit.sidecar.policy.config import SidecarSettings, load_sidecar_settings
+from poolkit.sidecar.service.app import Sidecar
 
 SECRET = "Pw-Not-In-Any-Message-7713"
 REMOTE = f"postgresql://app:{SECRET}@db.example.com:6543/postgres"

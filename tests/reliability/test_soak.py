@@ -18,7 +18,7 @@ from types import ModuleType
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 from .child_sidecar import ChildSidecar
 from .report import write_summary

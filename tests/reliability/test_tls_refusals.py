@@ -21,11 +21,11 @@ import pytest
 import trustme
 
 import poolkit
-from poolkit.devstack import DevStack, PgBouncerHandle
+from poolkit.dev.devstack import DevStack, PgBouncerHandle
 from poolkit.errors import ConnectError, SSLError
-from poolkit.sidecar.config import load_sidecar_settings
-from poolkit.sidecar.pool import UpstreamPool
-from poolkit.sidecar.server import ServerConnection
+from poolkit.sidecar.conn.pool import UpstreamPool
+from poolkit.sidecar.conn.server import ServerConnection
+from poolkit.sidecar.policy.config import load_sidecar_settings
 
 from .conftest import SidecarRunner
 

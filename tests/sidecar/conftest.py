@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from poolkit.devstack import DevStack, find_pg_binary, free_port
-from poolkit.dsn import Dsn
-from poolkit.sidecar.app import Sidecar
-from poolkit.sidecar.config import SidecarSettings, load_sidecar_settings
+from poolkit.core.dsn import Dsn
+from poolkit.dev.devstack import DevStack, find_pg_binary, free_port
+from poolkit.sidecar.policy.config import SidecarSettings, load_sidecar_settings
+from poolkit.sidecar.service.app import Sidecar
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]

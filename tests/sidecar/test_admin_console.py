@@ -18,7 +18,7 @@ import httpx
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack, find_pg_binary, free_port
+from poolkit.dev.devstack import DevStack, find_pg_binary, free_port
 
 from .conftest import REPO, SidecarProcess, SidecarThread, run
 

@@ -12,10 +12,10 @@ import psycopg
 import pytest
 import trustme
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 from poolkit.errors import ConfigError
-from poolkit.sidecar.auth import UpstreamAuth, auth_info_from_secret
-from poolkit.sidecar.config import load_sidecar_settings
+from poolkit.sidecar.policy.auth import UpstreamAuth, auth_info_from_secret
+from poolkit.sidecar.policy.config import load_sidecar_settings
 
 if TYPE_CHECKING:
     from .conftest import SidecarThread

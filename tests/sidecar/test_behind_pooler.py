@@ -23,17 +23,17 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from poolkit.check import add_arguments
-from poolkit.check import run as run_check
-from poolkit.devstack import DevStack, find_pg_binary
-from poolkit.sidecar.prepared import (
+from poolkit.dev.check import add_arguments
+from poolkit.dev.check import run as run_check
+from poolkit.dev.devstack import DevStack, find_pg_binary
+from poolkit.sidecar.policy.prepared import (
     SERVER_NAME_PREFIX,
     AnswerHead,
     ClientStatements,
     ServerStatements,
     Statement,
 )
-from poolkit.sidecar.protocol import BackendScanner
+from poolkit.sidecar.wire.protocol import BackendScanner
 
 from .conftest import SidecarThread, run
 

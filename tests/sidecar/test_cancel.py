@@ -16,8 +16,8 @@ import pytest
 from psycopg import errors
 from support.wire import raw_login
 
-from poolkit.devstack import DevStack
-from poolkit.sidecar import protocol
+from poolkit.dev.devstack import DevStack
+from poolkit.sidecar.wire import protocol
 
 from .conftest import SidecarThread
 from .test_startup import login

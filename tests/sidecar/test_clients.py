@@ -13,7 +13,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack, find_pg_binary
+from poolkit.dev.devstack import DevStack, find_pg_binary
 
 from .conftest import run
 

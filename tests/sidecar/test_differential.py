@@ -26,7 +26,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 from .test_pipeline import counter
 

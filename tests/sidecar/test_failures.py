@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from psycopg.pq import TransactionStatus
 
-from poolkit.devstack import DevStack
-from poolkit.sidecar import protocol as p
+from poolkit.dev.devstack import DevStack
+from poolkit.sidecar.wire import protocol as p
 
 if TYPE_CHECKING:
     from .conftest import SidecarThread

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack, PgBouncerHandle
+from poolkit.dev.devstack import DevStack, PgBouncerHandle
 
 from .conftest import SidecarThread, upstream_settings
 

@@ -8,9 +8,8 @@ import pytest
 from scramp import ScramClient
 
 from poolkit.errors import ProtocolError
-from poolkit.sidecar import protocol
-from poolkit.sidecar.auth import SCRAM, UserStore
-from poolkit.sidecar.login import (
+from poolkit.sidecar.policy.auth import SCRAM, UserStore
+from poolkit.sidecar.policy.login import (
     AskPassword,
     Authenticated,
     Cancel,
@@ -21,6 +20,7 @@ from poolkit.sidecar.login import (
     StartTLS,
     WrongPassword,
 )
+from poolkit.sidecar.wire import protocol
 
 USERS = UserStore({"alice": "wonderland"})
 RULES = LoginRules(users=USERS, database="app", admin_database="pgbouncer")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 if TYPE_CHECKING:
     from .conftest import SidecarThread

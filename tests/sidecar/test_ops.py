@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from poolkit.devstack import DevStack, find_pg_binary
+from poolkit.dev.devstack import DevStack, find_pg_binary
 
 if TYPE_CHECKING:
     from .conftest import SidecarProcess, SidecarThread

@@ -30,8 +30,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack, find_pg_binary
-from poolkit.sidecar import protocol as p
+from poolkit.dev.devstack import DevStack, find_pg_binary
+from poolkit.sidecar.wire import protocol as p
 
 from .conftest import run
 from .test_ops import samples

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from poolkit.sidecar import protocol as p
-from poolkit.sidecar.pipeline import ClientPipeline
+from poolkit.sidecar.policy.pipeline import ClientPipeline
+from poolkit.sidecar.wire import protocol as p
 
 
 class Requester(asyncio.BaseTransport):

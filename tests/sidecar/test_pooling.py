@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from poolkit.sidecar.pooling import (
+from poolkit.sidecar.policy.pooling import (
     ClientGone,
     connections_to_open,
     forward_cancel,
@@ -21,7 +21,7 @@ from poolkit.sidecar.pooling import (
     should_release,
     take_server_now,
 )
-from poolkit.sidecar.protocol import FAILED_TRANSACTION, IDLE, IN_TRANSACTION
+from poolkit.sidecar.wire.protocol import FAILED_TRANSACTION, IDLE, IN_TRANSACTION
 
 
 @pytest.mark.parametrize(

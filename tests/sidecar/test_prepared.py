@@ -24,10 +24,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import generators, waiting
 
-from poolkit.devstack import DevStack, find_pg_binary
+from poolkit.dev.devstack import DevStack, find_pg_binary
 from poolkit.errors import ConfigError
-from poolkit.sidecar import protocol as p
-from poolkit.sidecar.prepared import EVENTS, ClientStatements, ServerStatements
+from poolkit.sidecar.policy.prepared import EVENTS, ClientStatements, ServerStatements
+from poolkit.sidecar.wire import protocol as p
 
 from .conftest import run, upstream_settings
 from .test_ops import admin

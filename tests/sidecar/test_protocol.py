@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poolkit.errors import ProtocolError
-from poolkit.sidecar import protocol as p
-from poolkit.sidecar.protocol import (
+from poolkit.sidecar.wire import protocol as p
+from poolkit.sidecar.wire.protocol import (
     FAILED_TRANSACTION,
     IDLE,
     IN_TRANSACTION,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import psycopg
 
-from poolkit.sidecar.app import Sidecar
+from poolkit.sidecar.service.app import Sidecar
 
 if TYPE_CHECKING:
     from .conftest import SidecarThread

@@ -10,7 +10,7 @@ import pytest
 from test_rls import ALICE, BOB, PROBE, SETUP, claims  # type: ignore[import-not-found]
 
 from poolkit import create_pool
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 
 from .conftest import SidecarThread
 

@@ -17,12 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolkit.devstack import DevStack, find_pg_binary
+from poolkit.dev.devstack import DevStack, find_pg_binary
 from poolkit.errors import ConfigError
-from poolkit.sidecar import protocol as p
-from poolkit.sidecar.client import ClientConnection
-from poolkit.sidecar.protocol import FrontendScanner
-from poolkit.sidecar.session import (
+from poolkit.sidecar.conn.client import ClientConnection
+from poolkit.sidecar.policy.session import (
     CLEAR_ALL,
     NOTHING,
     PIN_REASONS,
@@ -35,6 +33,8 @@ from poolkit.sidecar.session import (
     decide,
     quick_nothing,
 )
+from poolkit.sidecar.wire import protocol as p
+from poolkit.sidecar.wire.protocol import FrontendScanner
 
 from .conftest import upstream_settings
 from .test_ops import admin, samples

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from poolkit.devstack import DevStack, free_port
-from poolkit.sidecar.config import RELOADABLE, SidecarSettings, _env_names, load_sidecar_settings
+from poolkit.dev.devstack import DevStack, free_port
+from poolkit.sidecar.policy.config import RELOADABLE, SidecarSettings, _env_names, load_sidecar_settings
 
 from .conftest import REPO, SidecarProcess
 

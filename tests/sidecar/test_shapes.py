@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from poolkit.sidecar.shapes import DECAY, QUICK, RequestTimes, decayed_peak
+from poolkit.sidecar.policy.shapes import DECAY, QUICK, RequestTimes, decayed_peak
 
 
 def test_a_slow_run_counts_at_once_and_quick_runs_bring_it_back_slowly() -> None:

@@ -19,12 +19,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from poolkit.devstack import DevStack
-from poolkit.sidecar import protocol
-from poolkit.sidecar.auth import UpstreamAuth
-from poolkit.sidecar.pooling import parameter_changes
-from poolkit.sidecar.protocol import MessageReader
-from poolkit.sidecar.startup import StartupChecks, check_query, first_column, sync_statements
+from poolkit.dev.devstack import DevStack
+from poolkit.sidecar.policy.auth import UpstreamAuth
+from poolkit.sidecar.policy.pooling import parameter_changes
+from poolkit.sidecar.policy.startup import StartupChecks, check_query, first_column, sync_statements
+from poolkit.sidecar.wire import protocol
+from poolkit.sidecar.wire.protocol import MessageReader
 
 from .conftest import SidecarThread
 

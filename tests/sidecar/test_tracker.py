@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from poolkit.sidecar import protocol as p
-from poolkit.sidecar.protocol import FrontendScanner
-from poolkit.sidecar.session import NOTHING, Effect, decide
-from poolkit.sidecar.tracker import SessionTracker, pins_nothing
+from poolkit.sidecar.policy.session import NOTHING, Effect, decide
+from poolkit.sidecar.policy.tracker import SessionTracker, pins_nothing
+from poolkit.sidecar.wire import protocol as p
+from poolkit.sidecar.wire.protocol import FrontendScanner
 
 
 def effects(tracker: SessionTracker, scanner: FrontendScanner, *chunks: bytes) -> list[tuple[Effect, Effect]]:

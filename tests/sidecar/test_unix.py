@@ -11,7 +11,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from poolkit.devstack import find_pg_binary
+from poolkit.dev.devstack import find_pg_binary
 
 if TYPE_CHECKING:
     from collections.abc import Callable

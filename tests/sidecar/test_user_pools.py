@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from scramp import ScramMechanism
 
-from poolkit.devstack import DevStack
+from poolkit.dev.devstack import DevStack
 from poolkit.errors import ConfigError
 
 from .conftest import SidecarThread, upstream_settings

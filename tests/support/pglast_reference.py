@@ -3,7 +3,7 @@
 Only ``tests/test_routing.py`` and ``bench/bench_routing.py`` use it: ``poolkit.routing`` classifies with its
 hand-written lexer (why: the module docstring there, numbers from ``bench/bench_routing.py``). The rules are the
 lexer's, on pglast's node names; the small decisions both share (which function is which reason, how a boolean
-reads) come from ``poolkit.routing`` so that a disagreement points at the reading of the SQL, not at a table.
+reads) come from ``poolkit.sql.routing`` so that a disagreement points at the reading of the SQL, not at a table.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 
 from pglast.parser import ParseError, parse_sql_json
 
-from poolkit.routing import CATALOG_RELATIONS, PLANNER_ONLY_SETTINGS, POOLED, Decision, Route
-from poolkit.routing import _bool_text as bool_text
-from poolkit.routing import _first as first_reason
-from poolkit.routing import _function_reason as function_reason
+from poolkit.sql.routing import CATALOG_RELATIONS, PLANNER_ONLY_SETTINGS, POOLED, Decision, Route
+from poolkit.sql.routing import _bool_text as bool_text
+from poolkit.sql.routing import _first as first_reason
+from poolkit.sql.routing import _function_reason as function_reason
 
 __all__ = ["classify_pglast"]
 

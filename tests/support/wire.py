@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from poolkit.sidecar import protocol
-from poolkit.sidecar.auth import UpstreamAuth
-from poolkit.sidecar.protocol import MessageReader
+from poolkit.sidecar.policy.auth import UpstreamAuth
+from poolkit.sidecar.wire import protocol
+from poolkit.sidecar.wire.protocol import MessageReader
 
 __all__ = ["open_raw", "raw_login"]
 

@@ -1,0 +1,1 @@
+"""Observability of the library pools: Prometheus metrics, structlog events, per-pool instrumentation."""
