@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import queue
-import ssl
 import statistics
 import subprocess
+import sys
 import threading
 import time
 
@@ -39,9 +39,10 @@ import psycopg
 from psycopg import errors
 
 from poolkit.dev.devstack import DevStack, free_port
-from poolkit.sidecar.policy.auth import UpstreamAuth
 from poolkit.sidecar.wire import protocol
-from poolkit.sidecar.wire.protocol import MessageReader
+
+sys.path.insert(0, str(benchlib.REPO / "tests"))  # the raw protocol client the tests use too
+from support.wire import open_raw, raw_login
 
 _CANCEL_AFTER = 1 << 20
 # ReadyForQuery(I), the end of a simple query's answer: in a COPY of numbers no CopyData can hold these bytes.
@@ -88,17 +89,6 @@ def cancel_once(url: str, rows: int) -> tuple[float, float, int]:
         raise RuntimeError(f"the COPY of {rows} rows ended before the cancel landed: raise --rows")
 
 
-async def _open(port: int, ca_file: str | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
-    if ca_file is not None:
-        writer.write(protocol.ssl_request())
-        await writer.drain()
-        if await reader.readexactly(1) != b"S":
-            raise RuntimeError("the server refused TLS")
-        await writer.start_tls(ssl.create_default_context(cafile=ca_file), server_hostname="localhost")
-    return reader, writer
-
-
 def _seen(marker: bytes, tail: bytes, data: bytes) -> bool:
     """Is ``marker`` in ``data`` or across its start and the ``tail`` of the read before it?"""
     return marker in data or marker in tail + data[: len(marker)]
@@ -106,7 +96,7 @@ def _seen(marker: bytes, tail: bytes, data: bytes) -> bool:
 
 async def _cancel(port: int, key: tuple[int, int], ca_file: str | None) -> float:
     """Send a CancelRequest; when (perf_counter) the server closed the connection: the cancel was passed on."""
-    reader, writer = await _open(port, ca_file)
+    reader, writer = await open_raw(port, ca_file)
     writer.write(protocol.cancel_request(*key))
     await writer.drain()
     await reader.read()
@@ -115,34 +105,10 @@ async def _cancel(port: int, key: tuple[int, int], ca_file: str | None) -> float
     return closed
 
 
-async def _login(
-    port: int, user: str, password: str | None, ca_file: str | None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[int, int]]:
-    reader, writer = await _open(port, ca_file)
-    writer.write(protocol.startup_message({"user": user, "database": "app"}))
-    auth, messages = UpstreamAuth(user, password), MessageReader(side="server", max_message_size=1 << 20)
-    key: tuple[int, int] | None = None
-    ready = False
-    while not ready:
-        for kind, body in messages.feed(await reader.read(65536)):
-            if kind == b"R":
-                reply = auth.respond(*protocol.parse_auth_request(body))
-                if reply is not None:
-                    writer.write(reply)
-            elif kind == b"K":
-                key = protocol.parse_backend_key_data(body)
-            elif kind == b"E":
-                raise RuntimeError(protocol.parse_error_fields(body).get("M"))
-            elif kind == b"Z":
-                ready = True
-    assert key is not None
-    return reader, writer, key
-
-
 async def _fast_cancel_once(
     port: int, user: str, password: str | None, ca_file: str | None, rows: int
 ) -> tuple[float, float, int]:
-    reader, writer, key = await _login(port, user, password, ca_file)
+    reader, writer, key = await raw_login(port, user=user, password=password, ca_file=ca_file)
     writer.write(protocol.query(f"COPY (SELECT generate_series(1, {rows})) TO STDOUT"))
     received, after = 0, -1
     started = 0.0
@@ -181,8 +147,8 @@ def fast_cancel_once(
 
 
 async def _beside_copy(port: int, user: str, password: str | None, ca_file: str | None, rows: int) -> list[float]:
-    copy_reader, copy_writer, _ = await _login(port, user, password, ca_file)
-    reader, writer, _ = await _login(port, user, password, ca_file)
+    copy_reader, copy_writer, _ = await raw_login(port, user=user, password=password, ca_file=ca_file)
+    reader, writer, _ = await raw_login(port, user=user, password=password, ca_file=ca_file)
     copy_writer.write(protocol.query(f"COPY (SELECT generate_series(1, {rows})) TO STDOUT"))
 
     async def read_copy() -> None:

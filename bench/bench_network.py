@@ -4,7 +4,7 @@ Usage: .venv/bin/python bench/bench_network.py [--seconds 10] [--delays 0,0.25,1
 
 The far side is the stack's PostgreSQL 15 with a PgBouncer 1.18 in transaction mode in front of it (the
 stand-in for Supavisor: client TLS, SCRAM, 20 backends). Between the app's host and the far side sits
-poolkit.dev.netdelay, a C relay adding the same one-way delay to every chunk in both directions (tc/netem is
+tests/support/netdelay.py, a C relay adding the same one-way delay to every chunk in both directions (tc/netem is
 not available here). Side by side, for each delay:
 
   (a) the app straight to the remote pooler (TLS, one pooler connection per client: what users do today)
@@ -45,7 +45,9 @@ import benchlib
 from poolkit import Pool
 from poolkit.core.settings import load_settings
 from poolkit.dev.devstack import DevStack, PgBouncerHandle, find_pgbouncer, free_port
-from poolkit.dev.netdelay import DelayRelay
+
+sys.path.insert(0, str(benchlib.REPO / "tests"))  # the delay relay lives with the tests' support code
+from support.netdelay import DelayRelay
 
 TARGETS = {"a": "remote pooler", "b": "sidecar", "c": "local PgBouncer", "d": "direct PostgreSQL"}
 WORKLOADS: list[tuple[str, list[str], tuple[str, ...]]] = [

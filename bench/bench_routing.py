@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from corpus import Case, load_corpus  # noqa: E402
+from support.pglast_reference import classify_pglast  # noqa: E402
 
 from poolkit.sql import routing  # noqa: E402
 from poolkit.sql.normalize import normalize  # noqa: E402
@@ -29,7 +30,7 @@ from poolkit.sql.routing import Decision  # noqa: E402
 
 
 def _pglast_or_lexer(sql: str) -> Decision:
-    return routing._classify_pglast(sql) or routing._classify_lexer(sql)
+    return classify_pglast(sql) or routing._classify_lexer(sql)
 
 
 def _hybrid(sql: str) -> Decision:
@@ -66,7 +67,7 @@ def main() -> None:
     cases: list[Case] = load_corpus()
     every = [c.sql for c in cases]
     pooled = [c.sql for c in cases if c.route == "pooled"]
-    unparsed = sum(routing._classify_pglast(sql) is None for sql in every)
+    unparsed = sum(classify_pglast(sql) is None for sql in every)
     print(f"corpus: {len(cases)} statements ({len(pooled)} pooled), pglast cannot parse {unparsed}")
     print(f"{'implementation':28} {'µs/stmt all':>12} {'µs/stmt pooled':>15} {'correct':>9}")
     for name, fn in IMPLEMENTATIONS.items():
@@ -81,13 +82,11 @@ def main() -> None:
     print(f"{'classify, cache hit':28} {_time(routing.classify, every, args.rounds):12.2f}")
 
     disagreements = [
-        c
-        for c in cases
-        if routing._classify_lexer(c.sql) != (routing._classify_pglast(c.sql) or routing._classify_lexer(c.sql))
+        c for c in cases if routing._classify_lexer(c.sql) != (classify_pglast(c.sql) or routing._classify_lexer(c.sql))
     ]
     print(f"lexer vs pglast agreement: {len(cases) - len(disagreements)}/{len(cases)}")
     for c in disagreements:
-        print(f"  {c.id}: lexer={routing._classify_lexer(c.sql)} pglast={routing._classify_pglast(c.sql)}")
+        print(f"  {c.id}: lexer={routing._classify_lexer(c.sql)} pglast={classify_pglast(c.sql)}")
     print(
         f"sqlnorm.normalize: {_time(normalize, every, args.rounds):.1f} µs/stmt "
         f"(mean statement {statistics.mean(map(len, every)):.0f} chars)"

@@ -256,8 +256,17 @@ def drive(
         results.append(json.loads(out))
     stop.set()
     sampler.join(timeout=10)
+    report = _summarise(results, clients=clients, seconds=seconds, wall_seconds=time.monotonic() - began)
+    report.max_connected = max(connected, default=0)
+    report.rss_mib = [rss for _, rss in samples]
+    if len(cpu) >= 2:
+        report.sidecar_cpu = (cpu[-1][1] - cpu[0][1]) / (cpu[-1][0] - cpu[0][0])
+    return report
 
-    report = Report(clients=clients, seconds=seconds, wall_seconds=time.monotonic() - began)
+
+def _summarise(results: list[dict[str, Any]], *, clients: int, seconds: float, wall_seconds: float) -> Report:
+    """The workers' operations inside the measured window, as latencies and counts (the sidecar's side aside)."""
+    report = Report(clients=clients, seconds=seconds, wall_seconds=wall_seconds)
     window = [(t, kind, lat) for r in results for t, kind, lat in r["ops"] if RAMP <= t <= RAMP + seconds]
     latencies = [lat for _, _, lat in window]
     report.ops = len(window)
@@ -274,10 +283,6 @@ def drive(
     connects = [s for r in results for s in r["connect_seconds"]]
     report.connects = len(connects)
     report.connect_p99 = percentile(connects, 0.99)
-    report.max_connected = max(connected, default=0)
-    report.rss_mib = [rss for _, rss in samples]
-    if len(cpu) >= 2:
-        report.sidecar_cpu = (cpu[-1][1] - cpu[0][1]) / (cpu[-1][0] - cpu[0][0])
     return report
 
 

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import poolkit.metrics
 import pytest
 from prom_harness import Samples, ascrape
 
 import poolkit
+import poolkit.metrics
 from poolkit.dev.devstack import DevStack
 from poolkit.errors import PoolTimeout
 

@@ -17,11 +17,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import poolkit.metrics
 import pytest
 from prom_harness import Samples, ascrape
 
 import poolkit
+import poolkit.metrics
 from poolkit.dev.devstack import DevStack
 from poolkit.errors import PoolTimeout
 

@@ -11,10 +11,10 @@ import asyncpg
 import psycopg
 import pytest
 import pytest_asyncio
-from poolkit.money import ensure_table, idempotent
 
 from poolkit import ConfigError, IdempotencyConflict, Pool, create_pool
 from poolkit.dev.devstack import DevStack
+from poolkit.money import ensure_table, idempotent
 
 TABLE = "money_demo.idem"
 

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
-import poolkit.metrics
 import pytest
 from prom_harness import Samples, free_port, scrape
 
+import poolkit.metrics
 from poolkit.dev.devstack import DevStack
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

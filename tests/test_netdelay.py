@@ -1,4 +1,4 @@
-"""The delay relay (poolkit/netdelay): adds its delay both ways, keeps every byte in order, carries PostgreSQL."""
+"""The delay relay (tests/support/netdelay): adds its delay both ways, keeps every byte in order, carries PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
+from support.netdelay import DelayRelay, build_netdelay
 
 from poolkit.dev.devstack import DevStack
-from poolkit.dev.netdelay import DelayRelay, build_netdelay
 from poolkit.errors import DevStackError
 
 DELAY_MS = 5.0
@@ -136,10 +136,11 @@ def test_stop_ends_open_connections_and_a_dead_target_resets_clients(echo_port: 
     dead_port = int(closed.getsockname()[1])
     closed.close()
     to_nowhere = DelayRelay("127.0.0.1", dead_port, 1.0).start()
+    # The reset may already meet the client in connect() (the relay accepted, found no target and reset it).
     with (
         to_nowhere,
-        socket.create_connection(("127.0.0.1", to_nowhere.port), timeout=30) as client,
         pytest.raises(ConnectionResetError),
+        socket.create_connection(("127.0.0.1", to_nowhere.port), timeout=30) as client,
     ):
         client.recv(1)
 

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
-import poolkit.metrics
 import psycopg
 import pytest
 from prom_harness import Samples
@@ -25,6 +24,7 @@ from prometheus_client import generate_latest
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 import poolkit
+import poolkit.metrics
 from poolkit.dev.devstack import DevStack, PgBouncerHandle
 
 DRIVERS = ("asyncpg", "psycopg", "psycopg-sync")

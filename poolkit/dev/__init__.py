@@ -1,1 +1,1 @@
-"""Developer tooling: the local stack, `poolkit check`, `poolkit demo`, the driver comparison, a network delay."""
+"""Developer tooling: the local stack (`poolkit dev`), `poolkit check`, `poolkit demo`, the driver comparison."""

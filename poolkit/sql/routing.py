@@ -1,22 +1,8 @@
 """Pure: does this SQL need the direct connection (not the transaction pooler), and why?
 
-Implementation choice, by measurement (``bench/bench_routing.py`` over ``tests/corpus/``, uncached,
-2-core shared machine; numbers in the report and below):
-
-    265 statements (122 pooled)    µs/stmt all   µs/stmt pooled   correct
-    lexer                            43 – 57         20 – 35        265/265
-    pglast (parse_sql_json + walk)   58 – 105        30 – 56        265/265
-    prefilter + lexer (classify)     39 – 52        9.5 – 15        265/265
-    prefilter + pglast               50 – 78         13 – 26        265/265
-    classify, LRU cache hit            0.09
-    lexer vs pglast agreement: 265/265 (and on every generated statement in the tests)
-
-(ranges over runs on the loaded machine). The hand-written lexer is the implementation: as
-correct as pglast on the corpus and the property tests, 1.3–1.8x faster, no optional extra
-needed, and it reads text pglast rejects (psycopg ``%s`` and SQLAlchemy ``:name`` placeholders,
-cut-off statements) instead of failing. A text prefilter answers most application DML without
-tokenising. ``_classify_pglast`` stays as the reference the tests and the bench check the lexer
-against; ``poolkit[sql]`` is not needed at run time.
+A hand-written lexer, not pglast: as correct on the corpus, 1.3–1.8x faster, no extra dependency, and it reads
+text pglast rejects (``%s``, ``:name``). Measured by ``bench/bench_routing.py`` against the pglast reference in
+``tests/support/pglast_reference.py``; the numbers are in the README ("Lexer, not pglast").
 
 Decisions (documented here because callers and the sidecar rely on them):
 
@@ -59,10 +45,8 @@ from __future__ import annotations
 
 import enum
 import functools
-import json
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from poolkit.sql.lex import Token, split_statements, tokenize
 
@@ -286,7 +270,9 @@ _CLAUSE_ENDS = frozenset(
         "for",
     }
 )
-_NAME_BEFORE = frozenset({("w", "from"), ("w", "join"), ("o", ","), ("w", "as"), ("w", "update"), ("w", "into")})
+_NAME_BEFORE = frozenset(
+    {("w", "from"), ("w", "join"), ("o", ","), ("w", "as"), ("w", "update"), ("w", "into"), ("o", ".")}
+)
 _QUERY_OPENERS = frozenset({"select", "with", "values", "table"})
 _NAME_KINDS = ("w", "q")
 _TYPE_BEFORE = frozenset({("o", "::"), ("w", "as")})
@@ -367,7 +353,7 @@ def _lex_dml(tokens: list[Token]) -> str:  # noqa: PLR0912, PLR0915 - one pass o
             continue
         depth = len(query_level) - 1
         nxt = tokens[i + 1] if i + 1 < n else ("o", "")
-        # A word right after FROM/JOIN/a comma/AS is a name (a table called `set`), not a clause.
+        # A word right after FROM/JOIN/a comma/AS/a dot is a name (a table called `set`, `public.set`), not a clause.
         if kind == "w" and query_level[depth] and prev not in _NAME_BEFORE:
             if value == "from" and prev != ("w", "distinct"):
                 clause[depth] = "from"
@@ -522,149 +508,6 @@ def _classify_lexer(sql: str) -> Decision:
         reason = _lex_statement(statement)
         if reason:
             return _DECISIONS[reason]
-    return POOLED
-
-
-# --------------------------------------------------------------------------------------------
-# pglast (PostgreSQL's own parser): the reference implementation the lexer is measured and
-# checked against. Optional: returns None when pglast is missing or cannot parse the text.
-
-_PSYCOPG_PLACEHOLDER = re.compile(r"%\(\w+\)s|%s")
-_CURSOR_OPT_HOLD = 0x20  # parsenodes.h
-_PG_POOLED_STATEMENTS = frozenset(
-    {
-        "TransactionStmt",
-        "VariableShowStmt",
-        "ConstraintsSetStmt",
-        "NotifyStmt",
-        "LockStmt",
-        "TruncateStmt",
-        "CallStmt",
-        "FetchStmt",
-        "ClosePortalStmt",
-    }
-)
-_PG_DML = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
-_PG_PERSISTENCE = {
-    "CreateStmt": ("relation",),
-    "CreateTableAsStmt": ("into", "rel"),
-    "ViewStmt": ("view",),
-    "CreateSeqStmt": ("sequence",),
-}
-
-
-def _pg_bool(node: Any) -> bool | None:
-    if not isinstance(node, dict):
-        return None
-    if "TypeCast" in node:
-        return _pg_bool(node["TypeCast"].get("arg"))
-    const = node.get("A_Const")
-    if not isinstance(const, dict):
-        return None
-    if "boolval" in const:
-        return bool(const["boolval"].get("boolval", False))
-    if "sval" in const:
-        return _bool_text(const["sval"].get("sval", ""))
-    return None
-
-
-def _pg_set_config_local(args: list[Any]) -> bool | None:
-    """:func:`_lex_bool_arg` for pglast's tree."""
-    const = args[0].get("A_Const") if args and isinstance(args[0], dict) else None
-    if isinstance(const, dict) and str(const.get("sval", {}).get("sval", "")).lower() in PLANNER_ONLY_SETTINGS:
-        return True
-    return _pg_bool(args[2]) if len(args) > 2 else None
-
-
-def _pg_dml(root: Any) -> str:
-    found: set[str] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
-        relname = node.get("relname")
-        if isinstance(relname, str):
-            schema = node.get("schemaname")
-            if schema in ("pg_catalog", "information_schema") or (schema is None and relname in CATALOG_RELATIONS):
-                found.add("catalog")
-            elif schema == "pg_temp":
-                found.add("temp_table")
-        call = node.get("FuncCall")
-        if isinstance(call, dict):
-            names = [part.get("String", {}).get("sval", "") for part in call.get("funcname", [])]
-            schema = names[0] if len(names) > 1 else None
-            if schema == "information_schema":
-                found.add("catalog")
-            elif schema == "pg_temp":
-                found.add("temp_table")
-            elif schema in (None, "pg_catalog") and names:
-                args = call.get("args", [])
-                third = _pg_set_config_local(args) if names[-1] == "set_config" else None
-                reason = _function_reason(names[-1], third)
-                if reason:
-                    found.add(reason)
-        into = node.get("intoClause")
-        if isinstance(into, dict):
-            found.add("temp_table" if into.get("rel", {}).get("relpersistence") == "t" else "ddl")
-        stack.extend(node.values())
-    return _first(found)
-
-
-def _pg_statement(stmt: dict[str, Any]) -> str:  # noqa: PLR0911, PLR0912 - the same rules as _lex_statement, on pglast's node names
-    ((name, body),) = stmt.items()
-    if name in _PG_DML:
-        return _pg_dml(body)
-    if name in _PG_POOLED_STATEMENTS:
-        return ""
-    if name == "VariableSetStmt":
-        if body.get("is_local"):
-            return ""
-        variable = body.get("name", "")
-        if variable in ("role", "session_authorization"):
-            return "set_role"
-        return "" if variable == "TRANSACTION" else "session_set"
-    if name in ("DiscardStmt", "LoadStmt"):
-        return "session_set"
-    if name in ("ListenStmt", "UnlistenStmt"):
-        return "listen"
-    if name in ("PrepareStmt", "ExecuteStmt", "DeallocateStmt"):
-        return "prepare"
-    if name == "DeclareCursorStmt":
-        return "hold_cursor" if body.get("options", 0) & _CURSOR_OPT_HOLD else _pg_dml(body.get("query"))
-    if name == "CopyStmt":
-        return "copy" if body.get("filename") or body.get("is_program") else _pg_dml(body)
-    if name == "ExplainStmt":
-        return _pg_statement(body["query"])
-    path = _PG_PERSISTENCE.get(name)
-    if path is not None:
-        rel = body
-        for key in path:
-            rel = rel.get(key, {})
-        return "temp_table" if rel.get("relpersistence") == "t" else "ddl"
-    return "ddl"
-
-
-def _classify_pglast(sql: str) -> Decision | None:
-    """Classify with pglast; None when pglast is not installed or cannot parse ``sql``."""
-    try:
-        from pglast.parser import ParseError, parse_sql_json  # noqa: PLC0415 - optional extra
-    except ImportError:
-        return None
-    text = _PSYCOPG_PLACEHOLDER.sub("$1", sql).replace("%%", "%") if "%" in sql else sql
-    try:
-        tree = json.loads(parse_sql_json(text))
-    except ParseError:
-        return None
-    for raw in tree.get("stmts", []):
-        stmt = raw.get("stmt")
-        if stmt:
-            reason = _pg_statement(stmt)
-            if reason:
-                return _DECISIONS[reason]
     return POOLED
 
 

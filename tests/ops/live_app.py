@@ -22,9 +22,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
-import poolkit.metrics
 
 import poolkit
+import poolkit.metrics
 
 SLOW_SECONDS = 0.1  # the pools' and the sidecar's slow_query_seconds
 SLOW_SLEEP = 0.15

@@ -49,6 +49,23 @@ class LinkInfo:
     stalled: bool
 
 
+async def _read(reader: asyncio.StreamReader) -> bytes | None:
+    """The next chunk from ``reader``: ``b""`` at its EOF, None when its end reset the connection."""
+    try:
+        return await reader.read(_CHUNK)
+    except OSError:
+        return None
+
+
+def _pass_eof(writer: asyncio.StreamWriter) -> None:
+    """Pass an EOF on: half-close ``writer`` (the other end stopped sending), unless it is closing already."""
+    if writer.transport.is_closing():
+        return
+    with contextlib.suppress(OSError, RuntimeError):
+        if writer.can_write_eof():
+            writer.write_eof()
+
+
 def _reset(writer: asyncio.StreamWriter | None) -> None:
     """Close with RST instead of FIN: SO_LINGER with a zero timeout makes close() abort the connection."""
     if writer is None or writer.transport.is_closing():
@@ -234,18 +251,14 @@ class FaultRelay:
     ) -> None:
         source = "client" if direction == "to_server" else "server"
         while True:
-            try:
-                data = await reader.read(_CHUNK)
-                failed = False
-            except OSError:
-                data, failed = b"", True
+            data = await _read(reader)
             if link.dead_end:
                 if not data:
                     if source != link.dead_end:
                         link.abort()  # the live end went away too: now the link is over
                     return
                 continue  # a dead end's peer is silent: whatever the live end sends goes nowhere
-            if failed:
+            if data is None:
                 link.abort()  # a reset from one end is passed on to the other, as on a real path
                 return
             if not link.unstalled.is_set():
@@ -255,10 +268,8 @@ class FaultRelay:
             if link.dead_end:
                 continue
             if not data:
-                if direction not in link.discard and not writer.transport.is_closing():
-                    with contextlib.suppress(OSError, RuntimeError):
-                        if writer.can_write_eof():
-                            writer.write_eof()
+                if direction not in link.discard:
+                    _pass_eof(writer)
                 return
             if direction in link.discard:
                 continue

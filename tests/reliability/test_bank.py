@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
-from poolkit.money import ensure_table, idempotent
 
 from poolkit import Pool
 from poolkit.core.settings import load_settings
 from poolkit.dev.devstack import DevStack
 from poolkit.errors import CommitOutcomeUnknown
+from poolkit.money import ensure_table, idempotent
 
 from .conftest import Upstream, through_relay
 from .relay import FaultRelay

@@ -349,18 +349,7 @@ def run_after_login(raw: Raw, kind: str, payload: bytes) -> str:
         assert (messages, eof) == ([], False)  # waits for the rest, allocating nothing for it
         return "waiting (truncated message)"
     if kind == "admin":
-        verdict = admin_verdict(payload)
-        messages, eof = raw.read(limit=10)
-        if verdict == "fatal":
-            assert eof
-            error = fatal(messages)
-            assert error["C"] == "08P01", error
-            return "refused 08P01 (admin)"
-        assert not eof
-        if verdict == "waiting":
-            return "waiting (admin, truncated message)"
-        assert messages and messages[-1][0] == b"Z", messages
-        return "answered (admin)"
+        return admin_outcome(raw, payload)
     expected = predicted_client_error(payload)
     if expected is not None:
         messages, eof = raw.read(limit=10)
@@ -373,6 +362,22 @@ def run_after_login(raw: Raw, kind: str, payload: bytes) -> str:
         error = fatal(messages)
         return f"ended with FATAL {error['C']}"
     return "answered, session still usable"  # the probe query after the garbage got its answer
+
+
+def admin_outcome(raw: Raw, payload: bytes) -> str:
+    """What the admin console did with ``payload`` sent after its login, checked against :func:`admin_verdict`."""
+    verdict = admin_verdict(payload)
+    messages, eof = raw.read(limit=10)
+    if verdict == "fatal":
+        assert eof
+        error = fatal(messages)
+        assert error["C"] == "08P01", error
+        return "refused 08P01 (admin)"
+    assert not eof
+    if verdict == "waiting":
+        return "waiting (admin, truncated message)"
+    assert messages and messages[-1][0] == b"Z", messages
+    return "answered (admin)"
 
 
 def admin_verdict(payload: bytes) -> str:

@@ -14,11 +14,10 @@ from collections.abc import Callable
 import psycopg
 import pytest
 from psycopg import errors
+from support.wire import raw_login
 
 from poolkit.dev.devstack import DevStack
-from poolkit.sidecar.policy.auth import UpstreamAuth
 from poolkit.sidecar.wire import protocol
-from poolkit.sidecar.wire.protocol import MessageReader
 
 from .conftest import SidecarThread
 from .test_startup import login
@@ -104,34 +103,6 @@ def test_a_cancel_needs_the_right_secret_and_still_works(sidecar: SidecarThread)
 READY = b"Z\x00\x00\x00\x05I"  # ReadyForQuery(I); no CopyData of a COPY of numbers holds these bytes
 
 
-async def _session(
-    port: int, password: str | None = None, ca_file: str | None = None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[int, int]]:
-    """A logged-in raw protocol connection as ``app`` (TLS when ``ca_file``): reader, writer, backend key."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
-    if ca_file is not None:
-        writer.write(protocol.ssl_request())
-        await writer.drain()
-        assert await reader.readexactly(1) == b"S"
-        await writer.start_tls(ssl.create_default_context(cafile=ca_file), server_hostname="localhost")
-    writer.write(protocol.startup_message({"user": "app", "database": "app"}))
-    auth, messages = UpstreamAuth("app", password), MessageReader(side="server", max_message_size=1 << 20)
-    key: tuple[int, int] | None = None
-    ready = False
-    while not ready:
-        for kind, body in messages.feed(await reader.read(65536)):
-            if kind == b"R":
-                reply = auth.respond(*protocol.parse_auth_request(body))
-                if reply is not None:
-                    writer.write(reply)
-            elif kind == b"K":
-                key = protocol.parse_backend_key_data(body)
-            elif kind == b"Z":
-                ready = True
-    assert key is not None
-    return reader, writer, key
-
-
 async def _cancel_streaming_copy(
     port: int, rows: int, *, password: str | None = None, ca_file: str | None = None
 ) -> tuple[float, float, int]:
@@ -140,7 +111,7 @@ async def _cancel_streaming_copy(
     The client reads as fast as a C client would (1 MB reads, no per-message work), so the relay is the
     bottleneck: the case of the issue.
     """
-    reader, writer, key = await _session(port, password, ca_file)
+    reader, writer, key = await raw_login(port, password=password, ca_file=ca_file)
     writer.write(protocol.query(f"COPY (SELECT generate_series(1, {rows})) TO STDOUT"))
     received, after = 0, -1
     started = 0.0
@@ -213,8 +184,8 @@ def test_a_cancel_does_not_wait_behind_a_result_of_small_messages(
 
 async def _select_beside_copy(port: int, rows: int) -> list[float]:
     """``SELECT 1`` round trips on one connection while another reads a COPY of ``rows`` as fast as it can."""
-    copy_reader, copy_writer, _ = await _session(port)
-    reader, writer, _ = await _session(port)
+    copy_reader, copy_writer, _ = await raw_login(port)
+    reader, writer, _ = await raw_login(port)
     copy_writer.write(protocol.query(f"COPY (SELECT generate_series(1, {rows})) TO STDOUT"))
     first = await copy_reader.read(1 << 20)  # streaming now
 

@@ -112,7 +112,7 @@ class ModelSession:
         self.skipping = True
         return p.error_response(code, text)
 
-    def _extended(self, kind: bytes, body: bytes) -> bytes:
+    def _extended(self, kind: bytes, body: bytes) -> bytes:  # noqa: PLR0911 - a model server: each extended-protocol message's answer and its errors, in PostgreSQL's order, side by side
         if kind == b"P":
             name, rest = body.split(b"\0", 1)
             sql = rest.split(b"\0", 1)[0]

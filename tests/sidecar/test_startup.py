@@ -42,7 +42,7 @@ class Greeting:
     key: tuple[int, int] | None = None  # BackendKeyData: (process id, secret key)
 
 
-async def login(
+async def login(  # noqa: PLR0912 - a raw client's login and SHOWs: one branch per message type PostgreSQL may answer with
     port: int,
     params: dict[str, str],
     *,

@@ -53,7 +53,6 @@ SERVER_NAME_PREFIX: Final = b"poolkit_"
 _MISSING_NAME: Final = b"poolkit_missing"
 
 _U32 = struct.Struct("!I")
-_PARSE_COMPLETE: Final = b"1\x00\x00\x00\x04"
 _DESCRIBE_UNNAMED: Final = b"D\x00\x00\x00\x06S\x00"
 B_READY_BYTE: Final = b"Z"[0]
 # What PostgreSQL answers when a prepared statement's result types changed under it, with the fields

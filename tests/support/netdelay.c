@@ -1,6 +1,6 @@
 /*
  * netdelay: a TCP relay that adds a fixed one-way delay in both directions (a network between two
- * loopback processes), for tests and bench/. Built at run time by poolkit/netdelay.py with the system cc.
+ * loopback processes), for tests and bench/. Built at run time by tests/support/netdelay.py with the system cc.
  *
  * Why hand-written C: the packaged ways to delay traffic (tc/netem) need a kernel qdisc this kind of
  * machine does not have ("qdisc kind is unknown") and root; socat, haproxy, toxiproxy and friends either add

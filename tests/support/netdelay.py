@@ -1,4 +1,4 @@
-"""A fixed one-way network delay between two loopback processes, for tests and bench/ (dev tooling).
+"""A fixed one-way network delay between two loopback processes, for tests and bench/ (not installed with poolkit).
 
 ``DelayRelay(host, port, delay_ms)`` starts ``netdelay`` (``netdelay.c`` beside this file, compiled on
 first use with the system ``cc`` into a cache directory) on a free loopback port in front of
@@ -39,10 +39,6 @@ def _cache_dir() -> pathlib.Path:
 
 def build_netdelay(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
     """The ``netdelay`` binary for this source, compiled with ``$CC`` or ``cc`` if it is not cached yet."""
-    if not _SOURCE.is_file():
-        raise DevStackError(
-            f"{_SOURCE} is missing: the delay relay is development tooling, run it from a source checkout of poolkit"
-        )
     source = _SOURCE.read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:16]
     directory = pathlib.Path(cache_dir) if cache_dir is not None else _cache_dir()
