@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 from poolkit.dev.devstack import DevStack
@@ -72,8 +73,16 @@ def child(code: str, *args: str, pythonpath: str | None = None) -> dict[str, Any
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
+    # Not from the repository: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH, and
+    # the baseline would silently be this checkout again.
     done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, timeout=60, env=env
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env=env,
+        cwd=tempfile.gettempdir(),
     )
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
