@@ -7,15 +7,13 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
-from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError
+from poolkit.errors import ProtocolError
 from poolkit.log import get_logger
 from poolkit.sidecar import protocol
-from poolkit.sidecar.login import Action as LoginAction
-from poolkit.sidecar.login import AskPassword, Authenticated, Login, LoginRules, Refuse, Send, StartTLS, WrongPassword
+from poolkit.sidecar.client_login import ClientLogin, ConsoleFeed
 from poolkit.sidecar.pipeline import ClientPipeline
 from poolkit.sidecar.pooling import (
     POOL_EXHAUSTED_HINT,
-    TRACKED_PARAMETERS,
     ClientGone,
     ClientState,
     ServerState,
@@ -24,7 +22,7 @@ from poolkit.sidecar.pooling import (
     take_server_now,
 )
 from poolkit.sidecar.prepared import AnswerHead, Bound, ClientStatements, Statement
-from poolkit.sidecar.protocol import FrontendScanner, MessageReader
+from poolkit.sidecar.protocol import FrontendScanner
 from poolkit.sidecar.session import (
     NOTHING,
     Effect,
@@ -36,7 +34,7 @@ from poolkit.sidecar.session import (
     pin_limit_message,
     quick_nothing,
 )
-from poolkit.sidecar.startup import Rejection, check_query, first_column, rejection, sync_statements
+from poolkit.sidecar.startup import sync_statements
 from poolkit.sidecar.tracker import SessionTracker, pins_nothing
 
 if TYPE_CHECKING:
@@ -98,12 +96,7 @@ class ClientConnection(asyncio.Protocol):
 
     # Slots: thousands of idle clients each cost one of these objects.
     __slots__ = (
-        "_login",
-        "_login_server",
-        "_login_timer",
-        "_reader",
         "_wanted_key",
-        "admin",
         "app",
         "buffer",
         "buffered",
@@ -121,6 +114,7 @@ class ClientConnection(asyncio.Protocol):
         "held_effects",
         "input_paused",
         "linking",
+        "login",
         "loopback",
         "peer",
         "pending",
@@ -175,14 +169,11 @@ class ClientConnection(asyncio.Protocol):
         self.secret_key = 0
         self.connect_time = time.time()
         self.request_time = self.connect_time
-        self.admin = False
-        self.console: AdminSession | None = None
-        # The login under way (login.py), dropped once the client is greeted.
-        self._login: Login | None = Login()
-        self._reader: MessageReader | None = None  # the admin console's
         self._wanted_key: tuple[tuple[str, str], ...] | None = None
-        self._login_timer: asyncio.TimerHandle | None = None
-        self._login_server: asyncio.Future[ServerConnection] | None = None  # to check its startup parameters
+        # What reads its bytes until the relay does (client_login.py): the login under way, dropped once
+        # the client is greeted; then, on the admin console, the console's feed.
+        self.login: ClientLogin | None = ClientLogin(self)
+        self.console: ConsoleFeed | None = None
         # Session state (tracker.py): pins and their reasons, the reset guard, the statement tap.
         self.session = SessionTracker()
         # Named prepared statements (prepared.py), created at the first one; rewrite_queued: the
@@ -220,10 +211,8 @@ class ClientConnection(asyncio.Protocol):
         if len(app.connections) > app.settings.max_client_conn:
             self.fatal("53300", f"too many clients: max_client_conn={app.settings.max_client_conn} reached")
             return
-        if app.settings.client_login_timeout > 0:
-            self._login_timer = asyncio.get_running_loop().call_later(
-                app.settings.client_login_timeout, self._login_timed_out
-            )
+        if self.login is not None:
+            self.login.start(app.settings.client_login_timeout)
 
     def data_received(self, data: bytes) -> None:  # noqa: PLR0911 - the relay's hot path: each return is one chunk's fast exit, not a call
         if self.state != _READY:
@@ -272,11 +261,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.state = ClientState.CLOSED
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
-        if self._login_server is not None and not self._login_server.done():
-            self._login_server.cancel()
+        if self.login is not None:
+            self.login.abandon()
         self.app.client_closed(self)
         if self.waiting:
             self.waiting = False
@@ -607,10 +593,8 @@ class ClientConnection(asyncio.Protocol):
         server.client = self
         server.assigned_at = now
         server.query_started = now
-        future = self._login_server
-        if future is not None:  # still logging in: the server is for checking its startup parameters
-            self._login_server = None
-            future.set_result(server)
+        login = self.login
+        if login is not None and login.take_server(server):  # still logging in: it checks startup parameters
             return
         key = self.wanted_key()
         if server.session_key != key:
@@ -950,254 +934,19 @@ class ClientConnection(asyncio.Protocol):
             self.dirty = True
         self.transport.close()
 
-    def _login_timed_out(self) -> None:
-        self._login_timer = None
-        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.WELCOME):
-            self.pool.stats.client_logins["error"] += 1
-            self.fatal("08006", f"client_login_timeout ({self.app.settings.client_login_timeout:g}s) expired")
-
-    # ------------------------------------------------------------- login (slow path)
+    # ------------------------------------------------------------- before the relay (client_login.py)
 
     def _slow_data(self, data: bytes) -> None:
-        # Dispatch on a local: the handlers change self.state.
-        state = self.state
-        try:
-            if state in (ClientState.STARTUP, ClientState.AUTH):
-                login = self._login
-                assert login is not None
-                self._carry_out(login, login.feed(data, self._login_rules()))
-            elif state == ClientState.WELCOME:
-                assert self._login is not None
-                self._login.early += data
-            elif state == ClientState.ADMIN:
-                assert self._reader is not None
-                for kind, body in self._reader.feed(data):
-                    self._on_admin_message(kind, body)
-        except ProtocolError as exc:
-            self.pool.stats.client_logins["error"] += self.state != ClientState.ADMIN
-            self.protocol_violation(str(exc))
+        login = self.login
+        if login is not None:
+            login.data_received(data)
+        elif self.console is not None:
+            self.console.data_received(data)
 
-    def _login_rules(self) -> LoginRules:
-        app = self.app
-        settings = app.settings
-        return LoginRules(
-            users=app.users,
-            database=self.pool.dsn.database,
-            admin_database=settings.admin_database,
-            trust=settings.effective_auth_type == "trust",
-            tls_offered=app.client_tls_context is not None and not self.tls,
-            tls_required=settings.effective_client_tls == "require" and not self.tls and not self.unix,
-            loopback=self.loopback,
-            peer=self.peer,
-        )
-
-    def _carry_out(self, login: Login, actions: list[LoginAction]) -> None:
-        """Do what the login (login.py) decided, in its order."""
-        self.user = login.user
-        self.database = login.database
-        self.admin = login.admin
-        if login.wanted is not None and self.state == ClientState.STARTUP:
-            self.wanted = login.wanted
-            self._wanted_key = None
-        for action in actions:
-            if isinstance(action, Send):
-                self.transport.write(action.data)
-            elif isinstance(action, AskPassword):
-                self.state = ClientState.AUTH
-                self.transport.write(action.data)
-            elif isinstance(action, Authenticated):
-                self._logged_in(action.auth_messages)
-            elif isinstance(action, Refuse):
-                self._login_failed(action.code, action.text)
-            elif isinstance(action, WrongPassword):
-                self.pool.stats.client_logins["auth_failed"] += 1
-                log.info("client_auth_failed", client=self.describe())
-                self.fatal("28P01", action.text)
-                self.state = ClientState.CLOSED
-            elif isinstance(action, StartTLS):
-                self.transport.write(b"S")
-                # Stop reading now: the ClientHello must reach the TLS layer, not this protocol.
-                self.transport.pause_reading()
-                self.app.spawn(self._start_tls())
-            else:
-                # The app closes this connection once the cancel is forwarded (PostgreSQL's order too);
-                # CLOSED: nothing more is read from it and client_login_timeout does not answer it.
-                self.state = ClientState.CLOSED
-                if self._login_timer is not None:
-                    self._login_timer.cancel()
-                    self._login_timer = None
-                self.app.cancel(action.process_id, action.secret_key, self.transport)
-
-    async def _start_tls(self) -> None:
-        assert self.app.client_tls_context is not None
-        loop = asyncio.get_running_loop()
-        try:
-            transport = await loop.start_tls(self.transport, self, self.app.client_tls_context, server_side=True)
-        except (OSError, ValueError, ConnectionError) as exc:
-            log.info("client_tls_failed", client=self.describe(), error=str(exc))
-            self.transport.abort()
-            return
-        if transport is None:
-            return
-        self.transport = transport
-        self.tls = True
-
-    def _login_failed(self, code: str, text: str) -> None:
-        self.pool.stats.client_logins["error" if code != "28P01" else "auth_failed"] += 1
-        log.info("client_login_refused", client=self.describe(), code=code, reason=text)
-        self.fatal(code, text)
-        self.state = ClientState.CLOSED
-
-    def _logged_in(self, auth_messages: bytes) -> None:
-        app = self.app
-        if self.admin:
-            console = app.open_console(self)
-            if isinstance(console, str):
-                self._login_failed("28000", console)  # after the password check, as PgBouncer
-                return
-            self.console = console
-        else:
-            pool = app.pool_for(self.user)
-            if isinstance(pool, str):
-                self._login_failed("28000", pool)
-                return
-            self.pool = pool
-        self.process_id, self.secret_key = app.register_cancel_key(self)
-        if self.admin:
-            self._reader = MessageReader(side="client", max_message_size=protocol.MAX_INSPECTED_SIZE)
-            welcome = self.pool.welcome or [("server_version", "15.0"), ("client_encoding", "UTF8")]
-            self._finish_login(auth_messages, welcome, ClientState.ADMIN)
-            return
-        welcome_params = self.pool.welcome
-        canonical, unknown = app.startup_checks_for(self.pool).resolve(self.wanted, self.pool.generation)
-        if welcome_params is not None and not unknown:
-            self._set_wanted_all(canonical)
-            self._finish_login(auth_messages, welcome_params, ClientState.READY)
-            return
-        self.state = ClientState.WELCOME
-        app.spawn(self._wait_welcome(auth_messages, unknown))
-
-    async def _wait_welcome(self, auth_messages: bytes, unknown: list[tuple[str, str]]) -> None:
-        try:
-            welcome_params = await self.pool.ensure_welcome()
-        except ConnectError as exc:
-            self.pool.stats.client_logins["error"] += 1
-            problem = "cannot log in to" if isinstance(exc, AuthenticationFailed) else "cannot reach"
-            self.fatal("08006", f"pool {self.pool.name!r} {problem} its upstream: {exc}")
-            return
-        if unknown and not self._login_over():
-            refused = await self._check_startup(unknown)
-            if refused is not None:
-                self._refuse_startup(auth_messages, refused)
-                return
-        if not self._login_over():
-            self._finish_login(auth_messages, welcome_params, ClientState.READY)
-
-    def _login_over(self) -> bool:
-        """Did the login end while it waited (the client left, a FATAL was sent: login timeout, pool failure)?"""
-        return self.closed or self.state != ClientState.WELCOME or self.transport.is_closing()
-
-    async def _check_startup(self, unknown: list[tuple[str, str]]) -> Rejection | None:
-        """Have a server connection check startup parameters not seen before (startup.py); the rejection, if any.
-
-        The server is taken like a transaction's (waiting, query_wait_timeout and all) and given back
-        unchanged: the check's settings are local to its implicit transaction.
-        """
-        pool = self.pool
-        generation = pool.generation
-        self._login_server = future = asyncio.get_running_loop().create_future()
-        server = pool.acquire(self, time.monotonic())
-        if server is None:
-            self.waiting = True  # attach() hands it a server (or _fail_queued ends the login)
-        else:
-            self.attach(server, time.monotonic())
-        server = await future
-        rows: list[bytes] = []
-        try:
-            async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
-                spelling = (self._login.spelling if self._login is not None else None) or {}
-                spelled = [(spelling.get(name, name), value) for name, value in unknown]
-                error = await server.run_internal(check_query(spelled), rows)
-        except (Exception, asyncio.CancelledError) as exc:
-            pool.server_broken(server, f"startup parameter check failed: {exc!r}")
-            if not self._login_over():
-                pool.stats.client_logins["error"] += 1
-                self.fatal("08006", f"the server connection of pool {pool.name!r} failed while being set up")
-            self.state = ClientState.CLOSED
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return None
-        server.client = None
-        pool.release(server, time.monotonic())
-        if error is not None:
-            return rejection(error)
-        checks = self.app.startup_checks_for(pool)
-        learned = checks.learn(unknown, [first_column(row) for row in rows], generation)
-        self._set_wanted_all({**self.wanted, **learned})
-        return None
-
-    def _set_wanted_all(self, wanted: dict[str, str]) -> None:
+    def set_wanted_all(self, wanted: dict[str, str]) -> None:
+        """Its session settings, all at once (the login's startup parameters, as the upstream spells them)."""
         self.wanted = wanted
         self._wanted_key = None
-
-    def _refuse_startup(self, auth_messages: bytes, refused: Rejection) -> None:
-        """A startup parameter the upstream rejected fails the login after AuthenticationOk, as on PostgreSQL."""
-        if self._login_over():
-            return
-        self.pool.stats.client_logins["error"] += 1
-        log.info("client_login_refused", client=self.describe(), code=refused.code, reason=refused.message)
-        self.state = ClientState.CLOSED
-        transport = self.transport
-        if not transport.is_closing():
-            error = protocol.error_response(
-                refused.code, refused.message, severity="FATAL", detail=refused.detail, hint=refused.hint
-            )
-            transport.write(auth_messages + error)
-            transport.close()
-
-    def _finish_login(self, auth_messages: bytes, params: list[tuple[str, str]], state: ClientState) -> None:
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
-        # Every setting the server reports that the client set (default_transaction_read_only too), with
-        # the value the server made of it (startup.py).
-        reported = {name.lower() for name, _ in params}
-        overrides = tuple(sorted((k, v) for k, v in self.wanted.items() if k in TRACKED_PARAMETERS or k in reported))
-        body = self.app.welcome_bytes(params, overrides)
-        self.transport.write(
-            auth_messages
-            + body
-            + protocol.backend_key_data(self.process_id, self.secret_key)
-            + protocol.ready_for_query()
-        )
-        self.state = state
-        self.pool.stats.client_logins["ok"] += 1
-        if state == ClientState.READY:
-            self.pool.clients.add(self)
-        login, self._login = self._login, None
-        early = login.early if login is not None else b""
-        if early:
-            self.data_received(early)
-
-    # ------------------------------------------------------------- admin console
-
-    def _on_admin_message(self, kind: bytes, body: bytes) -> None:
-        if kind == b"X":
-            self.transport.close()
-        elif kind == b"Q":
-            assert self.console is not None
-            self.console.query(protocol.parse_query(body))
-        elif kind == b"S":
-            self.transport.write(protocol.ready_for_query())
-        elif kind in (b"P", b"B", b"D", b"E", b"C", b"H"):
-            if kind == b"P":
-                self.transport.write(
-                    protocol.error_response(
-                        "0A000", "the admin console only supports simple queries (psql, or SHOW commands)"
-                    )
-                )
-        else:
-            raise ProtocolError(f"unexpected message {kind!r} on the admin console")
 
     # ------------------------------------------------------------- display
 
