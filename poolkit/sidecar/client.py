@@ -672,9 +672,9 @@ class ClientConnection(asyncio.Protocol):
         if statements is None:
             return False
         scanner = self.scanner
-        head = b""
-        start: tuple[int, int] | None = None
-        binds = self._reprepared_here(server, statements, data)
+        binds = statements.reprepared_binds(
+            data, server.statements, scanner, owed=self.pending, head_owed=self.head is not None
+        )
         if binds is not None:
             # Behind a transaction pooler, one Bind of a statement first in a batch: prepared again and
             # described in front of it, and checked as it comes back (prepared.AnswerHead), as pipelined
@@ -682,16 +682,12 @@ class ClientConnection(asyncio.Protocol):
             self.pending += syncs
             server.query_started = time.monotonic()
             scanner.named_at = -1
-            self.head = AnswerHead(binds[0][0])
-            server.write(statements.reprepare(data, server.statements, binds, server.scanner.ready_total))
+            data, self.head = statements.renamed(data, server.statements, binds, server.scanner.ready_total)
+            server.write(data)
             return True
-        if not statements.engaged:
-            # Its messages before the first named one go as they are; the rest starts at the server's
-            # position: ReadyForQuery seen + owed before it, and its place in the current batch.
-            at = scanner.named_at
-            start = (server.scanner.ready_total + self.pending + scanner.named_syncs, scanner.named_batch)
-            if at:
-                head, data = data[:at], data[at:]
+        # Its messages before the first named one go as they are; the rest starts at the server's
+        # position: ReadyForQuery seen + owed before it, and its place in the current batch.
+        head, data, start = statements.split(data, scanner, server.scanner.ready_total + self.pending)
         if syncs:
             if self.pending <= 0:
                 server.query_started = now = time.monotonic()
@@ -703,47 +699,25 @@ class ClientConnection(asyncio.Protocol):
             server.write(head + data)
         return True
 
-    def _reprepared_here(
-        self, server: ServerConnection, statements: ClientStatements, data: bytes
-    ) -> list[Bound] | None:
-        """The Binds of ``data`` if it is a request :meth:`ClientStatements.reprepare` serves on ``server`` now."""
-        scanner = self.scanner
-        if (
-            not server.statements.transaction
-            or statements.engaged
-            or self.pending != 0
-            or self.head is not None
-            or scanner.named_at != 0
-            or scanner.named_syncs != 0
-            or scanner.named_batch != 0
-        ):
-            return None
-        binds = statements.bound(data)
-        return binds if binds is not None and server.statements.reprepares(binds) else None
-
     def rename_for(self, server: ServerConnection, data: bytes, owed_before: int) -> bytes:
         """Its pipelinable request, renamed for ``server``, which owes ``owed_before`` ReadyForQuery before it."""
         assert self.statements is not None
         binds, self.follow_binds = self.follow_binds, []
         self.scanner.named_at = -1
-        statements = server.statements
-        z = server.scanner.ready_total + owed_before
-        if statements.transaction:
-            self.head = AnswerHead(binds[0][0])
-            return self.statements.reprepare(data, statements, binds, z)
-        return self.statements.rename(data, statements, binds, z)
+        data, head = self.statements.renamed(data, server.statements, binds, server.scanner.ready_total + owed_before)
+        if head is not None:
+            self.head = head
+        return data
 
     def _rewrite(self, server: ServerConnection, data: bytes, start: tuple[int, int] | None) -> bytes:
         """Rewrite ``data`` for ``server``; answers due now go to the client. Returns the bytes to send."""
         statements = self.statements
         assert statements is not None
         try:
-            data, answers = statements.rewrite(data, server.statements, start)
+            data, answers = statements.rewrite_chunk(data, server.statements, start, self.scanner)
         except ProtocolError as exc:
             self.protocol_violation(str(exc))
             return b""
-        # While a message is split across reads, every read must come through here.
-        self.scanner.named_at = 0 if statements.engaged else -1
         if answers:
             self.transport.write(answers)
         return data

@@ -42,10 +42,13 @@ import functools
 import hashlib
 import struct
 from collections import OrderedDict, deque
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from poolkit.errors import ProtocolError
 from poolkit.sidecar.protocol import B_DONE, B_ERROR, B_READY, BACKEND_KINDS, BackendScanner, error_response
+
+if TYPE_CHECKING:
+    from poolkit.sidecar.protocol import FrontendScanner
 
 EVENTS: Final = ("hit", "miss", "eviction")
 SERVER_NAME_PREFIX: Final = b"poolkit_"
@@ -661,6 +664,64 @@ class ClientStatements:
                 data[name_end + 1 :],
             )
         )
+
+    def renamed(
+        self, data: bytes, server: ServerStatements, binds: list[Bound], z: int
+    ) -> tuple[bytes, AnswerHead | None]:
+        """A request :meth:`bound` accepted, for ``server``: renamed, or behind a transaction pooler prepared again.
+
+        Returns the bytes to send and, for a request prepared again, the head of its answer the relay checks
+        and removes (:class:`AnswerHead`). ``z`` is the request's position (see :meth:`rename`).
+        """
+        if server.transaction:
+            return self.reprepare(data, server, binds, z), AnswerHead(binds[0][0])
+        return self.rename(data, server, binds, z), None
+
+    def reprepared_binds(
+        self, data: bytes, server: ServerStatements, scanner: FrontendScanner, *, owed: int, head_owed: bool
+    ) -> list[Bound] | None:
+        """The Binds of ``data`` if it is a request :meth:`reprepare` serves on ``server`` now, else ``None``.
+
+        Behind a transaction pooler only, for a request of Binds first in its batch (``scanner``: where its first
+        named message is), with nothing of the client's outstanding (``owed`` ReadyForQuery, an answer head).
+        """
+        if (
+            not server.transaction
+            or self.engaged
+            or owed != 0
+            or head_owed
+            or scanner.named_at != 0
+            or scanner.named_syncs != 0
+            or scanner.named_batch != 0
+        ):
+            return None
+        binds = self.bound(data)
+        return binds if binds is not None and server.reprepares(binds) else None
+
+    def split(
+        self, data: bytes, scanner: FrontendScanner, position: int
+    ) -> tuple[bytes, bytes, tuple[int, int] | None]:
+        """A chunk naming a statement: (its messages before the first named one, which go as they are; the rest,
+        to :meth:`rewrite`; the rest's ``start``). ``position``: the server's ReadyForQuery seen + owed before
+        the chunk. While a message is split across chunks (``engaged``), the whole chunk continues the last one.
+        """
+        if self.engaged:
+            return b"", data, None
+        at = scanner.named_at
+        start = (position + scanner.named_syncs, scanner.named_batch)
+        if at:
+            return data[:at], data[at:], start
+        return b"", data, start
+
+    def rewrite_chunk(
+        self, data: bytes, server: ServerStatements, start: tuple[int, int] | None, scanner: FrontendScanner
+    ) -> tuple[bytes, bytes]:
+        """:meth:`rewrite` for one chunk the client sent: its scanner then sends the next chunk here (named_at 0)
+        while a message is split across chunks, and stops flagging chunks otherwise (-1) until one names a
+        statement again."""
+        out = self.rewrite(data, server, start)
+        scanner.named_at = 0 if self.engaged else -1
+        return out
 
     def clear(self) -> None:
         """DISCARD ALL / DEALLOCATE ALL ran in this client's session."""
