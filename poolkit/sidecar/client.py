@@ -208,11 +208,8 @@ class ClientConnection(asyncio.Protocol):
                 self.peer = f"{peer[0]}:{peer[1]}"
                 self.loopback = app.is_loopback(peer[0])
         app.client_opened(self)
-        if len(app.connections) > app.settings.max_client_conn:
-            self.fatal("53300", f"too many clients: max_client_conn={app.settings.max_client_conn} reached")
-            return
         if self.login is not None:
-            self.login.start(app.settings.client_login_timeout)
+            self.login.start()
 
     def data_received(self, data: bytes) -> None:  # noqa: PLR0911 - the relay's hot path: each return is one chunk's fast exit, not a call
         if self.state != _READY:

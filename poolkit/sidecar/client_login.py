@@ -55,10 +55,16 @@ class ClientLogin:
         # A server connection on its way to check startup parameters (ClientConnection.attach hands it).
         self.server: asyncio.Future[ServerConnection] | None = None
 
-    def start(self, timeout: float) -> None:
-        """The client connected: ``client_login_timeout`` (0 = none) starts now."""
-        if timeout > 0:
-            self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
+    def start(self) -> None:
+        """The client connected (and is counted in ``connections``): refused over ``max_client_conn``, else
+        ``client_login_timeout`` (0 = none) starts now."""
+        client = self.client
+        settings = client.app.settings
+        if len(client.app.connections) > settings.max_client_conn:
+            client.fatal("53300", f"too many clients: max_client_conn={settings.max_client_conn} reached")
+            return
+        if settings.client_login_timeout > 0:
+            self.timer = asyncio.get_running_loop().call_later(settings.client_login_timeout, self._timed_out)
 
     def abandon(self) -> None:
         """The client left: stop the timer and stop waiting for a server connection."""
