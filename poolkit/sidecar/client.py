@@ -115,7 +115,6 @@ class ClientConnection(asyncio.Protocol):
         "input_paused",
         "linking",
         "login",
-        "loopback",
         "peer",
         "pending",
         "pipeline",
@@ -160,7 +159,6 @@ class ClientConnection(asyncio.Protocol):
         self.input_paused = False
         self.write_paused = False
         self.tls = False
-        self.loopback = unix
         self.peer = "unix" if unix else "?"
         self.user = ""
         self.database = ""
@@ -202,14 +200,12 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         app = self.app
         self.process_id = app.next_process_id()  # from the first byte: refused logins are told apart in logs
-        if not self.unix:
-            peer = transport.get_extra_info("peername")
-            if peer:
-                self.peer = f"{peer[0]}:{peer[1]}"
-                self.loopback = app.is_loopback(peer[0])
+        peer = None if self.unix else transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
         app.client_opened(self)
         if self.login is not None:
-            self.login.start()
+            self.login.start(peer[0] if peer else None)
 
     def data_received(self, data: bytes) -> None:  # noqa: PLR0911 - the relay's hot path: each return is one chunk's fast exit, not a call
         if self.state != _READY:

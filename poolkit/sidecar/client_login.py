@@ -46,19 +46,22 @@ _LOGGING_IN = (ClientState.STARTUP, ClientState.AUTH, ClientState.WELCOME)
 class ClientLogin:
     """One client's login under way, carried out on its connection (dropped once the client is greeted)."""
 
-    __slots__ = ("client", "login", "server", "timer")
+    __slots__ = ("client", "login", "loopback", "server", "timer")
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
         self.login = Login()
+        self.loopback = client.unix  # a Unix-socket client is as local as a loopback one (trust admits it)
         self.timer: asyncio.TimerHandle | None = None
         # A server connection on its way to check startup parameters (ClientConnection.attach hands it).
         self.server: asyncio.Future[ServerConnection] | None = None
 
-    def start(self) -> None:
-        """The client connected (and is counted in ``connections``): refused over ``max_client_conn``, else
-        ``client_login_timeout`` (0 = none) starts now."""
+    def start(self, host: str | None) -> None:
+        """The client connected from ``host`` (None: a Unix socket) and is counted in ``connections``: refused
+        over ``max_client_conn``, else ``client_login_timeout`` (0 = none) starts now."""
         client = self.client
+        if host is not None:
+            self.loopback = client.app.is_loopback(host)
         settings = client.app.settings
         if len(client.app.connections) > settings.max_client_conn:
             client.fatal("53300", f"too many clients: max_client_conn={settings.max_client_conn} reached")
@@ -116,7 +119,7 @@ class ClientLogin:
             trust=settings.effective_auth_type == "trust",
             tls_offered=app.client_tls_context is not None and not client.tls,
             tls_required=settings.effective_client_tls == "require" and not client.tls and not client.unix,
-            loopback=client.loopback,
+            loopback=self.loopback,
             peer=client.peer,
         )
 
