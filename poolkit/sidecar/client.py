@@ -1,4 +1,4 @@
-"""One client connection: TLS, startup and auth, then the relay's client side (queue, attach, release)."""
+"""One client connection: the relay's client side (queue, attach, release), after its login (client_login.py)."""
 
 from __future__ import annotations
 
