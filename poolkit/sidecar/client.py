@@ -675,19 +675,24 @@ class ClientConnection(asyncio.Protocol):
             self.pending += syncs
             server.query_started = time.monotonic()
             scanner.named_at = -1
-            data, self.head = statements.renamed(data, server.statements, binds, server.scanner.ready_total)
-            server.write(data)
+            self.head = AnswerHead(binds[0][0])
+            server.write(statements.reprepare(data, server.statements, binds, server.scanner.ready_total))
             return True
         # Its messages before the first named one go as they are; the rest starts at the server's
         # position: ReadyForQuery seen + owed before it, and its place in the current batch.
-        head, data, start = statements.split(data, scanner, server.scanner.ready_total + self.pending)
+        head, data, answers, error = statements.forward(
+            data, server.statements, scanner, server.scanner.ready_total + self.pending
+        )
         if syncs:
             if self.pending <= 0:
                 server.query_started = now = time.monotonic()
                 if server.assigned_at < 0:
                     server.assigned_at = now
             self.pending += syncs
-        data = self._rewrite(server, data, start)
+        if error is not None:
+            self.protocol_violation(error)
+        elif answers:
+            self.transport.write(answers)
         if head or data:
             server.write(head + data)
         return True

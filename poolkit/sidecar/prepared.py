@@ -698,20 +698,29 @@ class ClientStatements:
         binds = self.bound(data)
         return binds if binds is not None and server.reprepares(binds) else None
 
-    def split(
-        self, data: bytes, scanner: FrontendScanner, position: int
-    ) -> tuple[bytes, bytes, tuple[int, int] | None]:
-        """A chunk naming a statement: (its messages before the first named one, which go as they are; the rest,
-        to :meth:`rewrite`; the rest's ``start``). ``position``: the server's ReadyForQuery seen + owed before
-        the chunk. While a message is split across chunks (``engaged``), the whole chunk continues the last one.
+    def forward(
+        self, data: bytes, server: ServerStatements, scanner: FrontendScanner, position: int
+    ) -> tuple[bytes, bytes, bytes, str | None]:
+        """A chunk naming a statement, for ``server``: (its messages before the first named one, which go as they
+        are; the rest, rewritten; answers for the client now; the protocol violation that stopped the rewriting).
+
+        ``position``: the server's ReadyForQuery seen + owed before the chunk; the rest starts there, at its
+        place in the current batch. While a message is split across chunks (``engaged``), the chunk continues
+        the last one. The scanner then flags the next chunk as :meth:`rewrite_chunk` says.
         """
-        if self.engaged:
-            return b"", data, None
-        at = scanner.named_at
-        start = (position + scanner.named_syncs, scanner.named_batch)
-        if at:
-            return data[:at], data[at:], start
-        return b"", data, start
+        head = b""
+        start: tuple[int, int] | None = None
+        if not self.engaged:
+            at = scanner.named_at
+            start = (position + scanner.named_syncs, scanner.named_batch)
+            if at:
+                head, data = data[:at], data[at:]
+        try:
+            out, answers = self.rewrite(data, server, start)
+        except ProtocolError as exc:
+            return head, b"", b"", str(exc)
+        scanner.named_at = 0 if self.engaged else -1
+        return head, out, answers, None
 
     def rewrite_chunk(
         self, data: bytes, server: ServerStatements, start: tuple[int, int] | None, scanner: FrontendScanner

@@ -206,11 +206,13 @@ def _exchange(client: Client, link: Link, pieces: list[bytes], answered: int, rn
             syncs = client.scanner.feed(piece)
             if client.scanner.named_at >= 0:
                 # As client.py's _send_rewritten: the position is the server's ReadyForQuery seen + owed.
-                head, piece, start = client.statements.split(
-                    piece, client.scanner, link.scanner.ready_total + client.pending
+                head, out, answers, error = client.statements.forward(
+                    piece, link.statements, client.scanner, link.scanner.ready_total + client.pending
                 )
+                assert error is None
                 client.pending += syncs
-                _to_server(link, head + _rewrite(client, link, piece, start))
+                client.received += answers
+                _to_server(link, head + out)
             else:
                 client.pending += syncs
                 _to_server(link, piece)
@@ -397,26 +399,39 @@ def test_a_request_first_in_its_batch_is_prepared_again_behind_a_transaction_poo
     assert plain_session.feed(renamed) == own
 
 
-def test_a_chunk_is_split_where_its_first_named_message_starts() -> None:
+def test_a_chunk_is_rewritten_from_where_its_first_named_message_starts() -> None:
     before = parse("", "SELECT 2") + bind("") + execute() + SYNC
-    chunk = before + parse("s", "SELECT 1") + SYNC
+    named = parse("s", "SELECT 1") + SYNC
     statements = ClientStatements()
-    scanner = _scanned(chunk)
-    head, rest, start = statements.split(chunk, scanner, 5)
-    assert (head, rest) == (before, parse("s", "SELECT 1") + SYNC)
-    assert start == (5 + 1, 0)  # one Sync of its own before it, first in its batch
-    # A message split across chunks: the next chunk continues it, from its first byte.
     server = ServerStatements(p.BackendScanner(), 10, dict.fromkeys(EVENTS, 0))
-    first = parse("s2", "SELECT 3")[:7]
-    scanner = _scanned(first)
-    assert statements.split(first, scanner, 0) == (b"", first, (0, 0))
-    assert statements.rewrite_chunk(first, server, (0, 0), scanner) == (b"", b"")
+    scanner = _scanned(before + named)
+    head, out, answers, error = statements.forward(before + named, server, scanner, 5)
+    assert (head, answers, error) == (before, b"", None)
+    # The rest is positioned after the one Sync before it (5 + 1), first in its batch.
+    assert (
+        out
+        == ClientStatements().rewrite(
+            named, ServerStatements(p.BackendScanner(), 10, dict.fromkeys(EVENTS, 0)), (6, 0)
+        )[0]
+    )
+    # (the Close of its server name the sidecar sends first, then the Parse)
+    assert sorted((entry.z, entry.t) for entry in server.queue) == [(6, 0), (6, 1)]
+    assert scanner.named_at == -1
+    # A message split across chunks: the next chunk continues it (and is flagged, from its first byte).
+    cut = parse("s2", "SELECT 3")[:7]
+    scanner = _scanned(cut)
+    assert statements.forward(cut, server, scanner, 0) == (b"", b"", b"", None)
     assert statements.engaged and scanner.named_at == 0
     rest = parse("s2", "SELECT 3")[7:] + SYNC
-    assert statements.split(rest, scanner, 0) == (b"", rest, None)
-    out, _ = statements.rewrite_chunk(rest, server, None, scanner)
+    scanner.feed(rest)
+    head, out, answers, error = statements.forward(rest, server, scanner, 0)
+    assert (head, error) == (b"", None) and b"SELECT 3" in out
     assert not statements.engaged and scanner.named_at == -1
-    assert b"SELECT 3" in out
+    # Bytes no client sends stop the rewriting; what came before them still goes (a Sync there commits).
+    bad = msg(b"P", b"s3")  # no terminator for its name
+    scanner = _scanned(before + bad)
+    head, out, _, error = statements.forward(before + bad, server, scanner, 0)
+    assert head == before and out == b"" and error is not None
 
 
 def test_max_prepared_statements_must_not_be_negative(stack: DevStack) -> None:
