@@ -702,10 +702,12 @@ class ClientConnection(asyncio.Protocol):
         assert self.statements is not None
         binds, self.follow_binds = self.follow_binds, []
         self.scanner.named_at = -1
-        data, head = self.statements.renamed(data, server.statements, binds, server.scanner.ready_total + owed_before)
-        if head is not None:
-            self.head = head
-        return data
+        statements = server.statements
+        z = server.scanner.ready_total + owed_before
+        if statements.transaction:
+            self.head = AnswerHead(binds[0][0])
+            return self.statements.reprepare(data, statements, binds, z)
+        return self.statements.rename(data, statements, binds, z)
 
     def _rewrite(self, server: ServerConnection, data: bytes, start: tuple[int, int] | None) -> bytes:
         """Rewrite ``data`` for ``server``; answers due now go to the client. Returns the bytes to send."""

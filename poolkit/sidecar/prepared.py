@@ -665,18 +665,6 @@ class ClientStatements:
             )
         )
 
-    def renamed(
-        self, data: bytes, server: ServerStatements, binds: list[Bound], z: int
-    ) -> tuple[bytes, AnswerHead | None]:
-        """A request :meth:`bound` accepted, for ``server``: renamed, or behind a transaction pooler prepared again.
-
-        Returns the bytes to send and, for a request prepared again, the head of its answer the relay checks
-        and removes (:class:`AnswerHead`). ``z`` is the request's position (see :meth:`rename`).
-        """
-        if server.transaction:
-            return self.reprepare(data, server, binds, z), AnswerHead(binds[0][0])
-        return self.rename(data, server, binds, z), None
-
     def reprepared_binds(
         self, data: bytes, server: ServerStatements, scanner: FrontendScanner, *, owed: int, head_owed: bool
     ) -> list[Bound] | None:

@@ -27,7 +27,7 @@ from psycopg import generators, waiting
 from poolkit.devstack import DevStack, find_pg_binary
 from poolkit.errors import ConfigError
 from poolkit.sidecar import protocol as p
-from poolkit.sidecar.prepared import EVENTS, ClientStatements, ServerStatements
+from poolkit.sidecar.prepared import EVENTS, AnswerHead, ClientStatements, ServerStatements
 
 from .conftest import run, upstream_settings
 from .test_ops import admin
@@ -386,15 +386,13 @@ def test_a_request_first_in_its_batch_is_prepared_again_behind_a_transaction_poo
     # the head of the answer the sidecar added is checked and removed (AnswerHead). The client gets what a
     # session of its own answers.
     own = ModelSession().feed(parse("s", "SELECT 1") + request)[len(b"1\x00\x00\x00\x04") :]
-    out, head = client.renamed(request, server, binds, server.scanner.ready_total)
-    assert head is not None
-    assert head.feed(ModelSession().feed(out)) == own
+    out = client.reprepare(request, server, binds, server.scanner.ready_total)
+    assert AnswerHead(binds[0][0]).feed(ModelSession().feed(out)) == own
 
     # On a server that has the statement, the same request is only renamed.
     plain_binds = plain_client.bound(request)
     assert plain_binds is not None
-    renamed, no_head = plain_client.renamed(request, plain_server, plain_binds, plain_server.scanner.ready_total)
-    assert no_head is None
+    renamed = plain_client.rename(request, plain_server, plain_binds, plain_server.scanner.ready_total)
     assert len(renamed) == len(request) - len("s") + len(plain_server.cache[plain_binds[0][0].key])
     assert plain_session.feed(renamed) == own
 
