@@ -26,7 +26,7 @@ from psycopg import generators, waiting
 
 from poolkit.dev.devstack import DevStack, find_pg_binary
 from poolkit.errors import ConfigError
-from poolkit.sidecar.policy.prepared import EVENTS, ClientStatements, ServerStatements
+from poolkit.sidecar.policy.prepared import EVENTS, AnswerHead, ClientStatements, ServerStatements
 from poolkit.sidecar.wire import protocol as p
 
 from .conftest import run, upstream_settings
@@ -205,16 +205,14 @@ def _exchange(client: Client, link: Link, pieces: list[bytes], answered: int, rn
             piece = pieces.pop(0)
             syncs = client.scanner.feed(piece)
             if client.scanner.named_at >= 0:
-                head, start = b"", None
-                if not client.statements.engaged:
-                    at = client.scanner.named_at
-                    start = (
-                        link.scanner.ready_total + client.pending + client.scanner.named_syncs,
-                        client.scanner.named_batch,
-                    )
-                    head, piece = piece[:at], piece[at:]
+                # As client.py's _send_rewritten: the position is the server's ReadyForQuery seen + owed.
+                head, out, answers, error = client.statements.forward(
+                    piece, link.statements, client.scanner, link.scanner.ready_total + client.pending
+                )
+                assert error is None
                 client.pending += syncs
-                _to_server(link, head + _rewrite(client, link, piece, start))
+                client.received += answers
+                _to_server(link, head + out)
             else:
                 client.pending += syncs
                 _to_server(link, piece)
@@ -234,8 +232,7 @@ def _exchange(client: Client, link: Link, pieces: list[bytes], answered: int, rn
 
 
 def _rewrite(client: Client, link: Link, data: bytes, start: tuple[int, int] | None) -> bytes:
-    out, answers = client.statements.rewrite(data, link.statements, start)
-    client.scanner.named_at = 0 if client.statements.engaged else -1
+    out, answers = client.statements.rewrite_chunk(data, link.statements, start, client.scanner)
     client.received += answers
     return out
 
@@ -349,6 +346,90 @@ def test_scanner_flags_only_chunks_that_name_a_statement() -> None:
     scanner = p.FrontendScanner()
     scanner.feed(describe("P", "portal") + close("P", "portal") + bind("", portal="portal"))
     assert scanner.named_at == -1
+
+
+def _prepared(transaction: bool) -> tuple[ClientStatements, ServerStatements, ModelSession]:
+    """A client that prepared "s" (SELECT 1) on a server (behind a transaction pooler or not), answered."""
+    scanner = p.BackendScanner()
+    server = ServerStatements(scanner, 10, dict.fromkeys(EVENTS, 0), transaction=transaction)
+    client = ClientStatements()
+    session = ModelSession()
+    out, answers = client.rewrite(parse("s", "SELECT 1") + SYNC, server, (0, 0))
+    assert answers == b""
+    answer = session.feed(out)
+    scanner.feed(answer)
+    assert server.responses(answer) == b"1\x00\x00\x00\x04" + p.ready_for_query()
+    assert not server.active
+    return client, server, session
+
+
+def _scanned(data: bytes) -> p.FrontendScanner:
+    scanner = p.FrontendScanner()
+    scanner.feed(data)
+    return scanner
+
+
+def test_a_request_first_in_its_batch_is_prepared_again_behind_a_transaction_pooler() -> None:
+    request = bind("s") + describe("P", "") + execute() + SYNC
+    client, server, _ = _prepared(transaction=True)
+    binds = client.reprepared_binds(request, server, _scanned(request), owed=0, head_owed=False)
+    assert binds is not None and [b[0].key for b in binds] == [b"SELECT 1\x00\x00\x00"]
+    # Not while anything of the client's is owed, nor behind other messages, nor on a session of its own.
+    assert client.reprepared_binds(request, server, _scanned(request), owed=1, head_owed=False) is None
+    assert client.reprepared_binds(request, server, _scanned(request), owed=0, head_owed=True) is None
+    behind = query("SELECT 9") + request
+    assert client.reprepared_binds(behind, server, _scanned(behind), owed=0, head_owed=False) is None
+    plain_client, plain_server, plain_session = _prepared(transaction=False)
+    assert plain_client.reprepared_binds(request, plain_server, _scanned(request), owed=0, head_owed=False) is None
+
+    # Prepared again as the unnamed statement on whichever backend it lands: a fresh session runs it, and
+    # the head of the answer the sidecar added is checked and removed (AnswerHead). The client gets what a
+    # session of its own answers.
+    own = ModelSession().feed(parse("s", "SELECT 1") + request)[len(b"1\x00\x00\x00\x04") :]
+    out = client.reprepare(request, server, binds, server.scanner.ready_total)
+    assert AnswerHead(binds[0][0]).feed(ModelSession().feed(out)) == own
+
+    # On a server that has the statement, the same request is only renamed.
+    plain_binds = plain_client.bound(request)
+    assert plain_binds is not None
+    renamed = plain_client.rename(request, plain_server, plain_binds, plain_server.scanner.ready_total)
+    assert len(renamed) == len(request) - len("s") + len(plain_server.cache[plain_binds[0][0].key])
+    assert plain_session.feed(renamed) == own
+
+
+def test_a_chunk_is_rewritten_from_where_its_first_named_message_starts() -> None:
+    before = parse("", "SELECT 2") + bind("") + execute() + SYNC
+    named = parse("s", "SELECT 1") + SYNC
+    statements = ClientStatements()
+    server = ServerStatements(p.BackendScanner(), 10, dict.fromkeys(EVENTS, 0))
+    scanner = _scanned(before + named)
+    head, out, answers, error = statements.forward(before + named, server, scanner, 5)
+    assert (head, answers, error) == (before, b"", None)
+    # The rest is positioned after the one Sync before it (5 + 1), first in its batch.
+    assert (
+        out
+        == ClientStatements().rewrite(
+            named, ServerStatements(p.BackendScanner(), 10, dict.fromkeys(EVENTS, 0)), (6, 0)
+        )[0]
+    )
+    # (the Close of its server name the sidecar sends first, then the Parse)
+    assert sorted((entry.z, entry.t) for entry in server.queue) == [(6, 0), (6, 1)]
+    assert scanner.named_at == -1
+    # A message split across chunks: the next chunk continues it (and is flagged, from its first byte).
+    cut = parse("s2", "SELECT 3")[:7]
+    scanner = _scanned(cut)
+    assert statements.forward(cut, server, scanner, 0) == (b"", b"", b"", None)
+    assert statements.engaged and scanner.named_at == 0
+    rest = parse("s2", "SELECT 3")[7:] + SYNC
+    scanner.feed(rest)
+    head, out, answers, error = statements.forward(rest, server, scanner, 0)
+    assert (head, error) == (b"", None) and b"SELECT 3" in out
+    assert not statements.engaged and scanner.named_at == -1
+    # Bytes no client sends stop the rewriting; what came before them still goes (a Sync there commits).
+    bad = msg(b"P", b"s3")  # no terminator for its name
+    scanner = _scanned(before + bad)
+    head, out, _, error = statements.forward(before + bad, server, scanner, 0)
+    assert head == before and out == b"" and error is not None
 
 
 def test_max_prepared_statements_must_not_be_negative(stack: DevStack) -> None:

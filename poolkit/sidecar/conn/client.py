@@ -1,4 +1,4 @@
-"""One client connection: TLS, startup and auth, then the relay's client side (queue, attach, release)."""
+"""One client connection: the relay's client side (queue, attach, release), after its login (client_login.py)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,12 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
-from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError
+from poolkit.errors import ProtocolError
 from poolkit.obs.log import get_logger
-from poolkit.sidecar.policy.login import Action as LoginAction
-from poolkit.sidecar.policy.login import (
-    AskPassword,
-    Authenticated,
-    Login,
-    LoginRules,
-    Refuse,
-    Send,
-    StartTLS,
-    WrongPassword,
-)
+from poolkit.sidecar.conn.client_login import ClientLogin, ConsoleFeed
 from poolkit.sidecar.policy.pipeline import ClientPipeline
 from poolkit.sidecar.policy.pooling import (
     POOL_EXHAUSTED_HINT,
-    TRACKED_PARAMETERS,
     ClientGone,
     ClientState,
     ServerState,
@@ -43,10 +32,10 @@ from poolkit.sidecar.policy.session import (
     pin_limit_message,
     quick_nothing,
 )
-from poolkit.sidecar.policy.startup import Rejection, check_query, first_column, rejection, sync_statements
+from poolkit.sidecar.policy.startup import sync_statements
 from poolkit.sidecar.policy.tracker import SessionTracker, pins_nothing
 from poolkit.sidecar.wire import protocol
-from poolkit.sidecar.wire.protocol import FrontendScanner, MessageReader
+from poolkit.sidecar.wire.protocol import FrontendScanner
 
 if TYPE_CHECKING:
     import ssl
@@ -107,12 +96,7 @@ class ClientConnection(asyncio.Protocol):
 
     # Slots: thousands of idle clients each cost one of these objects.
     __slots__ = (
-        "_login",
-        "_login_server",
-        "_login_timer",
-        "_reader",
         "_wanted_key",
-        "admin",
         "app",
         "buffer",
         "buffered",
@@ -130,7 +114,7 @@ class ClientConnection(asyncio.Protocol):
         "held_effects",
         "input_paused",
         "linking",
-        "loopback",
+        "login",
         "peer",
         "pending",
         "pipeline",
@@ -175,7 +159,6 @@ class ClientConnection(asyncio.Protocol):
         self.input_paused = False
         self.write_paused = False
         self.tls = False
-        self.loopback = unix
         self.peer = "unix" if unix else "?"
         self.user = ""
         self.database = ""
@@ -184,14 +167,11 @@ class ClientConnection(asyncio.Protocol):
         self.secret_key = 0
         self.connect_time = time.time()
         self.request_time = self.connect_time
-        self.admin = False
-        self.console: AdminSession | None = None
-        # The login under way (login.py), dropped once the client is greeted.
-        self._login: Login | None = Login()
-        self._reader: MessageReader | None = None  # the admin console's
         self._wanted_key: tuple[tuple[str, str], ...] | None = None
-        self._login_timer: asyncio.TimerHandle | None = None
-        self._login_server: asyncio.Future[ServerConnection] | None = None  # to check its startup parameters
+        # What reads its bytes until the relay does (client_login.py): the login under way, dropped once
+        # the client is greeted; then, on the admin console, the console's feed.
+        self.login: ClientLogin | None = ClientLogin(self)
+        self.console: ConsoleFeed | None = None
         # Session state (tracker.py): pins and their reasons, the reset guard, the statement tap.
         self.session = SessionTracker()
         # Named prepared statements (prepared.py), created at the first one; rewrite_queued: the
@@ -220,19 +200,12 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         app = self.app
         self.process_id = app.next_process_id()  # from the first byte: refused logins are told apart in logs
-        if not self.unix:
-            peer = transport.get_extra_info("peername")
-            if peer:
-                self.peer = f"{peer[0]}:{peer[1]}"
-                self.loopback = app.is_loopback(peer[0])
+        peer = None if self.unix else transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
         app.client_opened(self)
-        if len(app.connections) > app.settings.max_client_conn:
-            self.fatal("53300", f"too many clients: max_client_conn={app.settings.max_client_conn} reached")
-            return
-        if app.settings.client_login_timeout > 0:
-            self._login_timer = asyncio.get_running_loop().call_later(
-                app.settings.client_login_timeout, self._login_timed_out
-            )
+        if self.login is not None:
+            self.login.start(peer[0] if peer else None)
 
     def data_received(self, data: bytes) -> None:  # noqa: PLR0911 - the relay's hot path: each return is one chunk's fast exit, not a call
         if self.state != _READY:
@@ -281,11 +254,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.state = ClientState.CLOSED
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
-        if self._login_server is not None and not self._login_server.done():
-            self._login_server.cancel()
+        if self.login is not None:
+            self.login.abandon()
         self.app.client_closed(self)
         if self.waiting:
             self.waiting = False
@@ -616,10 +586,8 @@ class ClientConnection(asyncio.Protocol):
         server.client = self
         server.assigned_at = now
         server.query_started = now
-        future = self._login_server
-        if future is not None:  # still logging in: the server is for checking its startup parameters
-            self._login_server = None
-            future.set_result(server)
+        login = self.login
+        if login is not None and login.take_server(server):  # still logging in: it checks startup parameters
             return
         key = self.wanted_key()
         if server.session_key != key:
@@ -697,9 +665,9 @@ class ClientConnection(asyncio.Protocol):
         if statements is None:
             return False
         scanner = self.scanner
-        head = b""
-        start: tuple[int, int] | None = None
-        binds = self._reprepared_here(server, statements, data)
+        binds = statements.reprepared_binds(
+            data, server.statements, scanner, owed=self.pending, head_owed=self.head is not None
+        )
         if binds is not None:
             # Behind a transaction pooler, one Bind of a statement first in a batch: prepared again and
             # described in front of it, and checked as it comes back (prepared.AnswerHead), as pipelined
@@ -710,41 +678,24 @@ class ClientConnection(asyncio.Protocol):
             self.head = AnswerHead(binds[0][0])
             server.write(statements.reprepare(data, server.statements, binds, server.scanner.ready_total))
             return True
-        if not statements.engaged:
-            # Its messages before the first named one go as they are; the rest starts at the server's
-            # position: ReadyForQuery seen + owed before it, and its place in the current batch.
-            at = scanner.named_at
-            start = (server.scanner.ready_total + self.pending + scanner.named_syncs, scanner.named_batch)
-            if at:
-                head, data = data[:at], data[at:]
+        # Its messages before the first named one go as they are; the rest starts at the server's
+        # position: ReadyForQuery seen + owed before it, and its place in the current batch.
+        head, data, answers, error = statements.forward(
+            data, server.statements, scanner, server.scanner.ready_total + self.pending
+        )
         if syncs:
             if self.pending <= 0:
                 server.query_started = now = time.monotonic()
                 if server.assigned_at < 0:
                     server.assigned_at = now
             self.pending += syncs
-        data = self._rewrite(server, data, start)
+        if error is not None:
+            self.protocol_violation(error)
+        elif answers:
+            self.transport.write(answers)
         if head or data:
             server.write(head + data)
         return True
-
-    def _reprepared_here(
-        self, server: ServerConnection, statements: ClientStatements, data: bytes
-    ) -> list[Bound] | None:
-        """The Binds of ``data`` if it is a request :meth:`ClientStatements.reprepare` serves on ``server`` now."""
-        scanner = self.scanner
-        if (
-            not server.statements.transaction
-            or statements.engaged
-            or self.pending != 0
-            or self.head is not None
-            or scanner.named_at != 0
-            or scanner.named_syncs != 0
-            or scanner.named_batch != 0
-        ):
-            return None
-        binds = statements.bound(data)
-        return binds if binds is not None and server.statements.reprepares(binds) else None
 
     def rename_for(self, server: ServerConnection, data: bytes, owed_before: int) -> bytes:
         """Its pipelinable request, renamed for ``server``, which owes ``owed_before`` ReadyForQuery before it."""
@@ -763,12 +714,10 @@ class ClientConnection(asyncio.Protocol):
         statements = self.statements
         assert statements is not None
         try:
-            data, answers = statements.rewrite(data, server.statements, start)
+            data, answers = statements.rewrite_chunk(data, server.statements, start, self.scanner)
         except ProtocolError as exc:
             self.protocol_violation(str(exc))
             return b""
-        # While a message is split across reads, every read must come through here.
-        self.scanner.named_at = 0 if statements.engaged else -1
         if answers:
             self.transport.write(answers)
         return data
@@ -959,254 +908,19 @@ class ClientConnection(asyncio.Protocol):
             self.dirty = True
         self.transport.close()
 
-    def _login_timed_out(self) -> None:
-        self._login_timer = None
-        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.WELCOME):
-            self.pool.stats.client_logins["error"] += 1
-            self.fatal("08006", f"client_login_timeout ({self.app.settings.client_login_timeout:g}s) expired")
-
-    # ------------------------------------------------------------- login (slow path)
+    # ------------------------------------------------------------- before the relay (client_login.py)
 
     def _slow_data(self, data: bytes) -> None:
-        # Dispatch on a local: the handlers change self.state.
-        state = self.state
-        try:
-            if state in (ClientState.STARTUP, ClientState.AUTH):
-                login = self._login
-                assert login is not None
-                self._carry_out(login, login.feed(data, self._login_rules()))
-            elif state == ClientState.WELCOME:
-                assert self._login is not None
-                self._login.early += data
-            elif state == ClientState.ADMIN:
-                assert self._reader is not None
-                for kind, body in self._reader.feed(data):
-                    self._on_admin_message(kind, body)
-        except ProtocolError as exc:
-            self.pool.stats.client_logins["error"] += self.state != ClientState.ADMIN
-            self.protocol_violation(str(exc))
+        login = self.login
+        if login is not None:
+            login.data_received(data)
+        elif self.console is not None:
+            self.console.data_received(data)
 
-    def _login_rules(self) -> LoginRules:
-        app = self.app
-        settings = app.settings
-        return LoginRules(
-            users=app.users,
-            database=self.pool.dsn.database,
-            admin_database=settings.admin_database,
-            trust=settings.effective_auth_type == "trust",
-            tls_offered=app.client_tls_context is not None and not self.tls,
-            tls_required=settings.effective_client_tls == "require" and not self.tls and not self.unix,
-            loopback=self.loopback,
-            peer=self.peer,
-        )
-
-    def _carry_out(self, login: Login, actions: list[LoginAction]) -> None:
-        """Do what the login (login.py) decided, in its order."""
-        self.user = login.user
-        self.database = login.database
-        self.admin = login.admin
-        if login.wanted is not None and self.state == ClientState.STARTUP:
-            self.wanted = login.wanted
-            self._wanted_key = None
-        for action in actions:
-            if isinstance(action, Send):
-                self.transport.write(action.data)
-            elif isinstance(action, AskPassword):
-                self.state = ClientState.AUTH
-                self.transport.write(action.data)
-            elif isinstance(action, Authenticated):
-                self._logged_in(action.auth_messages)
-            elif isinstance(action, Refuse):
-                self._login_failed(action.code, action.text)
-            elif isinstance(action, WrongPassword):
-                self.pool.stats.client_logins["auth_failed"] += 1
-                log.info("client_auth_failed", client=self.describe())
-                self.fatal("28P01", action.text)
-                self.state = ClientState.CLOSED
-            elif isinstance(action, StartTLS):
-                self.transport.write(b"S")
-                # Stop reading now: the ClientHello must reach the TLS layer, not this protocol.
-                self.transport.pause_reading()
-                self.app.spawn(self._start_tls())
-            else:
-                # The app closes this connection once the cancel is forwarded (PostgreSQL's order too);
-                # CLOSED: nothing more is read from it and client_login_timeout does not answer it.
-                self.state = ClientState.CLOSED
-                if self._login_timer is not None:
-                    self._login_timer.cancel()
-                    self._login_timer = None
-                self.app.cancel(action.process_id, action.secret_key, self.transport)
-
-    async def _start_tls(self) -> None:
-        assert self.app.client_tls_context is not None
-        loop = asyncio.get_running_loop()
-        try:
-            transport = await loop.start_tls(self.transport, self, self.app.client_tls_context, server_side=True)
-        except (OSError, ValueError, ConnectionError) as exc:
-            log.info("client_tls_failed", client=self.describe(), error=str(exc))
-            self.transport.abort()
-            return
-        if transport is None:
-            return
-        self.transport = transport
-        self.tls = True
-
-    def _login_failed(self, code: str, text: str) -> None:
-        self.pool.stats.client_logins["error" if code != "28P01" else "auth_failed"] += 1
-        log.info("client_login_refused", client=self.describe(), code=code, reason=text)
-        self.fatal(code, text)
-        self.state = ClientState.CLOSED
-
-    def _logged_in(self, auth_messages: bytes) -> None:
-        app = self.app
-        if self.admin:
-            console = app.open_console(self)
-            if isinstance(console, str):
-                self._login_failed("28000", console)  # after the password check, as PgBouncer
-                return
-            self.console = console
-        else:
-            pool = app.pool_for(self.user)
-            if isinstance(pool, str):
-                self._login_failed("28000", pool)
-                return
-            self.pool = pool
-        self.process_id, self.secret_key = app.register_cancel_key(self)
-        if self.admin:
-            self._reader = MessageReader(side="client", max_message_size=protocol.MAX_INSPECTED_SIZE)
-            welcome = self.pool.welcome or [("server_version", "15.0"), ("client_encoding", "UTF8")]
-            self._finish_login(auth_messages, welcome, ClientState.ADMIN)
-            return
-        welcome_params = self.pool.welcome
-        canonical, unknown = app.startup_checks_for(self.pool).resolve(self.wanted, self.pool.generation)
-        if welcome_params is not None and not unknown:
-            self._set_wanted_all(canonical)
-            self._finish_login(auth_messages, welcome_params, ClientState.READY)
-            return
-        self.state = ClientState.WELCOME
-        app.spawn(self._wait_welcome(auth_messages, unknown))
-
-    async def _wait_welcome(self, auth_messages: bytes, unknown: list[tuple[str, str]]) -> None:
-        try:
-            welcome_params = await self.pool.ensure_welcome()
-        except ConnectError as exc:
-            self.pool.stats.client_logins["error"] += 1
-            problem = "cannot log in to" if isinstance(exc, AuthenticationFailed) else "cannot reach"
-            self.fatal("08006", f"pool {self.pool.name!r} {problem} its upstream: {exc}")
-            return
-        if unknown and not self._login_over():
-            refused = await self._check_startup(unknown)
-            if refused is not None:
-                self._refuse_startup(auth_messages, refused)
-                return
-        if not self._login_over():
-            self._finish_login(auth_messages, welcome_params, ClientState.READY)
-
-    def _login_over(self) -> bool:
-        """Did the login end while it waited (the client left, a FATAL was sent: login timeout, pool failure)?"""
-        return self.closed or self.state != ClientState.WELCOME or self.transport.is_closing()
-
-    async def _check_startup(self, unknown: list[tuple[str, str]]) -> Rejection | None:
-        """Have a server connection check startup parameters not seen before (startup.py); the rejection, if any.
-
-        The server is taken like a transaction's (waiting, query_wait_timeout and all) and given back
-        unchanged: the check's settings are local to its implicit transaction.
-        """
-        pool = self.pool
-        generation = pool.generation
-        self._login_server = future = asyncio.get_running_loop().create_future()
-        server = pool.acquire(self, time.monotonic())
-        if server is None:
-            self.waiting = True  # attach() hands it a server (or _fail_queued ends the login)
-        else:
-            self.attach(server, time.monotonic())
-        server = await future
-        rows: list[bytes] = []
-        try:
-            async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
-                spelling = (self._login.spelling if self._login is not None else None) or {}
-                spelled = [(spelling.get(name, name), value) for name, value in unknown]
-                error = await server.run_internal(check_query(spelled), rows)
-        except (Exception, asyncio.CancelledError) as exc:
-            pool.server_broken(server, f"startup parameter check failed: {exc!r}")
-            if not self._login_over():
-                pool.stats.client_logins["error"] += 1
-                self.fatal("08006", f"the server connection of pool {pool.name!r} failed while being set up")
-            self.state = ClientState.CLOSED
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return None
-        server.client = None
-        pool.release(server, time.monotonic())
-        if error is not None:
-            return rejection(error)
-        checks = self.app.startup_checks_for(pool)
-        learned = checks.learn(unknown, [first_column(row) for row in rows], generation)
-        self._set_wanted_all({**self.wanted, **learned})
-        return None
-
-    def _set_wanted_all(self, wanted: dict[str, str]) -> None:
+    def set_wanted_all(self, wanted: dict[str, str]) -> None:
+        """Its session settings, all at once (the login's startup parameters, as the upstream spells them)."""
         self.wanted = wanted
         self._wanted_key = None
-
-    def _refuse_startup(self, auth_messages: bytes, refused: Rejection) -> None:
-        """A startup parameter the upstream rejected fails the login after AuthenticationOk, as on PostgreSQL."""
-        if self._login_over():
-            return
-        self.pool.stats.client_logins["error"] += 1
-        log.info("client_login_refused", client=self.describe(), code=refused.code, reason=refused.message)
-        self.state = ClientState.CLOSED
-        transport = self.transport
-        if not transport.is_closing():
-            error = protocol.error_response(
-                refused.code, refused.message, severity="FATAL", detail=refused.detail, hint=refused.hint
-            )
-            transport.write(auth_messages + error)
-            transport.close()
-
-    def _finish_login(self, auth_messages: bytes, params: list[tuple[str, str]], state: ClientState) -> None:
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
-        # Every setting the server reports that the client set (default_transaction_read_only too), with
-        # the value the server made of it (startup.py).
-        reported = {name.lower() for name, _ in params}
-        overrides = tuple(sorted((k, v) for k, v in self.wanted.items() if k in TRACKED_PARAMETERS or k in reported))
-        body = self.app.welcome_bytes(params, overrides)
-        self.transport.write(
-            auth_messages
-            + body
-            + protocol.backend_key_data(self.process_id, self.secret_key)
-            + protocol.ready_for_query()
-        )
-        self.state = state
-        self.pool.stats.client_logins["ok"] += 1
-        if state == ClientState.READY:
-            self.pool.clients.add(self)
-        login, self._login = self._login, None
-        early = login.early if login is not None else b""
-        if early:
-            self.data_received(early)
-
-    # ------------------------------------------------------------- admin console
-
-    def _on_admin_message(self, kind: bytes, body: bytes) -> None:
-        if kind == b"X":
-            self.transport.close()
-        elif kind == b"Q":
-            assert self.console is not None
-            self.console.query(protocol.parse_query(body))
-        elif kind == b"S":
-            self.transport.write(protocol.ready_for_query())
-        elif kind in (b"P", b"B", b"D", b"E", b"C", b"H"):
-            if kind == b"P":
-                self.transport.write(
-                    protocol.error_response(
-                        "0A000", "the admin console only supports simple queries (psql, or SHOW commands)"
-                    )
-                )
-        else:
-            raise ProtocolError(f"unexpected message {kind!r} on the admin console")
 
     # ------------------------------------------------------------- display
 

@@ -42,10 +42,13 @@ import functools
 import hashlib
 import struct
 from collections import OrderedDict, deque
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from poolkit.errors import ProtocolError
 from poolkit.sidecar.wire.protocol import B_DONE, B_ERROR, B_READY, BACKEND_KINDS, BackendScanner, error_response
+
+if TYPE_CHECKING:
+    from poolkit.sidecar.wire.protocol import FrontendScanner
 
 EVENTS: Final = ("hit", "miss", "eviction")
 SERVER_NAME_PREFIX: Final = b"poolkit_"
@@ -660,6 +663,61 @@ class ClientStatements:
                 data[name_end + 1 :],
             )
         )
+
+    def reprepared_binds(
+        self, data: bytes, server: ServerStatements, scanner: FrontendScanner, *, owed: int, head_owed: bool
+    ) -> list[Bound] | None:
+        """The Binds of ``data`` if it is a request :meth:`reprepare` serves on ``server`` now, else ``None``.
+
+        Behind a transaction pooler only, for a request of Binds first in its batch (``scanner``: where its first
+        named message is), with nothing of the client's outstanding (``owed`` ReadyForQuery, an answer head).
+        """
+        if (
+            not server.transaction
+            or self.engaged
+            or owed != 0
+            or head_owed
+            or scanner.named_at != 0
+            or scanner.named_syncs != 0
+            or scanner.named_batch != 0
+        ):
+            return None
+        binds = self.bound(data)
+        return binds if binds is not None and server.reprepares(binds) else None
+
+    def forward(
+        self, data: bytes, server: ServerStatements, scanner: FrontendScanner, position: int
+    ) -> tuple[bytes, bytes, bytes, str | None]:
+        """A chunk naming a statement, for ``server``: (its messages before the first named one, which go as they
+        are; the rest, rewritten; answers for the client now; the protocol violation that stopped the rewriting).
+
+        ``position``: the server's ReadyForQuery seen + owed before the chunk; the rest starts there, at its
+        place in the current batch. While a message is split across chunks (``engaged``), the chunk continues
+        the last one. The scanner then flags the next chunk as :meth:`rewrite_chunk` says.
+        """
+        head = b""
+        start: tuple[int, int] | None = None
+        if not self.engaged:
+            at = scanner.named_at
+            start = (position + scanner.named_syncs, scanner.named_batch)
+            if at:
+                head, data = data[:at], data[at:]
+        try:
+            out, answers = self.rewrite(data, server, start)
+        except ProtocolError as exc:
+            return head, b"", b"", str(exc)
+        scanner.named_at = 0 if self.engaged else -1
+        return head, out, answers, None
+
+    def rewrite_chunk(
+        self, data: bytes, server: ServerStatements, start: tuple[int, int] | None, scanner: FrontendScanner
+    ) -> tuple[bytes, bytes]:
+        """:meth:`rewrite` for one chunk the client sent: its scanner then sends the next chunk here (named_at 0)
+        while a message is split across chunks, and stops flagging chunks otherwise (-1) until one names a
+        statement again."""
+        out = self.rewrite(data, server, start)
+        scanner.named_at = 0 if self.engaged else -1
+        return out
 
     def clear(self) -> None:
         """DISCARD ALL / DEALLOCATE ALL ran in this client's session."""
