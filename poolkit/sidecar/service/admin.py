@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import SecretStr
 
@@ -24,10 +24,35 @@ if TYPE_CHECKING:
     from poolkit.sidecar.conn.client import ClientConnection
     from poolkit.sidecar.conn.pool import UpstreamPool
     from poolkit.sidecar.conn.server import ServerConnection
-    from poolkit.sidecar.service.app import Sidecar
+    from poolkit.sidecar.policy.auth import UserStore
 
 Rows = tuple[list[str], list[list[str | None]]]
 log = get_logger("sidecar")
+
+
+class ConsoleHost(Protocol):
+    """What the console reads and drives of the sidecar (``app.Sidecar`` satisfies it; app.py imports this module,
+    not the other way round)."""
+
+    settings: SidecarSettings
+    pool: UpstreamPool
+    users: UserStore
+    connections: set[ClientConnection]
+    paused: bool
+    port: int
+    started_at: float
+    pending_restart: dict[str, object]
+
+    def all_pools(self) -> list[UpstreamPool]: ...
+    def upstream_pools(self) -> list[UpstreamPool]: ...
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+    def reload_now(self) -> str | None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def reconnect(self) -> None: ...
+    def kill(self) -> None: ...
+    def servers_left(self) -> bool: ...
+    async def shutdown(self, grace: float | None = None) -> None: ...
 
 POOLS_COLUMNS = [
     "database",
@@ -137,7 +162,7 @@ def _pool_row(pool: UpstreamPool, clients: dict[str, int], database: str) -> lis
     ]
 
 
-def show_pools(app: Sidecar) -> Rows:
+def show_pools(app: ConsoleHost) -> Rows:
     """A row per pool (per user with user_pools); another, ``<name>/direct``, for each direct upstream."""
     database = app.pool.name
     rows = []
@@ -151,12 +176,12 @@ def show_pools(app: Sidecar) -> Rows:
     return POOLS_COLUMNS, rows
 
 
-def show_stats(app: Sidecar) -> Rows:
+def show_stats(app: ConsoleHost) -> Rows:
     """A row per pool (``user@database`` for a user pool), PgBouncer's columns."""
     return STATS_COLUMNS, [_stats_row(app, pool) for pool in app.all_pools()]
 
 
-def _stats_row(app: Sidecar, pool: UpstreamPool) -> list[str | None]:
+def _stats_row(app: ConsoleHost, pool: UpstreamPool) -> list[str | None]:
     s = pool.stats
     uptime = max(time.monotonic() - app.started_at, 1e-9)
     xacts, queries = s.transactions, s.queries
@@ -179,7 +204,7 @@ def _stats_row(app: Sidecar, pool: UpstreamPool) -> list[str | None]:
     ]
 
 
-def _client_row(app: Sidecar, client: ClientConnection, now: float) -> list[str | None]:
+def _client_row(app: ConsoleHost, client: ClientConnection, now: float) -> list[str | None]:
     addr, port = _split_addr(client.peer)
     if client.server is not None:
         state = "active"
@@ -213,7 +238,7 @@ def _client_row(app: Sidecar, client: ClientConnection, now: float) -> list[str 
     ]
 
 
-def _server_row(app: Sidecar, server: ServerConnection) -> list[str | None]:
+def _server_row(app: ConsoleHost, server: ServerConnection) -> list[str | None]:
     pool = server.pool
     client = server.client
     # SHOW SERVERS' words (PgBouncer's): the plain strings, not the enum members.
@@ -243,20 +268,20 @@ def _server_row(app: Sidecar, server: ServerConnection) -> list[str | None]:
     ]
 
 
-def show_clients(app: Sidecar) -> Rows:
+def show_clients(app: ConsoleHost) -> Rows:
     now = time.monotonic()
     clients = sorted((c for pool in app.all_pools() for c in pool.clients), key=lambda c: c.process_id)
     return CONNECTION_COLUMNS, [_client_row(app, c, now) for c in clients]
 
 
-def show_servers(app: Sidecar) -> Rows:
+def show_servers(app: ConsoleHost) -> Rows:
     """Every upstream connection (the direct pool's after the pool's)."""
     pools = app.upstream_pools()
     rows = [_server_row(app, s) for pool in pools for s in sorted(pool.servers, key=lambda s: s.ident)]
     return CONNECTION_COLUMNS, rows
 
 
-def show_pins(app: Sidecar) -> Rows:
+def show_pins(app: ConsoleHost) -> Rows:
     """Clients pinned to a server connection: why, since when, and which upstream connection they hold."""
     now = time.time()
     rows: list[list[str | None]] = []
@@ -282,12 +307,12 @@ def show_pins(app: Sidecar) -> Rows:
     return PINS_COLUMNS, rows
 
 
-def show_version(app: Sidecar) -> Rows:
+def show_version(app: ConsoleHost) -> Rows:
     # The installed distribution's version, not `poolkit.__version__`: the sidecar does not import the package root.
     return ["version"], [[f"poolkit sidecar {importlib.metadata.version('poolkit')}"]]
 
 
-def _shown(app: Sidecar, name: str, value: object) -> str:
+def _shown(app: ConsoleHost, name: str, value: object) -> str:
     """A setting's value as SHOW CONFIG prints it: URLs redacted, user names without their passwords."""
     if value is None:
         return ""
@@ -300,7 +325,7 @@ def _shown(app: Sidecar, name: str, value: object) -> str:
     return str(value)
 
 
-def _decided(app: Sidecar, name: str) -> tuple[object, str] | None:
+def _decided(app: ConsoleHost, name: str) -> tuple[object, str] | None:
     """For a setting whose unset value is decided at run time: the decision, and the rule (SHOW CONFIG)."""
     settings = app.settings
     if name == "admin_users":
@@ -316,7 +341,7 @@ def _decided(app: Sidecar, name: str) -> tuple[object, str] | None:
     return None
 
 
-def show_config(app: Sidecar) -> Rows:
+def show_config(app: ConsoleHost) -> Rows:
     """Every setting as in effect now (``pending``: a value read by SIGHUP that waits for a restart)."""
     settings = app.settings
     rows: list[list[str | None]] = []
@@ -344,7 +369,7 @@ def show_config(app: Sidecar) -> Rows:
     return ["key", "value", "default", "changeable", "pending"], rows
 
 
-def show_routes(app: Sidecar) -> Rows:
+def show_routes(app: ConsoleHost) -> Rows:
     """Pins and routed transactions by reason since start (``pinned_now``: clients pinned for it now)."""
     pins: Counter[str] = Counter()
     routed: Counter[str] = Counter()
@@ -377,7 +402,7 @@ DATABASES_COLUMNS = [
 ]
 
 
-def _pools(app: Sidecar) -> list[tuple[UpstreamPool, str]]:
+def _pools(app: ConsoleHost) -> list[tuple[UpstreamPool, str]]:
     """Each upstream pool with the name the console shows for it (clients connect to the first)."""
     pool = app.pool
     name = pool.dsn.database
@@ -387,7 +412,7 @@ def _pools(app: Sidecar) -> list[tuple[UpstreamPool, str]]:
     return pools
 
 
-def show_databases(app: Sidecar) -> Rows:
+def show_databases(app: ConsoleHost) -> Rows:
     """The database clients connect to (and its direct route), then the admin console itself, as PgBouncer."""
     rows: list[list[str | None]] = []
     for pool, name in _pools(app):
@@ -416,14 +441,14 @@ def show_databases(app: Sidecar) -> Rows:
     return DATABASES_COLUMNS, rows
 
 
-def show_users(app: Sidecar) -> Rows:
+def show_users(app: ConsoleHost) -> Rows:
     """Users the sidecar knows: configured ones, admin and stats users, and any logged in now."""
     names = set(app.users.names()) | set(admin_users(app)) | set(app.settings.stats_users)
     names |= {c.user for c in app.connections if c.user and c.state in (ClientState.READY, ClientState.ADMIN)}
     return ["name", "pool_mode"], [[name, ""] for name in sorted(names)]
 
 
-def show_lists(app: Sidecar) -> Rows:
+def show_lists(app: ConsoleHost) -> Rows:
     """Counts of the sidecar's internal lists (PgBouncer's rows; the DNS ones are always 0 here)."""
     pools = app.upstream_pools()
     logged_in = sum(1 for c in app.connections if c.state in (ClientState.READY, ClientState.ADMIN))
@@ -448,7 +473,7 @@ def show_lists(app: Sidecar) -> Rows:
     return ["list", "items"], [[name, str(count)] for name, count in items]
 
 
-COMMANDS: dict[str, Callable[[Sidecar], Rows]] = {
+COMMANDS: dict[str, Callable[[ConsoleHost], Rows]] = {
     "pools": show_pools,
     "stats": show_stats,
     "clients": show_clients,
@@ -478,13 +503,13 @@ _COMMAND = re.compile(r"^\s*([a-z_]+)(?:\s+([^\s;]+))?\s*;?\s*$", re.IGNORECASE)
 _PAUSE_POLL = 0.05
 
 
-def admin_users(app: Sidecar) -> list[str]:
+def admin_users(app: ConsoleHost) -> list[str]:
     """``admin_users``, or when it is unset the upstream URL's role."""
     configured = app.settings.admin_users
     return list(configured) if configured is not None else [app.pool.dsn.user]
 
 
-def console_role(app: Sidecar, user: str) -> str | None:
+def console_role(app: ConsoleHost, user: str) -> str | None:
     """``"admin"`` (every command), ``"stats"`` (SHOW commands) or None (refused at login)."""
     if user in admin_users(app):
         return "admin"
@@ -493,7 +518,7 @@ def console_role(app: Sidecar, user: str) -> str | None:
     return None
 
 
-def refusal(app: Sidecar, user: str) -> str:
+def refusal(app: ConsoleHost, user: str) -> str:
     """The login error of a user who is neither an admin nor a stats user."""
     return (
         f'user "{user}" may not use the admin console "{app.settings.admin_database}": add it to '
@@ -507,7 +532,7 @@ class Console:
 
     __slots__ = ("_backlog", "app", "client", "role")
 
-    def __init__(self, app: Sidecar, client: ClientConnection, role: str) -> None:
+    def __init__(self, app: ConsoleHost, client: ClientConnection, role: str) -> None:
         self.app = app
         self.client = client
         self.role = role
@@ -566,7 +591,7 @@ def _rows(columns: list[str], rows: list[list[str | None]]) -> bytes:
     return b"".join(out)
 
 
-def _target_problem(app: Sidecar, verb: str, database: str | None) -> str | None:
+def _target_problem(app: ConsoleHost, verb: str, database: str | None) -> str | None:
     """Why ``database`` is no valid argument of ``verb`` (None: it names the sidecar's database, or is absent)."""
     if database is None:
         return f"{verb.upper()} needs a database name" if verb == "kill" else None
@@ -580,7 +605,7 @@ def _target_problem(app: Sidecar, verb: str, database: str | None) -> str | None
     return f'no such database: "{database}" (this sidecar serves "{app.pool.dsn.database}")'
 
 
-def execute(app: Sidecar, sql: str, console: Console) -> bytes | Coroutine[Any, Any, bytes]:  # noqa: PLR0911, PLR0912 - one branch per console command, matched in PgBouncer's order
+def execute(app: ConsoleHost, sql: str, console: Console) -> bytes | Coroutine[Any, Any, bytes]:  # noqa: PLR0911, PLR0912 - one branch per console command, matched in PgBouncer's order
     """Answer one simple query on the admin console (always ends with ReadyForQuery).
 
     Returns the answer, or for PAUSE a coroutine that returns it once the pool's servers are closed.
@@ -631,7 +656,7 @@ def execute(app: Sidecar, sql: str, console: Console) -> bytes | Coroutine[Any, 
     return _done("SHUTDOWN")
 
 
-async def _paused(app: Sidecar, console: Console) -> bytes:
+async def _paused(app: ConsoleHost, console: Console) -> bytes:
     """PAUSE's answer, once every server connection is closed (each after its transaction ends)."""
     while app.paused and app.servers_left() and not console.gone:  # noqa: ASYNC110 - see _PAUSE_POLL
         await asyncio.sleep(_PAUSE_POLL)
