@@ -551,7 +551,7 @@ def _busy(client: ClientConnection) -> bool:
         return True
     if server is None:
         return False
-    return not (client.pin_reason and client.pending <= 0 and server.scanner.status == IDLE)
+    return not (client.session.pin_reason and client.pending <= 0 and server.scanner.status == IDLE)
 
 
 async def serve(

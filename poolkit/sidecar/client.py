@@ -114,9 +114,6 @@ class ClientConnection(asyncio.Protocol):
         "database",
         "deferring",
         "dirty",
-        "follow_binds",
-        "follow_keys",
-        "follow_ok",
         "head",
         "held_effects",
         "input_paused",
@@ -191,17 +188,13 @@ class ClientConnection(asyncio.Protocol):
         self.rewrite_queued = False
         # The session effects (and route) of a new transaction's first bytes, while they end mid-message.
         self.held_effects: tuple[Effect, Effect] | None = None
-        # Pipelining across clients (server.py): may its request queue on a busy server connection, and
-        # what it binds.
-        self.follow_ok = False
-        self.follow_keys: list[bytes] | None = None  # the statement keys its pipelinable request binds
-        self.follow_binds: list[Bound] = []
         # The head of its request's answer that the relay checks and removes (prepared.AnswerHead).
         self.head: AnswerHead | None = None
         # Its pipelinable request's shape (shapes.py), kept until its answer times it, only if it queued.
         self.shape: bytes | None = None
-        # Its request shares a server connection: whatever it sends meanwhile waits in ``buffer`` (read
-        # per chunk, so a slot here rather than in ``pipeline``, which holds the rest: pipeline.py).
+        # Its request is pipelined with other clients' on a server connection: whatever it sends meanwhile
+        # waits in ``buffer`` (read per chunk, so a slot here rather than in ``pipeline``, which holds the
+        # rest of its pipelining state: may its request be pipelined, what it binds; pipeline.py).
         self.deferring = False
         self.pipeline = ClientPipeline()
 
@@ -259,7 +252,7 @@ class ClientConnection(asyncio.Protocol):
                     if server.assigned_at < 0:  # a pinned client's next transaction starts
                         server.assigned_at = now
                 self.pending += syncs
-            server.shareable = False  # more than one eligible request: nobody may queue behind it
+            server.pipeline.open = False  # more than one request: nothing may be pipelined behind it
             server.write(data)
             return
         if scanner.named_at >= 0:
@@ -340,7 +333,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _enqueue(self, data: bytes, effect: Effect, route: Effect) -> None:  # noqa: PLR0912 - per request on the hot path: a call per branch would cost throughput
         if self.waiting or self.linking is not None:
-            self.follow_ok = False  # more than its first request waits now
+            self.pipeline.pipelinable = False  # more than its first request waits now
             # The pool is chosen: a session feature now pins whatever server this client gets.
             if not effect.nothing and not self._apply(effect):
                 return
@@ -381,13 +374,13 @@ class ClientConnection(asyncio.Protocol):
             pool = pool.direct
             pool.stats.routed[route.route] += 1
         now = time.monotonic()
-        self.follow_ok = ok = self._pipelinable(data, effect, route)
+        self.pipeline.pipelinable = ok = self._pipelinable(data, effect, route)
         if ok and not pool.waiters:
-            target = pool.follow_target(self, now)
+            target = pool.pipeline_target(self, now)
             if target is not None:
                 self.request_time = time.time()
                 pool.stats.client_wait.observe(0.0)
-                target.add_followers([self], data)
+                target.add_to_pipeline([self], data)
                 return
         self.buffer.append(data)
         self.buffered += len(data)
@@ -401,29 +394,6 @@ class ClientConnection(asyncio.Protocol):
                 self.pause_input()
 
     # ------------------------------------------------------------- session state: pin, unpin, route
-
-    @property
-    def pin_reason(self) -> str:
-        """Why this client keeps its server connection between transactions ("" = it does not)."""
-        return self.session.pin_reason
-
-    @property
-    def pin_reasons(self) -> frozenset[str]:
-        """Every session feature this client holds (session.PIN_REASONS)."""
-        return self.session.pin_reasons
-
-    @property
-    def cancel_held(self) -> list[asyncio.BaseTransport | None] | None:
-        """Cancels for its request waiting for it to reach the head of its pipeline (pipeline.py)."""
-        return self.pipeline.cancel_held
-
-    @property
-    def pinned_since(self) -> float:
-        return self.session.pinned_since
-
-    @property
-    def plain_template(self) -> bytes:
-        return self.session.plain_template
 
     def _chunk_effect(self, data: bytes) -> tuple[Effect, Effect]:
         """The session effect of the SQL in this chunk, and the route of a statement still arriving."""
@@ -475,7 +445,9 @@ class ClientConnection(asyncio.Protocol):
             self._fail_queued(code, text, hint)
 
     def _unpin(self, why: str) -> None:
-        log.info("client_unpinned", pool=self.pool.name, client=self.describe(), reason=self.pin_reason, why=why)
+        log.info(
+            "client_unpinned", pool=self.pool.name, client=self.describe(), reason=self.session.pin_reason, why=why
+        )
         self.pool.pinned.discard(self)
         self.session.unpin()
 
@@ -491,7 +463,8 @@ class ClientConnection(asyncio.Protocol):
         session = self.session
         plain, session.plain_req = session.plain_req, False
         self.head = None  # a new transaction: nothing of an earlier answer is still owed
-        self.follow_keys = None
+        pipeline = self.pipeline
+        pipeline.keys = None
         self.shape = None
         scanner = self.scanner
         if not (
@@ -518,8 +491,8 @@ class ClientConnection(asyncio.Protocol):
                 if not self._autocommit_statement(statement):
                     return False
                 keys.append(statement.key)
-            self.follow_keys = keys
-            self.follow_binds = bound
+            pipeline.keys = keys
+            pipeline.binds = bound
             if len(keys) == 1:
                 self.shape = keys[0]
             return True
@@ -546,6 +519,21 @@ class ClientConnection(asyncio.Protocol):
         self.pipeline.deferred_syncs += syncs
         if self.buffered > _QUEUE_LIMIT:
             self.pause_input()
+
+    def pipelined_request(self, server: ServerConnection, data: bytes | None, owed_before: int) -> bytes:
+        """Its request, to be pipelined on ``server`` behind ``owed_before`` others (``data``, or what it queued)."""
+        if data is None:
+            buffer = self.buffer
+            data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+            self.buffer = []
+            self.buffered = 0
+        if self.rewrite_queued:
+            # Statement names only (the server has them all: server.can_queue checked).
+            self.rewrite_queued = False
+            data = self.rename_for(server, data, owed_before)
+        self.server = server
+        self.deferring = True
+        return data
 
     def leave_pipeline(self, now: float) -> None:
         """Its answer is complete: the transaction is over (the server goes on with the next request)."""
@@ -647,10 +635,11 @@ class ClientConnection(asyncio.Protocol):
             self.buffered = 0
             if self.rewrite_queued:
                 self.rewrite_queued = False
-                keys = self.follow_keys
-                if self.follow_ok and keys is not None and server.statements.renames_only(keys):
+                pipeline = self.pipeline
+                keys = pipeline.keys if pipeline.pipelinable else None
+                if keys is not None and server.statements.renames_only(keys):
                     data = self.rename_for(server, data, 0)  # the pipelinable shape: names only
-                elif self.follow_ok and keys is not None and server.statements.reprepares(self.follow_binds):
+                elif keys is not None and server.statements.reprepares(pipeline.binds):
                     data = self.rename_for(server, data, 0)  # the same, behind a transaction pooler
                 else:
                     # Nothing of this client's is outstanding on the server yet: its first message is at
@@ -658,10 +647,11 @@ class ClientConnection(asyncio.Protocol):
                     data = self._rewrite(server, data, (server.scanner.ready_total, 0))
             if data:
                 server.send_soon(data)
-        # Others may queue behind its request only if nothing in the server's answer is to be rewritten
-        # (a Parse the sidecar added for it, say): _split forwards answers untouched.
-        server.shareable = self.follow_ok and not server.statements.active
-        server.line_quick = server.shareable and server.pool.times.quick(self.shape)
+        # Others may be pipelined behind its request only if nothing in the server's answer is to be
+        # rewritten (a Parse the sidecar added for it, say): server._split forwards answers untouched.
+        carried = server.pipeline
+        carried.open = self.pipeline.pipelinable and not server.statements.active
+        carried.quick = carried.open and server.pool.times.quick(self.shape)
         self.shape = None  # its time to the answer includes the trip to the server: not a measure
 
     # ------------------------------------------------------------- named prepared statements (prepared.py)
@@ -740,7 +730,7 @@ class ClientConnection(asyncio.Protocol):
     def rename_for(self, server: ServerConnection, data: bytes, owed_before: int) -> bytes:
         """Its pipelinable request, renamed for ``server``, which owes ``owed_before`` ReadyForQuery before it."""
         assert self.statements is not None
-        binds, self.follow_binds = self.follow_binds, []
+        binds, self.pipeline.binds = self.pipeline.binds, []
         self.scanner.named_at = -1
         statements = server.statements
         z = server.scanner.ready_total + owed_before
@@ -879,7 +869,7 @@ class ClientConnection(asyncio.Protocol):
     def _fail_queued(self, code: str, text: str, hint: str | None) -> None:
         """Answer every queued request with an error, keeping the session usable if the protocol allows."""
         self.waiting = False
-        if self.pin_reason and self.server is None and self.linking is None:
+        if self.session.pin_reason and self.server is None and self.linking is None:
             self._unpin("its statements never ran")  # pinned while waiting: no session state was made
         if self.pending >= 1 and not self.scanner.unsynced and self.scanner.at_boundary:
             answer = protocol.error_response(code, text, hint=hint) + protocol.ready_for_query()
@@ -1206,7 +1196,8 @@ class ClientConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         server = f"#{self.server.ident}" if self.server is not None else "-"
-        pinned = f" pinned={self.pin_reason}" if self.pin_reason else ""
+        pin_reason = self.session.pin_reason
+        pinned = f" pinned={pin_reason}" if pin_reason else ""
         return (
             f"<ClientConnection #{self.process_id} {self.user or '?'}@{self.peer} {self.state.name.lower()} "
             f"server={server} pending={self.pending}{pinned}>"

@@ -64,7 +64,7 @@ def should_release(status: int, pending: int, unsynced: bool, client_at_boundary
 PIPELINE_WINDOW: Final = 0.005
 
 
-def may_follow(
+def may_pipeline(
     *,
     state: ServerState,
     being_canceled: bool,
@@ -72,7 +72,7 @@ def may_follow(
     writable: bool,
     running_for: float,
     idle_elsewhere: bool = False,
-    joins_quick_write: bool = False,
+    onto_quick_write: bool = False,
 ) -> bool:
     """May a client's pipelinable request queue on this busy server connection (pipeline_depth)?
 
@@ -82,11 +82,11 @@ def may_follow(
     have started within :data:`PIPELINE_WINDOW`.
 
     While another server connection is idle (``idle_elsewhere``) a request queues only where that
-    costs it next to nothing and saves a system call and a server wake-up each (``joins_quick_write``):
+    costs it next to nothing and saves a system call and a server wake-up each (``onto_quick_write``):
     it is known to be quick (shapes.py), and so is everything on this connection, whose write is still
     being gathered in this turn of the event loop (requests that arrive together go out together).
     """
-    if idle_elsewhere and not joins_quick_write:
+    if idle_elsewhere and not onto_quick_write:
         return False
     return (
         state == ServerState.ACTIVE

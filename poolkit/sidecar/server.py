@@ -12,16 +12,16 @@ from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SS
 from poolkit.log import get_logger
 from poolkit.sidecar import protocol
 from poolkit.sidecar.auth import UpstreamAuth, UpstreamTls
+from poolkit.sidecar.pipeline import Deliver, ServerPipeline, Turn
 from poolkit.sidecar.pooling import TRACKED_PARAMETERS, ServerState, should_release
 from poolkit.sidecar.prepared import ServerStatements
-from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader, error_codes
+from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader
 
 if TYPE_CHECKING:
     from poolkit.sidecar.client import ClientConnection
     from poolkit.sidecar.pool import UpstreamPool
 
 log = get_logger("sidecar")
-_QUERY_CANCELED = "57014"
 # Bytes relayed from one server connection before the event loop gets to run everything else once. libuv
 # reads a readable socket up to 32 times (256 KiB each) per loop turn: a large result of small messages
 # then kept every other socket waiting for hundreds of milliseconds per turn on a busy box, a CancelRequest
@@ -77,12 +77,8 @@ class ServerConnection(asyncio.Protocol):
         self.last_ready = now
         self.close_reason = ""
         self.write_paused = False
-        self.shareable = False
-        self.shared = False
-        self.line_quick = False  # every request on it since its client linked is of a quick shape
-        self.followers: deque[ClientConnection | None] = deque()
-        self._outbox: list[bytes] | None = None
-        self._after_cancel: list[bytes] = []  # retried requests, sent once the cancels in flight are done
+        # Pipelining across clients (pipeline.py): the clients queued behind ``client``, their answers.
+        self.pipeline: ServerPipeline[ClientConnection] = ServerPipeline(self._can_rerun)
         self._loop = asyncio.get_running_loop()  # cached: the lookup costs a getpid() per call
         self.peer = ""
         self._reader = MessageReader(side="server", max_message_size=protocol.MAX_INSPECTED_SIZE)
@@ -122,7 +118,7 @@ class ServerConnection(asyncio.Protocol):
             self._parameters_changed(client)
         if self.scanner.discarded:
             self._statements_discarded(client)
-        if self.shared:
+        if self.pipeline.active:
             self._split(data)
             return
         if client is None:
@@ -188,7 +184,7 @@ class ServerConnection(asyncio.Protocol):
                 self.pool.slow_query(client, elapsed)
         return now
 
-    # ------------------------------------------------------------- pipelining across clients
+    # ------------------------------------------------------------- pipelining across clients (pipeline.py)
 
     def can_queue(self, client: ClientConnection) -> bool:
         """Could ``client``'s pipelinable request go behind what runs here, as it is (or only renamed)?
@@ -196,47 +192,37 @@ class ServerConnection(asyncio.Protocol):
         Everything here is pipelinable, nothing in its answers is to be rewritten, its session has the
         client's settings, and it has every prepared statement the request binds.
         """
-        keys = client.follow_keys
+        wanted = client.pipeline
+        keys = wanted.keys
         return (
-            self.shareable
+            self.pipeline.open
             and not self.statements.active
             and self.session_key == client.wanted_key()
-            and (keys is None or self.statements.renames_only(keys) or self.statements.reprepares(client.follow_binds))
+            and (keys is None or self.statements.renames_only(keys) or self.statements.reprepares(wanted.binds))
         )
+
+    def _can_rerun(self, keys: list[bytes] | None) -> bool:
+        """Does this connection still have what a request binding ``keys`` needs to run again?"""
+        statements = self.statements
+        return keys is None or statements.transaction or all(key in statements.cache for key in keys)
 
     @property
     def writable(self) -> bool:
         transport = self.transport
         return transport is not None and not transport.is_closing() and not self.write_paused
 
-    def add_followers(self, clients: list[ClientConnection], data: bytes | None = None) -> None:
-        """Write these clients' requests behind what this connection runs now (one write)."""
-        if not self.shared:
-            self.shared = True
-            owner = self.client
-            if owner is not None:
-                owner.deferring = True  # what it sends next must wait for the line (client._defer)
-        requests: list[bytes] = []
+    def add_to_pipeline(self, clients: list[ClientConnection], data: bytes | None = None) -> None:
+        """Pipeline these clients' requests behind what this connection runs now (one write)."""
+        pipeline = self.pipeline
         quick = self.pool.times.quick
-        line_quick = self.line_quick
+        requests: list[bytes] = []
         for client in clients:
-            line_quick = line_quick and quick(client.shape)
-            if data is None:
-                request = client.buffer[0] if len(client.buffer) == 1 else b"".join(client.buffer)
-                client.buffer = []
-                client.buffered = 0
-            else:
-                request = data
-            if client.rewrite_queued:
-                # Statement names only (the server has them all: pool.follow_target checked).
-                client.rewrite_queued = False
-                request = client.rename_for(self, request, 1 + len(self.followers))
-            client.pipeline.request = request
-            client.server = self
-            client.deferring = True
-            self.followers.append(client)
-            requests.append(client.pipeline.request)
-        self.line_quick = line_quick
+            request = client.pipelined_request(self, data, 1 + len(pipeline.queued))
+            if pipeline.add(client, request, quick=quick(client.shape)):
+                head = self.client
+                if head is not None:
+                    head.deferring = True  # what it sends next must wait for the pipeline (client._defer)
+            requests.append(request)
         self.pool.stats.pipelined_requests += len(clients)
         self._send_soon(requests)
 
@@ -245,154 +231,106 @@ class ServerConnection(asyncio.Protocol):
         self._send_soon([request])
 
     def _send_soon(self, requests: list[bytes]) -> None:
-        # Requests for one connection in one turn of the event loop (clients' reads come in batches:
-        # the request that takes an idle connection and those that queue behind it) go out as one TLS
-        # record in one system call, which is what pipelining saves most on. The turn ends after the
-        # other sockets ready now are read, so a lone request waits for nothing.
-        outbox = self._outbox
-        if outbox is None:
-            self._outbox = requests
+        # The turn ends after the other sockets ready now are read, so a lone request waits for nothing.
+        if self.pipeline.gather(requests):
             self.pool.gathering.add(self)
             self._loop.call_soon(self._flush)
-        else:
-            outbox.extend(requests)
 
     def _flush(self) -> None:
-        outbox, self._outbox = self._outbox, None
+        data = self.pipeline.take_outbox()
         self.pool.gathering.discard(self)
-        if outbox:
+        if data:
             transport = self.transport
             if transport is not None and not transport.is_closing():
-                transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+                transport.write(data)
 
     def forget(self, client: ClientConnection) -> None:
-        """``client`` left while its request is in the line: its answer will be dropped."""
+        """``client`` left while its request is in the pipeline: its answer will be dropped."""
         client.deferring = False
         if self.client is client:
             self.client = None
-            return
-        for i, follower in enumerate(self.followers):
-            if follower is client:
-                self.followers[i] = None
-                return
+        else:
+            self.pipeline.forget(client)
 
     def end_pipeline(self) -> list[ClientConnection]:
-        """The connection is gone: the clients still queued on it (each must be told)."""
-        followers = [f for f in self.followers if f is not None]
-        self.followers.clear()
-        self._after_cancel.clear()
-        self.shared = False
-        for follower in followers:
-            follower.server = None
-            follower.deferring = False
-        return followers
+        """The connection is gone: the clients still pipelined on it (each must be told)."""
+        clients = self.pipeline.end()
+        for client in clients:
+            client.server = None
+            client.deferring = False
+        return clients
 
     def _split(self, data: bytes) -> None:
-        """Deliver a shared connection's answers: each ReadyForQuery ends one client's turn."""
-        start = 0
+        """Deliver a pipelined connection's answers (pipeline.py splits them): each ReadyForQuery ends one turn."""
         resume: list[ClientConnection] = []  # clients done here with bytes held meanwhile (client._defer)
-        for end in tuple(self.scanner.ends):
-            owner = self.client
-            if owner is not None:
-                self._deliver(owner, data[start:end])
-            start = end
-            now = self._answered(owner, 1)
-            if data[end - 1] != IDLE:
-                # Impossible for a pipelinable request; were it to happen, the requests behind it would
-                # run inside someone else's transaction: give up the connection and everyone on it.
-                log.warning("pipeline_left_transaction", pool=self.pool.name, server=self.describe())
-                self.abort("a pipelined request left a transaction open")
+        for action in self.pipeline.split(data, tuple(self.scanner.ends), self.client):
+            if isinstance(action, Deliver):
+                self._deliver(action.client, action.data)
+            elif not self._turn(action, resume):
                 break
-            if owner is not None and owner.pipeline.held_answer is not None and self._retried(owner):
-                owner = None  # it is back in the line
-            self._next_turn(owner, now, resume)
-            if self.state is ServerState.CLOSED:
-                break
-        else:
-            if start < len(data) and self.client is not None:
-                self._deliver(self.client, data[start:] if start else data)
         # Their transaction is over whatever became of this connection: what they held goes out now.
         for client in resume:
             client.resume_deferred()
 
-    def _deliver(self, owner: ClientConnection, part: bytes) -> None:
-        held = owner.pipeline.held_answer
-        if held is not None:
-            held.append(part)  # a cancel meant for another client may have hit it: see _retried
-        else:
-            head = owner.head
-            if head is not None:
-                part = head.feed(part)
-                if head.done:
-                    owner.head = None
-            owner.transport.write(part)
-            self.pool.stats.sent_bytes += len(part)
+    def _deliver(self, client: ClientConnection, part: bytes) -> None:
+        head = client.head
+        if head is not None:
+            part = head.feed(part)
+            if head.done:
+                client.head = None
+        client.transport.write(part)
+        self.pool.stats.sent_bytes += len(part)
 
-    def _retried(self, owner: ClientConnection) -> bool:
-        """The held answer of a request at risk is complete: re-send it if another client's cancel hit it."""
-        answer = owner.pipeline.take_answer()
-        keys = owner.follow_keys
-        if (
-            not owner.pipeline.cancel_asked
-            and _QUERY_CANCELED in error_codes(answer)
-            # Behind a transaction pooler its request prepares what it binds itself (reprepare).
-            and (keys is None or self.statements.transaction or all(key in self.statements.cache for key in keys))
-        ):
+    def _turn(self, turn: Turn[ClientConnection], resume: list[ClientConnection]) -> bool:
+        """Carry out one turn of the pipeline (pipeline.Turn); False when the connection is done splitting."""
+        now = self._answered(turn.answered, 1)
+        if turn.broken:
+            log.warning("pipeline_left_transaction", pool=self.pool.name, server=self.describe())
+            self.abort("a pipelined request left a transaction open")
+            return False
+        if turn.resent:
+            client = turn.answered
+            assert client is not None
             # It never ran to completion and was rolled back: running it again is what its client asked.
             self.pool.stats.pipeline_retries += 1
-            log.info("pipelined_request_retried", pool=self.pool.name, client=owner.describe())
-            owner.pending += 1
-            self.followers.append(owner)
-            if self in self.pool.being_canceled:
-                # PostgreSQL signals a canceled backend twice (the process, then its process group); on
-                # a busy machine the second signal can land later and cancel the request sent again.
-                # Once the cancel connection has closed, both have been sent (cancel_over).
-                self._after_cancel.append(owner.pipeline.request)
-            else:
-                self._send_soon([owner.pipeline.request])
-            return True
-        head = owner.head
-        if head is not None:
-            answer = head.feed(answer)
-            if head.done:
-                owner.head = None
-        owner.transport.write(answer)
-        self.pool.stats.sent_bytes += len(answer)
-        return False
-
-    def cancel_over(self) -> None:
-        """No cancel is on its way to this connection any more: send the requests that waited for that."""
-        if self._after_cancel:
-            requests, self._after_cancel = self._after_cancel, []
-            self._send_soon(requests)
-
-    def _next_turn(self, done: ClientConnection | None, now: float, resume: list[ClientConnection]) -> None:
-        """``done``'s answer is complete: the next request in line (or the pool) gets the connection."""
-        followers = self.followers
-        if done is not None:
-            done.pipeline.request = b""
-            if done.buffer:
-                resume.append(done)
-        if followers:
+            log.info("pipelined_request_retried", pool=self.pool.name, client=client.describe())
+            client.pending += 1
+            if turn.resend is not None:
+                self._send_soon([turn.resend])
+        done = turn.done
+        if done is not None and done.buffer:
+            resume.append(done)
+        if not turn.last:
             if done is not None:
                 done.leave_pipeline(now)
-            nxt = followers.popleft()
-            self.client = nxt
+            head = self.client = turn.next
             self.assigned_at = now
-            if nxt is not None:
-                if nxt.write_paused and self.transport is not None:
-                    self.transport.pause_reading()  # its socket is full: hold the rest of the line back
-                if nxt.pipeline.cancel_held is not None:
-                    nxt.app.forward_held_cancel(nxt)
+            if head is not None:
+                if head.write_paused and self.transport is not None:
+                    self.transport.pause_reading()  # its socket is full: hold the rest of the pipeline back
+                if turn.cancels:
+                    head.app.forward_held_cancel(head)
             self.pool.top_up(self)
-            return
-        self.shared = False
+            return True
         if done is not None:
             done.deferring = False
             done.release_server(now)
         else:
             self.client = None
             self.pool.release(self, now)
+        if turn.rest and self.client is not None:
+            self._deliver(self.client, turn.rest)
+        return False
+
+    def cancel_started(self) -> None:
+        """A cancel is on its way to this connection (the pool's count went from none to one)."""
+        self.pipeline.cancel_started()
+
+    def cancel_over(self) -> None:
+        """No cancel is on its way to this connection any more: send the requests that waited for that."""
+        requests = self.pipeline.cancel_over()
+        if requests:
+            self._send_soon(requests)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost_flag = True
@@ -437,7 +375,7 @@ class ServerConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         """Write ``data`` now, or behind what :meth:`send_soon` queued this turn (order is the protocol)."""
-        outbox = self._outbox
+        outbox = self.pipeline.outbox
         if outbox is not None:
             outbox.append(data)
             return
@@ -605,7 +543,7 @@ class ServerConnection(asyncio.Protocol):
         client = f"#{self.client.process_id}" if self.client is not None else "-"
         return (
             f"<ServerConnection #{self.ident} {self.pool.name} {self.pool.route} {self.state} "
-            f"pid={self.backend_pid} client={client} followers={len(self.followers)}>"
+            f"pid={self.backend_pid} client={client} pipelined={len(self.pipeline.queued)}>"
         )
 
     def describe(self) -> str:

@@ -440,7 +440,7 @@ async def test_a_follower_that_disconnects_while_queued_loses_only_its_answer(
 
 def held_cancels(sidecar: SidecarThread) -> int:
     """Cancels the sidecar keeps until their client's request is at the head of its pipeline."""
-    return sidecar.call(lambda app: sum(len(getattr(c, "cancel_held", None) or ()) for c in list(app.connections)))
+    return sidecar.call(lambda app: sum(len(c.pipeline.cancel_held or ()) for c in list(app.connections)))
 
 
 async def test_a_cancel_for_a_queued_client_never_fails_the_client_behind_it(
