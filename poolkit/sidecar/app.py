@@ -501,7 +501,7 @@ class Sidecar:
         # own rules. configure() (resume, reload) restores the sizes. The private calls reuse the
         # pool's own closing and filling; they belong in pool.py once its rewrite has landed.
         pool.max_size = 0
-        pool.pipeline_depth = 0  # nobody joins a busy server's pipeline either
+        pool.pipeline_depth = 0  # nothing is pipelined on a busy server either
         for server in list(pool.idle):
             pool._close_idle(server, "pause")
 

@@ -20,7 +20,6 @@ from poolkit.sidecar.pooling import (
     ClientState,
     ServerState,
     on_client_gone,
-    parameter_changes,
     take_server_now,
 )
 from poolkit.sidecar.prepared import AnswerHead, Bound, ClientStatements, Statement
@@ -36,7 +35,7 @@ from poolkit.sidecar.session import (
     pin_limit_message,
     quick_nothing,
 )
-from poolkit.sidecar.startup import Rejection, check_query, first_column, rejection, sync_statements
+from poolkit.sidecar.startup import Rejection, check_query, first_column, rejection
 from poolkit.sidecar.tracker import SessionTracker, pins_nothing
 
 if TYPE_CHECKING:
@@ -130,7 +129,6 @@ class ClientConnection(asyncio.Protocol):
         "secret_key",
         "server",
         "session",
-        "shape",
         "state",
         "statements",
         "tls",
@@ -190,8 +188,6 @@ class ClientConnection(asyncio.Protocol):
         self.held_effects: tuple[Effect, Effect] | None = None
         # The head of its request's answer that the relay checks and removes (prepared.AnswerHead).
         self.head: AnswerHead | None = None
-        # Its pipelinable request's shape (shapes.py), kept until its answer times it, only if it queued.
-        self.shape: bytes | None = None
         # Its request is pipelined with other clients' on a server connection: whatever it sends meanwhile
         # waits in ``buffer`` (read per chunk, so a slot here rather than in ``pipeline``, which holds the
         # rest of its pipelining state: may its request be pipelined, what it binds; pipeline.py).
@@ -282,6 +278,7 @@ class ClientConnection(asyncio.Protocol):
             self.server = None
             if self.deferring:
                 # Its request is a whole autocommit one: the pipeline goes on, its answer is dropped.
+                self.deferring = False
                 self.drop_held_cancels()
                 server.forget(self)
                 return
@@ -291,22 +288,16 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         server = self.server
-        # Only the client being answered holds the server's reading back (one queued behind it in a
-        # pipeline does once its turn comes: server._next_turn).
-        if server is not None and server.client is self and server.transport is not None:
-            server.transport.pause_reading()
+        # Only the client being answered holds the server's reading back (one pipelined behind it does
+        # once its turn comes: server._turn).
+        if server is not None and server.client is self:
+            server.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         server = self.server
-        if (
-            server is not None
-            and server.client is self
-            and server.transport is not None
-            and not server.transport.is_closing()
-            and server not in server.pool.being_canceled  # held back until the cancel is out (app.cancel)
-        ):
-            server.transport.resume_reading()
+        if server is not None and server.client is self:
+            server.resume_reading(after_cancels=True)  # held back until a cancel is out (cancel.py)
 
     def pause_input(self) -> None:
         if not self.input_paused and not self.transport.is_closing():
@@ -454,7 +445,7 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------- pipelining across clients (server.py)
 
     def _pipelinable(self, data: bytes, effect: Effect, route: Effect) -> bool:
-        """May this chunk queue on a busy server behind another client's request?
+        """May this chunk be pipelined on a busy server behind another client's request?
 
         Only one whole autocommit request of one plain statement (no session effect, no statement
         name, nothing else owed or held): it cannot leave a transaction or session state behind for
@@ -465,7 +456,7 @@ class ClientConnection(asyncio.Protocol):
         self.head = None  # a new transaction: nothing of an earlier answer is still owed
         pipeline = self.pipeline
         pipeline.keys = None
-        self.shape = None
+        pipeline.shape = None
         scanner = self.scanner
         if not (
             self.pending == 1
@@ -494,10 +485,10 @@ class ClientConnection(asyncio.Protocol):
             pipeline.keys = keys
             pipeline.binds = bound
             if len(keys) == 1:
-                self.shape = keys[0]
+                pipeline.shape = keys[0]
             return True
         if plain and scanner.sql_chunk is data and scanner.named_at < 0:
-            self.shape = session.plain_template
+            pipeline.shape = session.plain_template
             return True
         return False
 
@@ -528,26 +519,46 @@ class ClientConnection(asyncio.Protocol):
             self.buffer = []
             self.buffered = 0
         if self.rewrite_queued:
-            # Statement names only (the server has them all: server.can_queue checked).
+            # Statement names only (the server has them all: server.can_pipeline checked).
             self.rewrite_queued = False
             data = self.rename_for(server, data, owed_before)
         self.server = server
         self.deferring = True
         return data
 
-    def leave_pipeline(self, now: float) -> None:
-        """Its answer is complete: the transaction is over (the server goes on with the next request)."""
-        server = self.server
+    def pipeline_started(self) -> None:
+        """Another client's request is pipelined behind its own: what it sends next waits (:meth:`_defer`)."""
+        self.deferring = True
+
+    def leave_pipeline(self, now: float, *, last: bool = False) -> None:
+        """Its answer is complete: the transaction is over.
+
+        The server goes on with the next request, or (``last``) it is the last in the pipeline and the
+        server goes back to the pool as after any transaction.
+        """
         self.deferring = False
+        if last:
+            self.release_server(now)
+            return
+        server = self.server
         self.drop_held_cancels()
         if server is None:
             return
         self._transaction_done(server, now)
         self.server = None
-        if self.write_paused and server.transport is not None and not server.transport.is_closing():
-            server.transport.resume_reading()
+        if self.write_paused:
+            server.resume_reading()
         if self.close_after_release:
             self.shutdown_close()
+
+    def forward_held_cancels(self) -> None:
+        """Its request reached the head of its pipeline: the cancels that waited for that go out now."""
+        self.app.forward_held_cancel(self)
+
+    def statements_discarded(self) -> None:
+        """DISCARD ALL / DEALLOCATE ALL ran: in PostgreSQL's terms it has no prepared statement left."""
+        if self.statements is not None:
+            self.statements.clear()
 
     def drop_held_cancels(self) -> None:
         """Its request was answered (or never will be) before its turn came: nothing left to cancel."""
@@ -600,14 +611,11 @@ class ClientConnection(asyncio.Protocol):
             self._login_server = None
             future.set_result(server)
             return
-        key = self.wanted_key()
-        if server.session_key != key:
-            changes = parameter_changes(self.wanted, server.current, server.defaults)
-            if changes:
-                self.linking = server
-                self.app.spawn(self._sync_then_link(server, changes))
-                return
-            server.session_key = key
+        changes = server.settings_changes(self.wanted_key(), self.wanted)
+        if changes:
+            self.linking = server
+            self.app.spawn(self._sync_then_link(server, changes))
+            return
         self._link(server)
 
     def wanted_key(self) -> tuple[tuple[str, str], ...]:
@@ -622,8 +630,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _link(self, server: ServerConnection) -> None:
         self.server = server
-        if self.write_paused and server.transport is not None:
-            server.transport.pause_reading()
+        if self.write_paused:
+            server.pause_reading()
         if server.write_paused:
             self.pause_input()
         else:
@@ -651,8 +659,8 @@ class ClientConnection(asyncio.Protocol):
         # rewritten (a Parse the sidecar added for it, say): server._split forwards answers untouched.
         carried = server.pipeline
         carried.open = self.pipeline.pipelinable and not server.statements.active
-        carried.quick = carried.open and server.pool.times.quick(self.shape)
-        self.shape = None  # its time to the answer includes the trip to the server: not a measure
+        carried.quick = carried.open and server.pool.times.quick(self.pipeline.shape)
+        self.pipeline.shape = None  # its time to the answer includes the trip to the server: not a measure
 
     # ------------------------------------------------------------- named prepared statements (prepared.py)
 
@@ -757,17 +765,9 @@ class ClientConnection(asyncio.Protocol):
     async def _sync_then_link(self, server: ServerConnection, changes: list[tuple[str, str | None]]) -> None:
         # The server's session settings differ from what this client set up: align them first, in
         # a query the client never sees (PgBouncer does the same with its variable cache).
-        for name, value in changes:
-            if value is None:
-                if name in server.defaults:
-                    server.current[name] = server.defaults[name]
-                else:
-                    server.current.pop(name, None)
-            else:
-                server.current[name] = value
         try:
             async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
-                error = await server.run_internal(sync_statements(changes))
+                error = await server.sync_settings(changes, self.wanted_key())
         except (Exception, asyncio.CancelledError) as exc:
             self.linking = None
             server.pool.server_broken(server, f"session parameter sync failed: {exc!r}")
@@ -775,7 +775,6 @@ class ClientConnection(asyncio.Protocol):
                 self.fatal("08006", f"the server connection of pool {self.pool.name!r} failed while being set up")
             return
         self.linking = None
-        server.session_key = self.wanted_key()
         if self.closed:
             server.client = None
             server.pool.release(server, time.monotonic())
@@ -808,8 +807,8 @@ class ClientConnection(asyncio.Protocol):
                 return
             self._unpin("reset by the client")
         self.server = None
-        if self.write_paused and server.transport is not None:
-            server.transport.resume_reading()
+        if self.write_paused:
+            server.resume_reading()
         if server.write_paused:
             self.resume_input()
         server.pool.release(server, now)
@@ -820,8 +819,8 @@ class ClientConnection(asyncio.Protocol):
         """Clean up a server whose client vanished while holding it (``pinned``: the session state it had)."""
         if server.state is ServerState.CLOSED:
             return
-        if self.write_paused and server.transport is not None and not server.transport.is_closing():
-            server.transport.resume_reading()
+        if self.write_paused:
+            server.resume_reading()
         action = on_client_gone(
             status=server.scanner.status,
             pending=self.pending,
@@ -837,32 +836,12 @@ class ClientConnection(asyncio.Protocol):
         if action is ClientGone.RELEASE and not pinned:
             pool.release(server, time.monotonic())
         elif action is not ClientGone.CLOSE:
-            self.app.spawn(self._reset(server, rollback=action is ClientGone.ROLLBACK))
+            self.app.spawn(server.reset(rollback=action is ClientGone.ROLLBACK, timeout=_INTERNAL_QUERY_TIMEOUT))
         else:
             log.info("server_closed", pool=pool.name, server=server.describe(), reason="client left mid-query")
             pool.close_server(server, "client gone")
             # A no-op for a closed server; its connection_lost refills the pool (UpstreamPool.server_lost).
             pool.release(server, time.monotonic())
-
-    async def _reset(self, server: ServerConnection, *, rollback: bool) -> None:
-        """ROLLBACK (if in a transaction) and server_reset_query, then give ``server`` back; close it on failure."""
-        pool = server.pool
-        error: dict[str, str] | None = None
-        try:
-            async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
-                if rollback:
-                    error = await server.run_internal("ROLLBACK")
-                if error is None and pool.reset_query:
-                    error = await server.run_internal(pool.reset_query)
-                    if error is None and pool.reset_query.upper().endswith("ALL"):
-                        server.current = dict(server.defaults)
-                        server.session_key = None
-        except (Exception, asyncio.CancelledError) as exc:
-            error = {"M": repr(exc)}
-        if error is not None:
-            log.warning("server_reset_failed", pool=pool.name, server=server.describe(), error=error.get("M"))
-            pool.close_server(server, "reset failed")
-        pool.release(server, time.monotonic())
 
     # ------------------------------------------------------------- failures the client must hear about
 

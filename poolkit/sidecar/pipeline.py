@@ -8,7 +8,7 @@ bytes gathered for one write per turn of the event loop (``outbox``), requests r
 over (``after_cancel``); and it splits the answers between the clients (:meth:`ServerPipeline.split`),
 returning what to write to which client and where the connection goes next (:class:`Deliver`,
 :class:`Turn`), which server.py carries out. :class:`ClientPipeline` is what one client carries: whether
-its request may be pipelined and what it binds, the Syncs of what it sent meanwhile (its bytes wait in the
+its request may be pipelined, what it binds and its shape, the Syncs of what it sent meanwhile (its bytes wait in the
 client's buffer, to start a new transaction once its answer is in), its request as sent (re-sent if a
 cancel meant for another client hits it), its answer while held (a cancel may have hit it), the cancels
 waiting for its request to reach the head (their requesters are closed once forwarded), and whether it
@@ -46,6 +46,7 @@ class ClientPipeline:
         "keys",
         "pipelinable",
         "request",
+        "shape",
     )
 
     def __init__(self) -> None:
@@ -53,6 +54,8 @@ class ClientPipeline:
         self.pipelinable = False
         self.keys: list[bytes] | None = None  # the prepared statement keys its pipelinable request binds
         self.binds: list[Bound] = []
+        # Its pipelinable request's shape (shapes.py), kept until its answer times it, only if it was pipelined.
+        self.shape: bytes | None = None
         self.deferred_syncs = 0
         self.request = b""
         self.held_answer: list[bytes] | None = None
@@ -148,8 +151,8 @@ def _all_statements(_keys: list[bytes] | None) -> bool:
 class ServerPipeline(Generic[M]):
     """The pipeline one server connection carries: the clients queued behind its head, and their answers.
 
-    ``active``: answers are split between clients (from the first request pipelined until the line is
-    empty); ``open``: the head's request is pipelinable, so others may go behind it; ``quick``: every
+    ``active``: answers are split between clients (from the first request pipelined until none is
+    left); ``open``: the head's request is pipelinable, so others may go behind it; ``quick``: every
     request on it since its head linked is of a quick shape (shapes.py). ``can_rerun(keys)`` says whether
     the connection still has the prepared statements a request binds (a re-sent request needs them).
     """

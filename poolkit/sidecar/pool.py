@@ -215,14 +215,14 @@ class UpstreamPool:
         candidates = self.servers
         if idle:
             # Only a quick request may be pipelined, and only onto a write still being gathered (pooling.may_pipeline).
-            if not self.gathering or not self.times.quick(client.shape):
+            if not self.gathering or not self.times.quick(client.pipeline.shape):
                 return None
             candidates = self.gathering
         for server in candidates:
             if (
                 len(server.pipeline.queued) < depth
                 and (best is None or len(server.pipeline.queued) < len(best.pipeline.queued))
-                and server.can_queue(client)
+                and server.can_pipeline(client)
                 and may_pipeline(
                     state=server.state,
                     being_canceled=server in self.being_canceled,
@@ -248,7 +248,7 @@ class UpstreamPool:
             if client.closed:
                 waiters.popleft()
                 continue
-            if not client.pipeline.pipelinable or not server.can_queue(client):
+            if not client.pipeline.pipelinable or not server.can_pipeline(client):
                 break  # first come, first served: nobody overtakes a client that needs a server of its own
             waiters.popleft()
             taken.append(client)

@@ -13,9 +13,10 @@ from poolkit.log import get_logger
 from poolkit.sidecar import protocol
 from poolkit.sidecar.auth import UpstreamAuth, UpstreamTls
 from poolkit.sidecar.pipeline import Deliver, ServerPipeline, Turn
-from poolkit.sidecar.pooling import TRACKED_PARAMETERS, ServerState, should_release
+from poolkit.sidecar.pooling import TRACKED_PARAMETERS, ServerState, parameter_changes, should_release
 from poolkit.sidecar.prepared import ServerStatements
 from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader
+from poolkit.sidecar.startup import sync_statements
 
 if TYPE_CHECKING:
     from poolkit.sidecar.client import ClientConnection
@@ -36,13 +37,14 @@ class ServerConnection(asyncio.Protocol):
     is on, received chunks are scanned for ReadyForQuery and written to the client unchanged, except
     while ``statements`` (its named prepared statements, prepared.py) owes the client rewritten answers.
 
-    Pipelining across clients: while the request it runs is one autocommit statement (``shareable``),
-    other clients' such requests may be written right behind it (``followers``, in order; ``None``
-    for one whose client left). PostgreSQL answers them in order, so the answers are split at each
-    ReadyForQuery and ``client`` moves down the line (``shared`` until the line is empty). This saves
-    the round trip between transactions and lets PostgreSQL read several requests per wake-up;
-    PgBouncer does not do it. Nothing can leave state behind for the next request: each one is a
-    whole implicit transaction of a statement without session effect (client.py ``_pipelinable``).
+    Pipelining across clients: while the request it runs is one autocommit statement (``pipeline.open``),
+    other clients' such requests may be pipelined right behind it (``pipeline.queued``, in order).
+    PostgreSQL answers them in order, so the answers are split at each ReadyForQuery and ``client``
+    moves on to the next (``pipeline.active`` until none is left). ``pipeline`` (pipeline.py) holds that
+    state and decides; this connection moves the bytes and carries out its actions. This saves the
+    round trip between transactions and lets PostgreSQL read several requests per wake-up; PgBouncer
+    does not do it. Nothing can leave state behind for the next request: each one is a whole implicit
+    transaction of a statement without session effect (client.py ``_pipelinable``).
     """
 
     def __init__(self, pool: UpstreamPool, ident: int, generation: int) -> None:
@@ -175,9 +177,10 @@ class ServerConnection(asyncio.Protocol):
         stats.query_duration.observe(elapsed)
         stats.query_time_total += elapsed
         if client is not None:
-            shape = client.shape
+            pipeline = client.pipeline
+            shape = pipeline.shape
             if shape is not None:
-                client.shape = None
+                pipeline.shape = None
                 self.pool.times.observe(shape, elapsed)
             client.pending -= ready
             if elapsed >= self.pool.slow_query_seconds > 0:
@@ -186,7 +189,7 @@ class ServerConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------- pipelining across clients (pipeline.py)
 
-    def can_queue(self, client: ClientConnection) -> bool:
+    def can_pipeline(self, client: ClientConnection) -> bool:
         """Could ``client``'s pipelinable request go behind what runs here, as it is (or only renamed)?
 
         Everything here is pipelinable, nothing in its answers is to be rewritten, its session has the
@@ -218,10 +221,8 @@ class ServerConnection(asyncio.Protocol):
         requests: list[bytes] = []
         for client in clients:
             request = client.pipelined_request(self, data, 1 + len(pipeline.queued))
-            if pipeline.add(client, request, quick=quick(client.shape)):
-                head = self.client
-                if head is not None:
-                    head.deferring = True  # what it sends next must wait for the pipeline (client._defer)
+            if pipeline.add(client, request, quick=quick(client.pipeline.shape)) and self.client is not None:
+                self.client.pipeline_started()
             requests.append(request)
         self.pool.stats.pipelined_requests += len(clients)
         self._send_soon(requests)
@@ -246,19 +247,14 @@ class ServerConnection(asyncio.Protocol):
 
     def forget(self, client: ClientConnection) -> None:
         """``client`` left while its request is in the pipeline: its answer will be dropped."""
-        client.deferring = False
         if self.client is client:
             self.client = None
         else:
             self.pipeline.forget(client)
 
     def end_pipeline(self) -> list[ClientConnection]:
-        """The connection is gone: the clients still pipelined on it (each must be told)."""
-        clients = self.pipeline.end()
-        for client in clients:
-            client.server = None
-            client.deferring = False
-        return clients
+        """The connection is gone: the clients still pipelined on it (each must be told: client.server_lost)."""
+        return self.pipeline.end()
 
     def _split(self, data: bytes) -> None:
         """Deliver a pipelined connection's answers (pipeline.py splits them): each ReadyForQuery ends one turn."""
@@ -273,10 +269,10 @@ class ServerConnection(asyncio.Protocol):
             client.resume_deferred()
 
     def _deliver(self, client: ClientConnection, part: bytes) -> None:
-        head = client.head
-        if head is not None:
-            part = head.feed(part)
-            if head.done:
+        answer_head = client.head
+        if answer_head is not None:
+            part = answer_head.feed(part)
+            if answer_head.done:
                 client.head = None
         client.transport.write(part)
         self.pool.stats.sent_bytes += len(part)
@@ -298,23 +294,22 @@ class ServerConnection(asyncio.Protocol):
             if turn.resend is not None:
                 self._send_soon([turn.resend])
         done = turn.done
-        if done is not None and done.buffer:
-            resume.append(done)
+        if done is not None:
+            resume.append(done)  # what it sent meanwhile, if anything, goes out as a new transaction
         if not turn.last:
             if done is not None:
                 done.leave_pipeline(now)
-            head = self.client = turn.next
+            nxt = self.client = turn.next
             self.assigned_at = now
-            if head is not None:
-                if head.write_paused and self.transport is not None:
-                    self.transport.pause_reading()  # its socket is full: hold the rest of the pipeline back
+            if nxt is not None:
+                if nxt.write_paused:
+                    self.pause_reading()  # its socket is full: hold the rest of the pipeline back
                 if turn.cancels:
-                    head.app.forward_held_cancel(head)
+                    nxt.forward_held_cancels()
             self.pool.top_up(self)
             return True
         if done is not None:
-            done.deferring = False
-            done.release_server(now)
+            done.leave_pipeline(now, last=True)
         else:
             self.client = None
             self.pool.release(self, now)
@@ -370,8 +365,23 @@ class ServerConnection(asyncio.Protocol):
         # PostgreSQL's terms neither has the client that ran it.
         self.scanner.discarded = False
         self.statements.discard_all()
-        if client is not None and client.statements is not None:
-            client.statements.clear()
+        if client is not None:
+            client.statements_discarded()
+
+    def pause_reading(self) -> None:
+        """Stop reading answers (the client's socket is full)."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self, *, after_cancels: bool = False) -> None:
+        """Read answers again (``after_cancels``: unless a cancel on its way holds reading back: cancel.py)."""
+        transport = self.transport
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and not (after_cancels and self in self.pool.being_canceled)
+        ):
+            transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         """Write ``data`` now, or behind what :meth:`send_soon` queued this turn (order is the protocol)."""
@@ -499,6 +509,57 @@ class ServerConnection(asyncio.Protocol):
             self.defaults.setdefault(name.lower(), value)
         self._reader = MessageReader(side="server", max_message_size=protocol.MAX_INSPECTED_SIZE)
         self.relay = True
+
+    def settings_changes(
+        self, key: tuple[tuple[str, str], ...], wanted: dict[str, str]
+    ) -> list[tuple[str, str | None]]:
+        """What to change for a client whose settings are ``wanted`` (``key``: their snapshot); [] for nothing."""
+        if self.session_key == key:
+            return []
+        changes = parameter_changes(wanted, self.current, self.defaults)
+        if not changes:
+            self.session_key = key
+        return changes
+
+    async def sync_settings(
+        self, changes: list[tuple[str, str | None]], key: tuple[tuple[str, str], ...]
+    ) -> dict[str, str] | None:
+        """Apply ``changes`` (from :meth:`settings_changes`) in a query the client never sees; its error, if any.
+
+        Then the session has the settings whose snapshot is ``key`` (a rejected value is the client's to
+        hear about): the next client with that key skips the comparison.
+        """
+        for name, value in changes:
+            if value is None:
+                if name in self.defaults:
+                    self.current[name] = self.defaults[name]
+                else:
+                    self.current.pop(name, None)
+            else:
+                self.current[name] = value
+        error = await self.run_internal(sync_statements(changes))
+        self.session_key = key
+        return error
+
+    async def reset(self, *, rollback: bool, timeout: float) -> None:
+        """ROLLBACK (if in a transaction) and server_reset_query, then go back to the pool; close on failure."""
+        pool = self.pool
+        error: dict[str, str] | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                if rollback:
+                    error = await self.run_internal("ROLLBACK")
+                if error is None and pool.reset_query:
+                    error = await self.run_internal(pool.reset_query)
+                    if error is None and pool.reset_query.upper().endswith("ALL"):
+                        self.current = dict(self.defaults)
+                        self.session_key = None
+        except (Exception, asyncio.CancelledError) as exc:
+            error = {"M": repr(exc)}
+        if error is not None:
+            log.warning("server_reset_failed", pool=pool.name, server=self.describe(), error=error.get("M"))
+            pool.close_server(self, "reset failed")
+        pool.release(self, time.monotonic())
 
     async def run_internal(self, sql: str, rows: list[bytes] | None = None) -> dict[str, str] | None:
         """Run ``sql`` as a simple query the client never sees; return the first error's fields, if any.
