@@ -114,30 +114,36 @@ class Deliver(Generic[M]):
 class Turn(Generic[M]):
     """One ReadyForQuery: the answer of ``answered`` (``None``: its client left) is complete.
 
+    ``data``: the last part of that answer, to write to it first (b"" when nothing is to be written now).
     ``broken``: the request left a transaction open (the connection must go, with everyone on it; nothing
     follows this turn). Otherwise ``done`` is the client whose transaction is over (``None`` when it left,
     or when its request was re-sent: ``resent``, whose bytes are ``resend`` to write now, or ``None`` while a
-    cancel is still on its way: :meth:`ServerPipeline.cancel_over` gives them). With ``last`` the pipeline
-    is over and the connection goes back to the pool; else ``next`` (``None``: a client that left) is the
-    new head, and ``cancels``: it has cancels to forward now. ``rest``: bytes after the last turn (only
-    asynchronous messages can come after the last answer), for whoever the connection serves next.
+    cancel is still on its way: :meth:`ServerPipeline.cancel_over` gives them); ``late``: its answer, held
+    until complete, to write now. With ``last`` the pipeline is over and the connection goes back to the
+    pool; else ``next`` (``None``: a client that left) is the new head, and ``cancels``: it has cancels to
+    forward now. ``rest``: bytes after the last turn (only asynchronous messages can come after the last
+    answer), for whoever the connection serves next.
     """
 
-    __slots__ = ("answered", "broken", "cancels", "done", "last", "next", "resend", "resent", "rest")
+    # One per request on the relay's hot path: the usual values are the class's, an instance sets only
+    # what differs (cheaper than a slot each to fill).
+    broken = False
+    resent = False
+    resend: bytes | None = None
+    late: bytes | None = None
+    last = False
+    next: M | None = None
+    cancels = False
+    rest = b""
 
-    def __init__(self, answered: M | None) -> None:
+    def __init__(self, answered: M | None, data: bytes, done: M | None) -> None:
         self.answered = answered
-        self.broken = False
-        self.done: M | None = None
-        self.resent = False
-        self.resend: bytes | None = None
-        self.last = False
-        self.next: M | None = None
-        self.cancels = False
-        self.rest = b""
+        self.data = data
+        self.done = done
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in sorted(self.__slots__))
+        names = ("answered", "data", "done", "broken", "resent", "resend", "late", "last", "next", "cancels", "rest")
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
         return f"Turn({fields})"
 
 
@@ -245,29 +251,35 @@ class ServerPipeline(Generic[M]):
     def split(self, data: bytes, ends: Iterable[int], head: M | None) -> Iterator[Action[M]]:
         """Split a chunk of answers at its ReadyForQuery ``ends`` between ``head`` and the clients queued.
 
-        Yields, in order, the parts to write to clients and one :class:`Turn` per ReadyForQuery; bytes of a
-        held answer (a cancel may have hit it) are kept here until it is complete. The caller carries out
+        Yields one :class:`Turn` per ReadyForQuery (with the end of its answer), then a :class:`Deliver` for
+        the start of the next answer if the chunk ends inside one; bytes of a held answer (a cancel may have
+        hit it) are kept here until it is complete. The caller carries out
         each action before taking the next (a turn may pipeline more requests, which the next turn sees);
         splitting stops after a broken or last turn.
         """
         start = 0
         for end in ends:
-            if head is not None:
-                part = self._unheld(head, data[start:end])
-                if part:
-                    yield Deliver(head, part)
+            if head is None:
+                turn: Turn[M] = Turn(None, b"", None)
+            else:
+                pipeline = head.pipeline
+                held = pipeline.held_answer
+                if held is None:
+                    turn = Turn(head, data[start:end], head)
+                    pipeline.request = b""
+                else:
+                    held.append(data[start:end])  # a cancel meant for another client may have hit it: see _rerun
+                    turn = Turn(head, b"", head)
             start = end
-            turn: Turn[M] = Turn(head)
             if data[end - 1] != IDLE:
                 # Impossible for a pipelinable request; were it to happen, the requests behind it would
                 # run inside someone else's transaction.
                 turn.broken = True
+                turn.done = None
                 yield turn
                 return
-            if head is not None:
-                late = self._finish(head, turn)
-                if late is not None:
-                    yield Deliver(head, late)
+            if head is not None and head.pipeline.held_answer is not None:
+                self._finish_held(head, turn)
             if not self.queued:
                 self.active = False
                 turn.last = True
@@ -275,33 +287,25 @@ class ServerPipeline(Generic[M]):
                 yield turn
                 return
             head = turn.next = self.queued.popleft()
-            turn.cancels = head is not None and head.pipeline.cancel_held is not None
+            if head is not None and head.pipeline.cancel_held is not None:
+                turn.cancels = True
             yield turn
         if start < len(data) and head is not None:
-            part = self._unheld(head, data[start:] if start else data)
-            if part:
+            part = data[start:] if start else data
+            held = head.pipeline.held_answer
+            if held is not None:
+                held.append(part)
+            else:
                 yield Deliver(head, part)
 
-    @staticmethod
-    def _unheld(client: M, part: bytes) -> bytes:
-        """``part`` of ``client``'s answer to write now; b"" when it is held (a cancel may have hit it: _rerun)."""
-        held = client.pipeline.held_answer
-        if held is None:
-            return part
-        held.append(part)
-        return b""
-
-    def _finish(self, client: M, turn: Turn[M]) -> bytes | None:
-        """``client``'s answer is complete: its held answer to deliver now, if any; or its request is re-sent."""
+    def _finish_held(self, client: M, turn: Turn[M]) -> None:
+        """``client``'s held answer is complete: deliver it late, or re-send its request (a cancel hit it)."""
         pipeline = client.pipeline
-        turn.done = client
-        if pipeline.held_answer is None:
-            pipeline.request = b""
-            return None
         answer = pipeline.take_answer()
         if not self._rerun(client, answer):
             pipeline.request = b""
-            return answer
+            turn.late = answer
+            return
         turn.done = None  # it is back in the pipeline
         turn.resent = True
         self.queued.append(client)
@@ -312,7 +316,6 @@ class ServerPipeline(Generic[M]):
             self.after_cancel.append(pipeline.request)
         else:
             turn.resend = pipeline.request
-        return None
 
     def _rerun(self, client: M, answer: bytes) -> bool:
         """Was ``client``'s request canceled by a cancel meant for another one (and can it run again)?"""

@@ -12,7 +12,7 @@ from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SS
 from poolkit.log import get_logger
 from poolkit.sidecar import protocol
 from poolkit.sidecar.auth import UpstreamAuth, UpstreamTls
-from poolkit.sidecar.pipeline import Deliver, ServerPipeline, Turn
+from poolkit.sidecar.pipeline import ServerPipeline, Turn
 from poolkit.sidecar.pooling import TRACKED_PARAMETERS, ServerState, parameter_changes, should_release
 from poolkit.sidecar.prepared import ServerStatements
 from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader
@@ -260,10 +260,11 @@ class ServerConnection(asyncio.Protocol):
         """Deliver a pipelined connection's answers (pipeline.py splits them): each ReadyForQuery ends one turn."""
         resume: list[ClientConnection] = []  # clients done here with bytes held meanwhile (client._defer)
         for action in self.pipeline.split(data, tuple(self.scanner.ends), self.client):
-            if isinstance(action, Deliver):
+            if isinstance(action, Turn):
+                if not self._turn(action, resume):
+                    break
+            else:
                 self._deliver(action.client, action.data)
-            elif not self._turn(action, resume):
-                break
         # Their transaction is over whatever became of this connection: what they held goes out now.
         for client in resume:
             client.resume_deferred()
@@ -279,20 +280,17 @@ class ServerConnection(asyncio.Protocol):
 
     def _turn(self, turn: Turn[ClientConnection], resume: list[ClientConnection]) -> bool:
         """Carry out one turn of the pipeline (pipeline.Turn); False when the connection is done splitting."""
-        now = self._answered(turn.answered, 1)
+        answered = turn.answered
+        if answered is not None:
+            if turn.data:
+                self._deliver(answered, turn.data)
+            if turn.late is not None or turn.resent:
+                self._answer_held(answered, turn)
+        now = self._answered(answered, 1)
         if turn.broken:
             log.warning("pipeline_left_transaction", pool=self.pool.name, server=self.describe())
             self.abort("a pipelined request left a transaction open")
             return False
-        if turn.resent:
-            client = turn.answered
-            assert client is not None
-            # It never ran to completion and was rolled back: running it again is what its client asked.
-            self.pool.stats.pipeline_retries += 1
-            log.info("pipelined_request_retried", pool=self.pool.name, client=client.describe())
-            client.pending += 1
-            if turn.resend is not None:
-                self._send_soon([turn.resend])
         done = turn.done
         if done is not None:
             resume.append(done)  # what it sent meanwhile, if anything, goes out as a new transaction
@@ -308,14 +306,30 @@ class ServerConnection(asyncio.Protocol):
                     nxt.forward_held_cancels()
             self.pool.top_up(self)
             return True
+        self._pipeline_over(done, turn.rest, now)
+        return False
+
+    def _pipeline_over(self, done: ClientConnection | None, rest: bytes, now: float) -> None:
+        """The last request of the pipeline is answered: the connection goes back as after any transaction."""
         if done is not None:
             done.leave_pipeline(now, last=True)
         else:
             self.client = None
             self.pool.release(self, now)
-        if turn.rest and self.client is not None:
-            self._deliver(self.client, turn.rest)
-        return False
+        if rest and self.client is not None:
+            self._deliver(self.client, rest)
+
+    def _answer_held(self, client: ClientConnection, turn: Turn[ClientConnection]) -> None:
+        """``client``'s answer was held (a cancel may have hit it): write it now, or send its request again."""
+        if turn.late is not None:
+            self._deliver(client, turn.late)
+        elif turn.resent:
+            # It never ran to completion and was rolled back: running it again is what its client asked.
+            self.pool.stats.pipeline_retries += 1
+            log.info("pipelined_request_retried", pool=self.pool.name, client=client.describe())
+            client.pending += 1
+            if turn.resend is not None:
+                self._send_soon([turn.resend])
 
     def cancel_started(self) -> None:
         """A cancel is on its way to this connection (the pool's count went from none to one)."""

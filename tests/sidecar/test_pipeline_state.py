@@ -84,13 +84,19 @@ class Relay:
         self.upstream: list[bytes] = []
         self.released = False
 
+    def write(self, client: Client | None, data: bytes | None) -> None:
+        if client is not None and data:
+            self.got[client.name] = self.got.get(client.name, b"") + data
+
     def feed(self, chunk: bytes) -> None:
         self.scanner.feed(chunk)
         for action in self.pipeline.split(chunk, tuple(self.scanner.ends), self.head):
             if isinstance(action, Deliver):
-                self.got[action.client.name] = self.got.get(action.client.name, b"") + action.data
+                self.write(action.client, action.data)
                 continue
             self.turns.append(action)
+            self.write(action.answered, action.data)
+            self.write(action.answered, action.late)
             if action.resend is not None:
                 self.upstream.append(action.resend)
             if action.broken or action.last:
@@ -143,10 +149,9 @@ def test_requests_pipelined_during_a_turn_are_seen_by_the_next_turn_of_the_same_
     a, b, c = Client("a"), Client("b"), Client("c")
     pipeline = pipelined(a, b)
     turns = pipeline.split(answer("1") + answer("2"), [len(answer("1")), 2 * len(answer("2"))], a)
-    delivered = next(turns)
-    assert isinstance(delivered, Deliver) and (delivered.client, delivered.data) == (a, answer("1"))
     first = next(turns)
-    assert isinstance(first, Turn) and first.next is b and not first.last
+    assert isinstance(first, Turn) and (first.answered, first.data) == (a, answer("1"))
+    assert first.next is b and not first.last
     pipeline.add(c, b"request of c", quick=True)  # the pool pipelines a waiter while carrying out that turn
     rest = list(turns)
     assert isinstance(rest[-1], Turn) and rest[-1].next is c and not rest[-1].last
