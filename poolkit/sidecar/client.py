@@ -530,26 +530,28 @@ class ClientConnection(asyncio.Protocol):
         """Another client's request is pipelined behind its own: what it sends next waits (:meth:`_defer`)."""
         self.deferring = True
 
-    def leave_pipeline(self, now: float, *, last: bool = False) -> None:
-        """Its answer is complete: the transaction is over.
+    def leave_pipeline(self, now: float, *, last: bool = False) -> bool:
+        """Its answer is complete: the transaction is over; True if it holds bytes sent meanwhile.
 
         The server goes on with the next request, or (``last``) it is the last in the pipeline and the
-        server goes back to the pool as after any transaction.
+        server goes back to the pool as after any transaction. What it holds goes out once the server
+        has split the whole chunk of answers (:meth:`resume_deferred`).
         """
         self.deferring = False
         if last:
             self.release_server(now)
-            return
+            return bool(self.buffer)
         server = self.server
         self.drop_held_cancels()
         if server is None:
-            return
+            return bool(self.buffer)
         self._transaction_done(server, now)
         self.server = None
         if self.write_paused:
             server.resume_reading()
         if self.close_after_release:
             self.shutdown_close()
+        return bool(self.buffer)
 
     def forward_held_cancels(self) -> None:
         """Its request reached the head of its pipeline: the cancels that waited for that go out now."""

@@ -12,7 +12,7 @@ from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SS
 from poolkit.log import get_logger
 from poolkit.sidecar import protocol
 from poolkit.sidecar.auth import UpstreamAuth, UpstreamTls
-from poolkit.sidecar.pipeline import ServerPipeline, Turn
+from poolkit.sidecar.pipeline import Deliver, ServerPipeline, Turn
 from poolkit.sidecar.pooling import TRACKED_PARAMETERS, ServerState, parameter_changes, should_release
 from poolkit.sidecar.prepared import ServerStatements
 from poolkit.sidecar.protocol import IDLE, BackendScanner, MessageReader
@@ -260,10 +260,11 @@ class ServerConnection(asyncio.Protocol):
         """Deliver a pipelined connection's answers (pipeline.py splits them): each ReadyForQuery ends one turn."""
         resume: list[ClientConnection] = []  # clients done here with bytes held meanwhile (client._defer)
         for action in self.pipeline.split(data, tuple(self.scanner.ends), self.client):
-            if isinstance(action, Turn):
+            if type(action) is Turn:  # not isinstance: a call per answer on the hot path
                 if not self._turn(action, resume):
                     break
             else:
+                assert isinstance(action, Deliver)  # the start of the next answer, once per chunk at most
                 self._deliver(action.client, action.data)
         # Their transaction is over whatever became of this connection: what they held goes out now.
         for client in resume:
@@ -292,11 +293,9 @@ class ServerConnection(asyncio.Protocol):
             self.abort("a pipelined request left a transaction open")
             return False
         done = turn.done
-        if done is not None:
-            resume.append(done)  # what it sent meanwhile, if anything, goes out as a new transaction
         if not turn.last:
-            if done is not None:
-                done.leave_pipeline(now)
+            if done is not None and done.leave_pipeline(now):
+                resume.append(done)  # what it sent meanwhile goes out as a new transaction
             nxt = self.client = turn.next
             self.assigned_at = now
             if nxt is not None:
@@ -306,13 +305,16 @@ class ServerConnection(asyncio.Protocol):
                     nxt.forward_held_cancels()
             self.pool.top_up(self)
             return True
-        self._pipeline_over(done, turn.rest, now)
+        self._pipeline_over(done, turn.rest, now, resume)
         return False
 
-    def _pipeline_over(self, done: ClientConnection | None, rest: bytes, now: float) -> None:
+    def _pipeline_over(
+        self, done: ClientConnection | None, rest: bytes, now: float, resume: list[ClientConnection]
+    ) -> None:
         """The last request of the pipeline is answered: the connection goes back as after any transaction."""
         if done is not None:
-            done.leave_pipeline(now, last=True)
+            if done.leave_pipeline(now, last=True):
+                resume.append(done)
         else:
             self.client = None
             self.pool.release(self, now)
