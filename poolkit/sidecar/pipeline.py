@@ -181,13 +181,20 @@ class ServerPipeline(Generic[M]):
     # ------------------------------------------------------------- requests in
 
     def add(self, client: M, request: bytes, *, quick: bool) -> bool:
-        """Pipeline ``client``'s ``request`` behind the head; True when this makes the pipeline active."""
+        """Pipeline ``client``'s ``request`` behind the head, in this turn's write; True as :meth:`gather`.
+
+        The head's client must hold what it sends from now on if the pipeline was not :attr:`active` yet.
+        """
         client.pipeline.request = request
         self.queued.append(client)
         self.quick = self.quick and quick
-        started = not self.active
         self.active = True
-        return started
+        outbox = self.outbox  # gather, inline: once per pipelined request
+        if outbox is None:
+            self.outbox = [request]
+            return True
+        outbox.append(request)
+        return False
 
     def gather(self, requests: list[bytes]) -> bool:
         """Queue bytes for this turn's one write; True when it is the first (the caller flushes at turn's end).

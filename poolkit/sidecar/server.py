@@ -217,25 +217,29 @@ class ServerConnection(asyncio.Protocol):
     def add_to_pipeline(self, clients: list[ClientConnection], data: bytes | None = None) -> None:
         """Pipeline these clients' requests behind what this connection runs now (one write)."""
         pipeline = self.pipeline
+        if not pipeline.active and self.client is not None:
+            self.client.pipeline_started()
         quick = self.pool.times.quick
-        requests: list[bytes] = []
+        flush = False
         for client in clients:
             request = client.pipelined_request(self, data, 1 + len(pipeline.queued))
-            if pipeline.add(client, request, quick=quick(client.pipeline.shape)) and self.client is not None:
-                self.client.pipeline_started()
-            requests.append(request)
+            flush = pipeline.add(client, request, quick=quick(client.pipeline.shape)) or flush
         self.pool.stats.pipelined_requests += len(clients)
-        self._send_soon(requests)
+        if flush:
+            self._flush_soon()
 
     def send_soon(self, request: bytes) -> None:
         """Write ``request`` at the end of this turn of the event loop, with whatever else is queued here by then."""
         self._send_soon([request])
 
     def _send_soon(self, requests: list[bytes]) -> None:
-        # The turn ends after the other sockets ready now are read, so a lone request waits for nothing.
         if self.pipeline.gather(requests):
-            self.pool.gathering.add(self)
-            self._loop.call_soon(self._flush)
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        # The turn ends after the other sockets ready now are read, so a lone request waits for nothing.
+        self.pool.gathering.add(self)
+        self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         data = self.pipeline.take_outbox()

@@ -246,9 +246,11 @@ def test_the_pipeline_starts_with_its_first_request_and_ends_with_its_connection
     b, c = Client("b"), Client("c")
     pipeline: ServerPipeline[Client] = ServerPipeline()
     pipeline.quick = True
-    assert pipeline.add(b, b"Qb", quick=True)  # the head defers from now on (server.add_to_pipeline)
+    assert pipeline.add(b, b"Qb", quick=True)  # this turn's first bytes: the caller flushes at turn's end
+    assert pipeline.active  # the head holds what it sends from now on (server.add_to_pipeline)
     assert not pipeline.add(c, b"Qc", quick=False)
-    assert pipeline.active and not pipeline.quick and len(pipeline) == 2
+    assert not pipeline.quick and len(pipeline) == 2
+    assert pipeline.take_outbox() == b"QbQc"  # one write
     pipeline.forget(b)
     pipeline.after_cancel.append(b"Qb")
     assert pipeline.end() == [c]
