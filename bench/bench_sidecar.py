@@ -13,7 +13,9 @@ the sidecar puts a -c 10 load on one connection and is faster still (`--cold` me
 Every target gets the same upstream pool size; PgBouncer and the sidecar both reach PostgreSQL over TLS
 (sslmode=require) and authenticate clients with SCRAM; pgbench talks plain TCP to both poolers. Direct
 PostgreSQL only accepts TLS, so its numbers include TLS on every connection.
-Machines are noisy: compare the columns of one run, never runs on different days.
+Machines are noisy: compare the columns of one run, never runs on different days. The sidecar's CPU time per
+transaction (the cpu columns) moves less with other load than tps does: compare code versions with it, and
+run the same version twice to see how much it moves by itself.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ PREPARED_WORKLOADS = [
 
 def pgbench(url: str, args: list[str], seconds: int, mode: str = "simple") -> float:
     return benchlib.pgbench(url, args, seconds, mode).tps
+
+
+def pgbench_cpu(url: str, args: list[str], seconds: int, pid: int) -> tuple[float, float]:
+    """tps, and the CPU time process ``pid`` spent per transaction (µs): steadier than tps on a shared box."""
+    before = benchlib.cpu_seconds(pid)
+    result = benchlib.pgbench(url, args, seconds)
+    used = benchlib.cpu_seconds(pid) - before
+    return result.tps, used / max(result.transactions, 1) * 1e6
 
 
 def start_sidecar(
@@ -133,17 +143,26 @@ def main() -> int:
             if args.only != "prepared":
                 print(f"pgbench -M simple -j 2 -T {args.seconds}; pool size {args.pool_size} for both poolers")
                 print("depth0: the sidecar with pipeline_depth=0 (no pipelining across clients)")
+                print("cpu: the sidecar process's CPU time per transaction (µs; compare code versions with this)")
                 print(
                     f"{'workload':<14}{'direct':>10}{'pgbouncer':>11}{'sidecar':>10}{'depth0':>9}"
-                    f"{'sidecar/pgb':>13}{'depth0/pgb':>12}"
+                    f"{'sidecar/pgb':>13}{'depth0/pgb':>12}{'sidecar cpu':>13}{'depth0 cpu':>12}"
                 )
+                pids = {"sidecar": sidecar.pid, "depth0": flat.pid}
                 for name, wargs in WORKLOADS:
-                    tps = {target: pgbench(url, wargs, args.seconds) for target, url in targets.items()}
+                    tps: dict[str, float] = {}
+                    cpu: dict[str, float] = {}
+                    for target, url in targets.items():
+                        if target in pids:
+                            tps[target], cpu[target] = pgbench_cpu(url, wargs, args.seconds, pids[target])
+                        else:
+                            tps[target] = pgbench(url, wargs, args.seconds)
                     ratio = tps["sidecar"] / tps["pgbouncer"]
                     flat_ratio = tps["depth0"] / tps["pgbouncer"]
                     print(
                         f"{name:<14}{tps['direct']:>10.0f}{tps['pgbouncer']:>11.0f}{tps['sidecar']:>10.0f}"
                         f"{tps['depth0']:>9.0f}{ratio:>13.2f}{flat_ratio:>12.2f}"
+                        f"{cpu['sidecar']:>13.1f}{cpu['depth0']:>12.1f}"
                     )
             if args.only != "simple":
                 print(
