@@ -218,10 +218,12 @@ class UpstreamPool:
             if not self.gathering or not self.times.quick(client.pipeline.shape):
                 return None
             candidates = self.gathering
+        fewest = depth  # the least loaded so far must have fewer queued than pipeline_depth
         for server in candidates:
+            pipeline = server.pipeline
+            queued = len(pipeline.queued)
             if (
-                len(server.pipeline.queued) < depth
-                and (best is None or len(server.pipeline.queued) < len(best.pipeline.queued))
+                queued < fewest
                 and server.can_pipeline(client)
                 and may_pipeline(
                     state=server.state,
@@ -230,10 +232,10 @@ class UpstreamPool:
                     writable=server.writable,
                     running_for=now - server.query_started,
                     idle_elsewhere=idle,
-                    onto_quick_write=server.pipeline.quick,  # candidates are the writes being gathered
+                    onto_quick_write=pipeline.quick,  # candidates are the writes being gathered
                 )
             ):
-                best = server
+                best, fewest = server, queued
         return best
 
     def top_up(self, server: ServerConnection) -> None:

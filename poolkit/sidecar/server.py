@@ -195,14 +195,12 @@ class ServerConnection(asyncio.Protocol):
         Everything here is pipelinable, nothing in its answers is to be rewritten, its session has the
         client's settings, and it has every prepared statement the request binds.
         """
-        wanted = client.pipeline
-        keys = wanted.keys
-        return (
-            self.pipeline.open
-            and not self.statements.active
-            and self.session_key == client.wanted_key()
-            and (keys is None or self.statements.renames_only(keys) or self.statements.reprepares(wanted.binds))
-        )
+        statements = self.statements
+        if not self.pipeline.open or statements.active or self.session_key != client.wanted_key():
+            return False
+        request = client.pipeline
+        keys = request.keys
+        return keys is None or statements.renames_only(keys) or statements.reprepares(request.binds)
 
     def _can_rerun(self, keys: list[bytes] | None) -> bool:
         """Does this connection still have what a request binding ``keys`` needs to run again?"""
