@@ -262,9 +262,10 @@ class ServerConnection(asyncio.Protocol):
         """Deliver a pipelined connection's answers (pipeline.py splits them): each ReadyForQuery ends one turn."""
         resume: list[ClientConnection] = []  # clients done here with bytes held meanwhile (client._defer)
         for action in self.pipeline.split(data, tuple(self.scanner.ends), self.client):
+            # A broken or last turn is the split's last action: the loop ends with it (no break, which would
+            # leave the generator to be closed).
             if type(action) is Turn:  # not isinstance: a call per answer on the hot path
-                if not self._turn(action, resume):
-                    break
+                self._turn(action, resume)
             else:
                 assert isinstance(action, Deliver)  # the start of the next answer, once per chunk at most
                 self._deliver(action.client, action.data)
@@ -281,8 +282,8 @@ class ServerConnection(asyncio.Protocol):
         client.transport.write(part)
         self.pool.stats.sent_bytes += len(part)
 
-    def _turn(self, turn: Turn[ClientConnection], resume: list[ClientConnection]) -> bool:
-        """Carry out one turn of the pipeline (pipeline.Turn); False when the connection is done splitting."""
+    def _turn(self, turn: Turn[ClientConnection], resume: list[ClientConnection]) -> None:
+        """Carry out one turn of the pipeline (pipeline.Turn)."""
         answered = turn.answered
         if answered is not None:
             if turn.data:
@@ -293,7 +294,7 @@ class ServerConnection(asyncio.Protocol):
         if turn.broken:
             log.warning("pipeline_left_transaction", pool=self.pool.name, server=self.describe())
             self.abort("a pipelined request left a transaction open")
-            return False
+            return
         done = turn.done
         if not turn.last:
             if done is not None and done.leave_pipeline(now):
@@ -306,9 +307,8 @@ class ServerConnection(asyncio.Protocol):
                 if turn.cancels:
                     nxt.forward_held_cancels()
             self.pool.top_up(self)
-            return True
+            return
         self._pipeline_over(done, turn.rest, now, resume)
-        return False
 
     def _pipeline_over(
         self, done: ClientConnection | None, rest: bytes, now: float, resume: list[ClientConnection]
