@@ -13,7 +13,9 @@ the sidecar puts a -c 10 load on one connection and is faster still (`--cold` me
 Every target gets the same upstream pool size; PgBouncer and the sidecar both reach PostgreSQL over TLS
 (sslmode=require) and authenticate clients with SCRAM; pgbench talks plain TCP to both poolers. Direct
 PostgreSQL only accepts TLS, so its numbers include TLS on every connection.
-Machines are noisy: compare the columns of one run, never runs on different days.
+Machines are noisy: compare the columns of one run, never runs on different days. The sidecar's CPU time per
+transaction (the cpu columns) moves less with other load than tps does: compare code versions with it, and
+run the same version twice to see how much it moves by itself.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ PREPARED_WORKLOADS = [
 
 def pgbench(url: str, args: list[str], seconds: int, mode: str = "simple") -> float:
     return benchlib.pgbench(url, args, seconds, mode).tps
+
+
+def pgbench_cpu(url: str, args: list[str], seconds: int, pid: int) -> tuple[float, float]:
+    """tps, and the CPU time process ``pid`` spent per transaction (µs): steadier than tps on a shared box."""
+    before = benchlib.cpu_seconds(pid)
+    result = benchlib.pgbench(url, args, seconds)
+    used = benchlib.cpu_seconds(pid) - before
+    return result.tps, used / max(result.transactions, 1) * 1e6
 
 
 def start_sidecar(
@@ -98,6 +108,46 @@ def idle_memory(pid: int, port: int, user: str, password: str, count: int) -> tu
     return asyncio.run(run())
 
 
+def simple_table(targets: dict[str, str], pids: dict[str, int], seconds: int, pool_size: int) -> None:
+    """pgbench -M simple through every target; the sidecar's CPU per transaction beside its tps."""
+    print(f"pgbench -M simple -j 2 -T {seconds}; pool size {pool_size} for both poolers")
+    print("depth0: the sidecar with pipeline_depth=0 (no pipelining across clients)")
+    print("cpu: the sidecar process's CPU time per transaction (µs; compare code versions with this)")
+    print(
+        f"{'workload':<14}{'direct':>10}{'pgbouncer':>11}{'sidecar':>10}{'depth0':>9}"
+        f"{'sidecar/pgb':>13}{'depth0/pgb':>12}{'sidecar cpu':>13}{'depth0 cpu':>12}"
+    )
+    for name, wargs in WORKLOADS:
+        tps: dict[str, float] = {}
+        cpu: dict[str, float] = {}
+        for target, url in targets.items():
+            if target in pids:
+                tps[target], cpu[target] = pgbench_cpu(url, wargs, seconds, pids[target])
+            else:
+                tps[target] = pgbench(url, wargs, seconds)
+        ratio = tps["sidecar"] / tps["pgbouncer"]
+        flat_ratio = tps["depth0"] / tps["pgbouncer"]
+        print(
+            f"{name:<14}{tps['direct']:>10.0f}{tps['pgbouncer']:>11.0f}{tps['sidecar']:>10.0f}"
+            f"{tps['depth0']:>9.0f}{ratio:>13.2f}{flat_ratio:>12.2f}"
+            f"{cpu['sidecar']:>13.1f}{cpu['depth0']:>12.1f}"
+        )
+
+
+def prepared_table(targets: dict[str, str], seconds: int, pool_size: int) -> None:
+    """pgbench -M prepared through the sidecars against -M simple through PgBouncer."""
+    print(
+        f"\nnamed prepared statements: pgbench -S -M prepared through the sidecar vs -M simple through "
+        f"PgBouncer (-j 2 -T {seconds}, pool size {pool_size}; goal: ratio >= 1.25)"
+    )
+    print(f"{'workload':<14}{'pgb simple':>11}{'sidecar prep':>14}{'depth0 prep':>13}{'ratio':>8}")
+    for name, wargs in PREPARED_WORKLOADS:
+        bouncer_tps = pgbench(targets["pgbouncer"], wargs, seconds, "simple")
+        sidecar_tps = pgbench(targets["sidecar"], wargs, seconds, "prepared")
+        flat_tps = pgbench(targets["depth0"], wargs, seconds, "prepared")
+        print(f"{name:<14}{bouncer_tps:>11.0f}{sidecar_tps:>14.0f}{flat_tps:>13.0f}{sidecar_tps / bouncer_tps:>8.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
@@ -131,34 +181,9 @@ def main() -> int:
                 for target in ("pgbouncer", "sidecar", "depth0"):
                     pgbench(targets[target], ["-S", "-c", "50"], 2)
             if args.only != "prepared":
-                print(f"pgbench -M simple -j 2 -T {args.seconds}; pool size {args.pool_size} for both poolers")
-                print("depth0: the sidecar with pipeline_depth=0 (no pipelining across clients)")
-                print(
-                    f"{'workload':<14}{'direct':>10}{'pgbouncer':>11}{'sidecar':>10}{'depth0':>9}"
-                    f"{'sidecar/pgb':>13}{'depth0/pgb':>12}"
-                )
-                for name, wargs in WORKLOADS:
-                    tps = {target: pgbench(url, wargs, args.seconds) for target, url in targets.items()}
-                    ratio = tps["sidecar"] / tps["pgbouncer"]
-                    flat_ratio = tps["depth0"] / tps["pgbouncer"]
-                    print(
-                        f"{name:<14}{tps['direct']:>10.0f}{tps['pgbouncer']:>11.0f}{tps['sidecar']:>10.0f}"
-                        f"{tps['depth0']:>9.0f}{ratio:>13.2f}{flat_ratio:>12.2f}"
-                    )
+                simple_table(targets, {"sidecar": sidecar.pid, "depth0": flat.pid}, args.seconds, args.pool_size)
             if args.only != "simple":
-                print(
-                    f"\nnamed prepared statements: pgbench -S -M prepared through the sidecar vs -M simple through "
-                    f"PgBouncer (-j 2 -T {args.seconds}, pool size {args.pool_size}; goal: ratio >= 1.25)"
-                )
-                print(f"{'workload':<14}{'pgb simple':>11}{'sidecar prep':>14}{'depth0 prep':>13}{'ratio':>8}")
-                for name, wargs in PREPARED_WORKLOADS:
-                    bouncer_tps = pgbench(targets["pgbouncer"], wargs, args.seconds, "simple")
-                    sidecar_tps = pgbench(targets["sidecar"], wargs, args.seconds, "prepared")
-                    flat_tps = pgbench(targets["depth0"], wargs, args.seconds, "prepared")
-                    print(
-                        f"{name:<14}{bouncer_tps:>11.0f}{sidecar_tps:>14.0f}{flat_tps:>13.0f}"
-                        f"{sidecar_tps / bouncer_tps:>8.2f}"
-                    )
+                prepared_table(targets, args.seconds, args.pool_size)
             open_now = server_connections(http_port)
             print(f"sidecar server connections open after the runs: {open_now} (pool size {args.pool_size})")
             if args.idle_clients:

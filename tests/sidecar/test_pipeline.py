@@ -6,12 +6,12 @@ holder client keeps the server in a transaction while the others line up as wait
 when it commits, the first waiter gets the server and the next ones are written behind it (the
 pipelined counter says how many), and the head's ``SELECT`` waits on a table a direct connection has
 locked until the test lets it go. (A request arriving while the head has already run for a while may
-wait rather than follow; the line-up works either way.)
+wait rather than be pipelined; the line-up works either way.)
 
 psycopg (autocommit, prepare_threshold=None) sends one unnamed Parse/Bind/Describe/Execute/Sync batch
 for a query with parameters, one simple Query for a query without (or through a ClientCursor): both are
 eligible. asyncpg's first round trip per query is Parse/Describe/Flush (no Sync): its clients take the
-server for themselves, so they are in the load tests as the other kind of neighbour, not as followers.
+server for themselves, so they are in the load tests as the other kind of neighbour, not as pipelined requests.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ async def test_every_answer_reaches_its_own_client_under_load(
 
     async def one(i: int) -> list[tuple[int, str]]:
         got: list[tuple[int, str]] = []
-        if i % 3 == 0:  # asyncpg, unnamed statements: takes the server for itself between followers
+        if i % 3 == 0:  # asyncpg, unnamed statements: takes the server for itself between pipelines
             conn = await asyncpg.connect(url, statement_cache_size=0)
             try:
                 await go.wait()
@@ -398,10 +398,10 @@ async def test_an_ineligible_request_waits_for_the_server(  # noqa: PLR0917 - on
         await close_all(hold, a, b)
 
 
-# ---------------------------------------------------------------- 4. a follower disconnects
+# ---------------------------------------------------------------- 4. a pipelined client disconnects
 
 
-async def test_a_follower_that_disconnects_while_queued_loses_only_its_answer(
+async def test_a_pipelined_client_that_disconnects_loses_only_its_answer(
     sidecar_factory: Factory, stack: DevStack
 ) -> None:
     sidecar = sidecar_factory(max_size=1)
@@ -411,19 +411,19 @@ async def test_a_follower_that_disconnects_while_queued_loses_only_its_answer(
         conns = [await connect(sidecar, simple=k % 2 == 1) for k in range(6)]
         head = start(conns[0], "SELECT count(*) FROM pipe_gone")  # waits on the lock once it runs
         await line_up(sidecar, head)
-        followers = []
+        pipelined = []
         for k, conn in enumerate(conns[1:], start=1):
-            followers.append(start(conn, "SELECT %s::int * 2", k))
-            await line_up(sidecar, followers[-1])
+            pipelined.append(start(conn, "SELECT %s::int * 2", k))
+            await line_up(sidecar, pipelined[-1])
         base = counter(sidecar, "pipelined_requests")
         await hold.commit()  # the head gets the server; the five others are written behind it
         await eventually(lambda: counter(sidecar, "pipelined_requests") == base + 5, "five pipelined requests")
         clients = sidecar.call(lambda app: len(app.connections))
-        shut_socket(conns[2])  # the second follower goes away while queued
+        shut_socket(conns[2])  # the second pipelined client goes away while queued
         await eventually(lambda: sidecar.call(lambda app: len(app.connections)) == clients - 1, "the client to go")
         await release()
         assert await asyncio.wait_for(head, WAIT) == 3
-        for k, task in enumerate(followers, start=1):
+        for k, task in enumerate(pipelined, start=1):
             if k == 2:
                 with pytest.raises(psycopg.OperationalError):
                     await asyncio.wait_for(task, WAIT)
@@ -440,7 +440,7 @@ async def test_a_follower_that_disconnects_while_queued_loses_only_its_answer(
 
 def held_cancels(sidecar: SidecarThread) -> int:
     """Cancels the sidecar keeps until their client's request is at the head of its pipeline."""
-    return sidecar.call(lambda app: sum(len(getattr(c, "cancel_held", None) or ()) for c in list(app.connections)))
+    return sidecar.call(lambda app: sum(len(c.pipeline.cancel_held or ()) for c in list(app.connections)))
 
 
 async def test_a_cancel_for_a_queued_client_never_fails_the_client_behind_it(
@@ -526,9 +526,9 @@ async def test_a_lost_server_fails_every_client_in_its_pipeline(sidecar_factory:
         async with await psycopg.AsyncConnection.connect(stack.superuser_url, autocommit=True) as admin:
             assert await value(admin, "SELECT pg_terminate_backend(%s)", pid) is True
         outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT)
-        head, *followers = outcomes
+        head, *behind = outcomes
         assert isinstance(head, psycopg.errors.AdminShutdown), head  # PostgreSQL's own FATAL, relayed
-        for outcome in followers:  # the sidecar's, for the requests PostgreSQL never answered
+        for outcome in behind:  # the sidecar's, for the requests PostgreSQL never answered
             assert isinstance(outcome, psycopg.errors.ConnectionFailure), outcome
             assert "was lost" in str(outcome)
         await release()
@@ -774,8 +774,8 @@ async def test_quick_requests_that_arrive_together_share_one_server_connection(
     assert await burst(sidecar, stack, clients[:3], f"{slow}{next(bursts)}") == 3, "slow requests queued"
     assert counter(sidecar, "pipelined_requests") == base
 
-    # Joining stays within one turn: a quick statement that turns slow (it waits for a lock) holds up
-    # nobody who arrives later while a connection is idle.
+    # Pipelining while a connection is idle stays within one turn: a quick statement that turns slow (it
+    # waits for a lock) holds up nobody who arrives later while a connection is idle.
     async with await psycopg.AsyncConnection.connect(stack.direct_url, autocommit=True) as setup:
         await setup.execute("DROP TABLE IF EXISTS pipe_turn; CREATE TABLE pipe_turn (x int)")
     locking = "SELECT count(*) FROM pipe_turn WHERE x > "

@@ -9,7 +9,7 @@ from poolkit.sidecar.policy.pooling import (
     connections_to_open,
     forward_cancel,
     login_retry_wait,
-    may_follow,
+    may_pipeline,
     needs_check,
     on_client_gone,
     parameter_changes,
@@ -161,7 +161,7 @@ def test_login_retry_wait() -> None:
     assert login_retry_wait(now=10.0, retry_at=9.0) == 0.0
 
 
-def test_may_follow_only_a_fresh_request_on_a_usable_connection() -> None:
+def test_may_pipeline_only_a_fresh_request_on_a_usable_connection() -> None:
     ok = {
         "state": "active",
         "being_canceled": False,
@@ -169,7 +169,7 @@ def test_may_follow_only_a_fresh_request_on_a_usable_connection() -> None:
         "writable": True,
         "running_for": 0.0001,
     }
-    assert may_follow(**ok)  # type: ignore[arg-type]
+    assert may_pipeline(**ok)  # type: ignore[arg-type]
     for name, bad in [
         ("state", "idle"),
         ("being_canceled", True),
@@ -177,14 +177,14 @@ def test_may_follow_only_a_fresh_request_on_a_usable_connection() -> None:
         ("writable", False),
         ("running_for", 0.5),  # a query that has run this long may hold the line much longer
     ]:
-        assert not may_follow(**{**ok, name: bad}), name  # type: ignore[arg-type]
+        assert not may_pipeline(**{**ok, name: bad}), name  # type: ignore[arg-type]
 
 
-def test_while_a_connection_is_idle_only_a_quick_request_joins_a_quick_write_in_progress() -> None:
+def test_while_a_connection_is_idle_only_a_quick_request_is_pipelined_onto_a_quick_write_in_progress() -> None:
     ok = {"state": "active", "being_canceled": False, "current_generation": True, "writable": True, "running_for": 0.0}
-    assert may_follow(**ok, idle_elsewhere=False)  # type: ignore[arg-type]
+    assert may_pipeline(**ok, idle_elsewhere=False)  # type: ignore[arg-type]
     # Another connection is idle: queueing here must be worth it (quick request, quick line, one write).
-    assert not may_follow(**ok, idle_elsewhere=True, joins_quick_write=False)  # type: ignore[arg-type]
-    assert may_follow(**ok, idle_elsewhere=True, joins_quick_write=True)  # type: ignore[arg-type]
+    assert not may_pipeline(**ok, idle_elsewhere=True, onto_quick_write=False)  # type: ignore[arg-type]
+    assert may_pipeline(**ok, idle_elsewhere=True, onto_quick_write=True)  # type: ignore[arg-type]
     # ... and still only on a usable connection.
-    assert not may_follow(**{**ok, "writable": False}, idle_elsewhere=True, joins_quick_write=True)  # type: ignore[arg-type]
+    assert not may_pipeline(**{**ok, "writable": False}, idle_elsewhere=True, onto_quick_write=True)  # type: ignore[arg-type]

@@ -52,7 +52,7 @@ def test_reprs_show_state_and_no_secret(sidecar: SidecarThread) -> None:
             rf"<ClientConnection #{process_id} app@127\.0\.0\.1:\d+ ready server=#{ident} pending=0>", held["client"]
         ), held["client"]
         assert held["server"] == (
-            f"<ServerConnection #{ident} app direct active pid={backend_pid} client=#{process_id} followers=0>"
+            f"<ServerConnection #{ident} app direct active pid={backend_pid} client=#{process_id} pipelined=0>"
         )
         conn.commit()
 
@@ -63,7 +63,7 @@ def test_reprs_show_state_and_no_secret(sidecar: SidecarThread) -> None:
             "<UpstreamPool app direct max=3 active=0 idle=1 connecting=0 waiting=0 clients=1 pinned=0>",
         )
         free = sidecar.call(_reprs)
-        assert free["server"] == f"<ServerConnection #{ident} app direct idle pid={backend_pid} client=- followers=0>"
+        assert free["server"] == f"<ServerConnection #{ident} app direct idle pid={backend_pid} client=- pipelined=0>"
         assert re.fullmatch(
             rf"<ClientConnection #{process_id} app@127\.0\.0\.1:\d+ ready server=- pending=0>", free["client"]
         )

@@ -273,12 +273,12 @@ def test_the_relay_checks_a_statement_like_the_last_plain_one_by_bytes_but_never
         return client._chunk_effect(data)[0]
 
     assert effect(p.query("SELECT abalance FROM pgbench_accounts WHERE aid = 17;")).nothing
-    assert client.plain_template == b"SELECT abalance FROM pgbench_accounts WHERE aid ="
+    assert client.session.plain_template == b"SELECT abalance FROM pgbench_accounts WHERE aid ="
     assert effect(p.query("SELECT abalance FROM pgbench_accounts WHERE aid = 99123;")).nothing
     assert effect(p.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1; LISTEN x")).pins == ("listen",)
     assert effect(p.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1; SELECT pg_advisory_lock(1)")).pins
     assert effect(_parse("SELECT abalance FROM pgbench_accounts WHERE aid = $1", "s") + _BIND_EXECUTE_SYNC).nothing
-    assert client.plain_template == b"SELECT abalance FROM pgbench_accounts WHERE aid = $"
+    assert client.session.plain_template == b"SELECT abalance FROM pgbench_accounts WHERE aid = $"
     assert effect(_parse("SELECT abalance FROM pgbench_accounts WHERE aid = $1", "s") + _BIND_EXECUTE_SYNC).nothing
     assert effect(_parse("SELECT pg_advisory_lock($1)", "__asyncpg_stmt_9__") + _BIND_EXECUTE_SYNC).pins
 
@@ -383,7 +383,7 @@ def test_a_session_feature_inside_a_transaction_pins_that_server(sidecar_factory
             pid = _value(a, "SELECT pg_backend_pid()")
             a.execute("SELECT pg_advisory_lock(918273)")
         assert _pids(a) == {pid}
-        assert sidecar.call(lambda app: [c.pin_reason for c in app.pool.pinned]) == ["advisory_lock"]
+        assert sidecar.call(lambda app: [c.session.pin_reason for c in app.pool.pinned]) == ["advisory_lock"]
         a.execute("SELECT pg_advisory_unlock_all()")
         assert sidecar.call(lambda app: len(app.pool.pinned)) == 0  # the client undid it: unpinned
 
@@ -393,12 +393,13 @@ def test_discard_all_unpins_but_not_when_it_failed(sidecar_factory: Factory) -> 
     with _connect(sidecar) as a:
         a.execute("LISTEN pin_jobs")
         a.execute("CREATE TEMP TABLE pin_scratch (x int)")
-        assert sidecar.call(lambda app: sorted(next(iter(app.pool.pinned)).pin_reasons)) == ["listen", "temp_table"]
+        reasons = sidecar.call(lambda app: sorted(next(iter(app.pool.pinned)).session.pin_reasons))
+        assert reasons == ["listen", "temp_table"]
         with pytest.raises(psycopg.errors.ActiveSqlTransaction), a.transaction():
             a.execute("DISCARD ALL")  # refused inside a transaction block
         assert sidecar.call(lambda app: len(app.pool.pinned)) == 1
         a.execute("UNLISTEN *")  # undoes one reason of two
-        assert sidecar.call(lambda app: [c.pin_reason for c in app.pool.pinned]) == ["temp_table"]
+        assert sidecar.call(lambda app: [c.session.pin_reason for c in app.pool.pinned]) == ["temp_table"]
         a.execute("DISCARD ALL")
         assert sidecar.call(lambda app: len(app.pool.pinned)) == 0
         assert _value(a, "SELECT to_regclass('pin_scratch')") is None
@@ -438,7 +439,7 @@ async def test_asyncpg_pool_reset_unpins_what_it_undoes(sidecar_factory: Factory
             await conn.add_listener("pin_events", listener)  # LISTEN
             pid = await conn.fetchval("SELECT pg_backend_pid()")
             await conn.remove_listener("pin_events", listener)  # UNLISTEN pin_events: may leave others
-            assert sidecar.call(lambda app: [c.pin_reason for c in app.pool.pinned]) == ["listen"]
+            assert sidecar.call(lambda app: [c.session.pin_reason for c in app.pool.pinned]) == ["listen"]
         # Released: asyncpg's reset undid the LISTEN, so the client is no longer pinned.
         assert sidecar.call(lambda app: len(app.pool.pinned)) == 0
         async with pool.acquire() as conn:
@@ -446,7 +447,7 @@ async def test_asyncpg_pool_reset_unpins_what_it_undoes(sidecar_factory: Factory
             assert await conn.fetch("SELECT pg_listening_channels()") == []
             await conn.execute("CREATE TEMP TABLE pin_survivor (x int)")
         # asyncpg's reset does not drop temporary tables: this client stays pinned.
-        assert sidecar.call(lambda app: [c.pin_reason for c in app.pool.pinned]) == ["temp_table"]
+        assert sidecar.call(lambda app: [c.session.pin_reason for c in app.pool.pinned]) == ["temp_table"]
     finally:
         await pool.close()
 

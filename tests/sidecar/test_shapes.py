@@ -24,7 +24,7 @@ def test_only_shapes_seen_running_quickly_are_quick() -> None:
     times.observe(b"SELECT pg_sleep(", 0.05)
     assert times.quick(b"SELECT 1")
     assert not times.quick(b"SELECT pg_sleep(")
-    times.observe(b"SELECT 1", 0.01)  # it ran slowly once: nobody joins it for a while
+    times.observe(b"SELECT 1", 0.01)  # it ran slowly once: nothing is pipelined behind it for a while
     assert not times.quick(b"SELECT 1")
     assert repr(times) == f"<RequestTimes shapes=2 quick=0 limit={times.limit}>"
 

@@ -17,10 +17,9 @@ from poolkit.sidecar.policy.pooling import (
     ClientState,
     ServerState,
     on_client_gone,
-    parameter_changes,
     take_server_now,
 )
-from poolkit.sidecar.policy.prepared import AnswerHead, Bound, ClientStatements, Statement
+from poolkit.sidecar.policy.prepared import AnswerHead, ClientStatements, Statement
 from poolkit.sidecar.policy.session import (
     NOTHING,
     Effect,
@@ -32,7 +31,6 @@ from poolkit.sidecar.policy.session import (
     pin_limit_message,
     quick_nothing,
 )
-from poolkit.sidecar.policy.startup import sync_statements
 from poolkit.sidecar.policy.tracker import SessionTracker, pins_nothing
 from poolkit.sidecar.wire import protocol
 from poolkit.sidecar.wire.protocol import FrontendScanner
@@ -107,9 +105,6 @@ class ClientConnection(asyncio.Protocol):
         "database",
         "deferring",
         "dirty",
-        "follow_binds",
-        "follow_keys",
-        "follow_ok",
         "head",
         "held_effects",
         "input_paused",
@@ -126,7 +121,6 @@ class ClientConnection(asyncio.Protocol):
         "secret_key",
         "server",
         "session",
-        "shape",
         "state",
         "statements",
         "tls",
@@ -180,17 +174,11 @@ class ClientConnection(asyncio.Protocol):
         self.rewrite_queued = False
         # The session effects (and route) of a new transaction's first bytes, while they end mid-message.
         self.held_effects: tuple[Effect, Effect] | None = None
-        # Pipelining across clients (server.py): may its request queue on a busy server connection, and
-        # what it binds.
-        self.follow_ok = False
-        self.follow_keys: list[bytes] | None = None  # the statement keys its pipelinable request binds
-        self.follow_binds: list[Bound] = []
         # The head of its request's answer that the relay checks and removes (prepared.AnswerHead).
         self.head: AnswerHead | None = None
-        # Its pipelinable request's shape (shapes.py), kept until its answer times it, only if it queued.
-        self.shape: bytes | None = None
-        # Its request shares a server connection: whatever it sends meanwhile waits in ``buffer`` (read
-        # per chunk, so a slot here rather than in ``pipeline``, which holds the rest: pipeline.py).
+        # Its request is pipelined with other clients' on a server connection: whatever it sends meanwhile
+        # waits in ``buffer`` (read per chunk, so a slot here rather than in ``pipeline``, which holds the
+        # rest of its pipelining state: may its request be pipelined, what it binds; pipeline.py).
         self.deferring = False
         self.pipeline = ClientPipeline()
 
@@ -241,7 +229,7 @@ class ClientConnection(asyncio.Protocol):
                     if server.assigned_at < 0:  # a pinned client's next transaction starts
                         server.assigned_at = now
                 self.pending += syncs
-            server.shareable = False  # more than one eligible request: nobody may queue behind it
+            server.pipeline.open = False  # more than one request: nothing may be pipelined behind it
             server.write(data)
             return
         if scanner.named_at >= 0:
@@ -268,6 +256,7 @@ class ClientConnection(asyncio.Protocol):
             self.server = None
             if self.deferring:
                 # Its request is a whole autocommit one: the pipeline goes on, its answer is dropped.
+                self.deferring = False
                 self.drop_held_cancels()
                 server.forget(self)
                 return
@@ -277,22 +266,16 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         server = self.server
-        # Only the client being answered holds the server's reading back (one queued behind it in a
-        # pipeline does once its turn comes: server._next_turn).
-        if server is not None and server.client is self and server.transport is not None:
-            server.transport.pause_reading()
+        # Only the client being answered holds the server's reading back (one pipelined behind it does
+        # once its turn comes: server._turn).
+        if server is not None and server.client is self:
+            server.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         server = self.server
-        if (
-            server is not None
-            and server.client is self
-            and server.transport is not None
-            and not server.transport.is_closing()
-            and server not in server.pool.being_canceled  # held back until the cancel is out (app.cancel)
-        ):
-            server.transport.resume_reading()
+        if server is not None and server.client is self:
+            server.resume_reading(after_cancels=True)  # held back until a cancel is out (cancel.py)
 
     def pause_input(self) -> None:
         if not self.input_paused and not self.transport.is_closing():
@@ -319,7 +302,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _enqueue(self, data: bytes, effect: Effect, route: Effect) -> None:  # noqa: PLR0912 - per request on the hot path: a call per branch would cost throughput
         if self.waiting or self.linking is not None:
-            self.follow_ok = False  # more than its first request waits now
+            self.pipeline.pipelinable = False  # more than its first request waits now
             # The pool is chosen: a session feature now pins whatever server this client gets.
             if not effect.nothing and not self._apply(effect):
                 return
@@ -360,13 +343,13 @@ class ClientConnection(asyncio.Protocol):
             pool = pool.direct
             pool.stats.routed[route.route] += 1
         now = time.monotonic()
-        self.follow_ok = ok = self._pipelinable(data, effect, route)
+        self.pipeline.pipelinable = ok = self._pipelinable(data, effect, route)
         if ok and not pool.waiters:
-            target = pool.follow_target(self, now)
+            target = pool.pipeline_target(self, now)
             if target is not None:
                 self.request_time = time.time()
                 pool.stats.client_wait.observe(0.0)
-                target.add_followers([self], data)
+                target.add_to_pipeline([self], data)
                 return
         self.buffer.append(data)
         self.buffered += len(data)
@@ -380,29 +363,6 @@ class ClientConnection(asyncio.Protocol):
                 self.pause_input()
 
     # ------------------------------------------------------------- session state: pin, unpin, route
-
-    @property
-    def pin_reason(self) -> str:
-        """Why this client keeps its server connection between transactions ("" = it does not)."""
-        return self.session.pin_reason
-
-    @property
-    def pin_reasons(self) -> frozenset[str]:
-        """Every session feature this client holds (session.PIN_REASONS)."""
-        return self.session.pin_reasons
-
-    @property
-    def cancel_held(self) -> list[asyncio.BaseTransport | None] | None:
-        """Cancels for its request waiting for it to reach the head of its pipeline (pipeline.py)."""
-        return self.pipeline.cancel_held
-
-    @property
-    def pinned_since(self) -> float:
-        return self.session.pinned_since
-
-    @property
-    def plain_template(self) -> bytes:
-        return self.session.plain_template
 
     def _chunk_effect(self, data: bytes) -> tuple[Effect, Effect]:
         """The session effect of the SQL in this chunk, and the route of a statement still arriving."""
@@ -454,14 +414,16 @@ class ClientConnection(asyncio.Protocol):
             self._fail_queued(code, text, hint)
 
     def _unpin(self, why: str) -> None:
-        log.info("client_unpinned", pool=self.pool.name, client=self.describe(), reason=self.pin_reason, why=why)
+        log.info(
+            "client_unpinned", pool=self.pool.name, client=self.describe(), reason=self.session.pin_reason, why=why
+        )
         self.pool.pinned.discard(self)
         self.session.unpin()
 
     # ------------------------------------------------------------- pipelining across clients (server.py)
 
     def _pipelinable(self, data: bytes, effect: Effect, route: Effect) -> bool:
-        """May this chunk queue on a busy server behind another client's request?
+        """May this chunk be pipelined on a busy server behind another client's request?
 
         Only one whole autocommit request of one plain statement (no session effect, no statement
         name, nothing else owed or held): it cannot leave a transaction or session state behind for
@@ -470,8 +432,9 @@ class ClientConnection(asyncio.Protocol):
         session = self.session
         plain, session.plain_req = session.plain_req, False
         self.head = None  # a new transaction: nothing of an earlier answer is still owed
-        self.follow_keys = None
-        self.shape = None
+        pipeline = self.pipeline
+        pipeline.keys = None
+        pipeline.shape = None
         scanner = self.scanner
         if not (
             self.pending == 1
@@ -497,13 +460,13 @@ class ClientConnection(asyncio.Protocol):
                 if not self._autocommit_statement(statement):
                     return False
                 keys.append(statement.key)
-            self.follow_keys = keys
-            self.follow_binds = bound
+            pipeline.keys = keys
+            pipeline.binds = bound
             if len(keys) == 1:
-                self.shape = keys[0]
+                pipeline.shape = keys[0]
             return True
         if plain and scanner.sql_chunk is data and scanner.named_at < 0:
-            self.shape = session.plain_template
+            pipeline.shape = session.plain_template
             return True
         return False
 
@@ -526,19 +489,56 @@ class ClientConnection(asyncio.Protocol):
         if self.buffered > _QUEUE_LIMIT:
             self.pause_input()
 
-    def leave_pipeline(self, now: float) -> None:
-        """Its answer is complete: the transaction is over (the server goes on with the next request)."""
-        server = self.server
+    def pipelined_request(self, server: ServerConnection, data: bytes | None, owed_before: int) -> bytes:
+        """Its request, to be pipelined on ``server`` behind ``owed_before`` others (``data``, or what it queued)."""
+        if data is None:
+            buffer = self.buffer
+            data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+            self.buffer = []
+            self.buffered = 0
+        if self.rewrite_queued:
+            # Statement names only (the server has them all: server.can_pipeline checked).
+            self.rewrite_queued = False
+            data = self.rename_for(server, data, owed_before)
+        self.server = server
+        self.deferring = True
+        return data
+
+    def pipeline_started(self) -> None:
+        """Another client's request is pipelined behind its own: what it sends next waits (:meth:`_defer`)."""
+        self.deferring = True
+
+    def leave_pipeline(self, now: float, *, last: bool = False) -> bool:
+        """Its answer is complete: the transaction is over; True if it holds bytes sent meanwhile.
+
+        The server goes on with the next request, or (``last``) it is the last in the pipeline and the
+        server goes back to the pool as after any transaction. What it holds goes out once the server
+        has split the whole chunk of answers (:meth:`resume_deferred`).
+        """
         self.deferring = False
+        if last:
+            self.release_server(now)
+            return bool(self.buffer)
+        server = self.server
         self.drop_held_cancels()
         if server is None:
-            return
+            return bool(self.buffer)
         self._transaction_done(server, now)
         self.server = None
-        if self.write_paused and server.transport is not None and not server.transport.is_closing():
-            server.transport.resume_reading()
+        if self.write_paused:
+            server.resume_reading()
         if self.close_after_release:
             self.shutdown_close()
+        return bool(self.buffer)
+
+    def forward_held_cancels(self) -> None:
+        """Its request reached the head of its pipeline: the cancels that waited for that go out now."""
+        self.app.forward_held_cancel(self)
+
+    def statements_discarded(self) -> None:
+        """DISCARD ALL / DEALLOCATE ALL ran: in PostgreSQL's terms it has no prepared statement left."""
+        if self.statements is not None:
+            self.statements.clear()
 
     def drop_held_cancels(self) -> None:
         """Its request was answered (or never will be) before its turn came: nothing left to cancel."""
@@ -589,14 +589,11 @@ class ClientConnection(asyncio.Protocol):
         login = self.login
         if login is not None and login.take_server(server):  # still logging in: it checks startup parameters
             return
-        key = self.wanted_key()
-        if server.session_key != key:
-            changes = parameter_changes(self.wanted, server.current, server.defaults)
-            if changes:
-                self.linking = server
-                self.app.spawn(self._sync_then_link(server, changes))
-                return
-            server.session_key = key
+        changes = server.settings_changes(self.wanted_key(), self.wanted)
+        if changes:
+            self.linking = server
+            self.app.spawn(self._sync_then_link(server, changes))
+            return
         self._link(server)
 
     def wanted_key(self) -> tuple[tuple[str, str], ...]:
@@ -611,8 +608,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _link(self, server: ServerConnection) -> None:
         self.server = server
-        if self.write_paused and server.transport is not None:
-            server.transport.pause_reading()
+        if self.write_paused:
+            server.pause_reading()
         if server.write_paused:
             self.pause_input()
         else:
@@ -624,10 +621,11 @@ class ClientConnection(asyncio.Protocol):
             self.buffered = 0
             if self.rewrite_queued:
                 self.rewrite_queued = False
-                keys = self.follow_keys
-                if self.follow_ok and keys is not None and server.statements.renames_only(keys):
+                pipeline = self.pipeline
+                keys = pipeline.keys if pipeline.pipelinable else None
+                if keys is not None and server.statements.renames_only(keys):
                     data = self.rename_for(server, data, 0)  # the pipelinable shape: names only
-                elif self.follow_ok and keys is not None and server.statements.reprepares(self.follow_binds):
+                elif keys is not None and server.statements.reprepares(pipeline.binds):
                     data = self.rename_for(server, data, 0)  # the same, behind a transaction pooler
                 else:
                     # Nothing of this client's is outstanding on the server yet: its first message is at
@@ -635,11 +633,12 @@ class ClientConnection(asyncio.Protocol):
                     data = self._rewrite(server, data, (server.scanner.ready_total, 0))
             if data:
                 server.send_soon(data)
-        # Others may queue behind its request only if nothing in the server's answer is to be rewritten
-        # (a Parse the sidecar added for it, say): _split forwards answers untouched.
-        server.shareable = self.follow_ok and not server.statements.active
-        server.line_quick = server.shareable and server.pool.times.quick(self.shape)
-        self.shape = None  # its time to the answer includes the trip to the server: not a measure
+        # Others may be pipelined behind its request only if nothing in the server's answer is to be
+        # rewritten (a Parse the sidecar added for it, say): server._split forwards answers untouched.
+        carried = server.pipeline
+        carried.open = self.pipeline.pipelinable and not server.statements.active
+        carried.quick = carried.open and server.pool.times.quick(self.pipeline.shape)
+        self.pipeline.shape = None  # its time to the answer includes the trip to the server: not a measure
 
     # ------------------------------------------------------------- named prepared statements (prepared.py)
 
@@ -700,7 +699,7 @@ class ClientConnection(asyncio.Protocol):
     def rename_for(self, server: ServerConnection, data: bytes, owed_before: int) -> bytes:
         """Its pipelinable request, renamed for ``server``, which owes ``owed_before`` ReadyForQuery before it."""
         assert self.statements is not None
-        binds, self.follow_binds = self.follow_binds, []
+        binds, self.pipeline.binds = self.pipeline.binds, []
         self.scanner.named_at = -1
         statements = server.statements
         z = server.scanner.ready_total + owed_before
@@ -725,17 +724,9 @@ class ClientConnection(asyncio.Protocol):
     async def _sync_then_link(self, server: ServerConnection, changes: list[tuple[str, str | None]]) -> None:
         # The server's session settings differ from what this client set up: align them first, in
         # a query the client never sees (PgBouncer does the same with its variable cache).
-        for name, value in changes:
-            if value is None:
-                if name in server.defaults:
-                    server.current[name] = server.defaults[name]
-                else:
-                    server.current.pop(name, None)
-            else:
-                server.current[name] = value
         try:
             async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
-                error = await server.run_internal(sync_statements(changes))
+                error = await server.sync_settings(changes, self.wanted_key())
         except (Exception, asyncio.CancelledError) as exc:
             self.linking = None
             server.pool.server_broken(server, f"session parameter sync failed: {exc!r}")
@@ -743,7 +734,6 @@ class ClientConnection(asyncio.Protocol):
                 self.fatal("08006", f"the server connection of pool {self.pool.name!r} failed while being set up")
             return
         self.linking = None
-        server.session_key = self.wanted_key()
         if self.closed:
             server.client = None
             server.pool.release(server, time.monotonic())
@@ -776,8 +766,8 @@ class ClientConnection(asyncio.Protocol):
                 return
             self._unpin("reset by the client")
         self.server = None
-        if self.write_paused and server.transport is not None:
-            server.transport.resume_reading()
+        if self.write_paused:
+            server.resume_reading()
         if server.write_paused:
             self.resume_input()
         server.pool.release(server, now)
@@ -788,8 +778,8 @@ class ClientConnection(asyncio.Protocol):
         """Clean up a server whose client vanished while holding it (``pinned``: the session state it had)."""
         if server.state is ServerState.CLOSED:
             return
-        if self.write_paused and server.transport is not None and not server.transport.is_closing():
-            server.transport.resume_reading()
+        if self.write_paused:
+            server.resume_reading()
         action = on_client_gone(
             status=server.scanner.status,
             pending=self.pending,
@@ -805,39 +795,19 @@ class ClientConnection(asyncio.Protocol):
         if action is ClientGone.RELEASE and not pinned:
             pool.release(server, time.monotonic())
         elif action is not ClientGone.CLOSE:
-            self.app.spawn(self._reset(server, rollback=action is ClientGone.ROLLBACK))
+            self.app.spawn(server.reset(rollback=action is ClientGone.ROLLBACK, timeout=_INTERNAL_QUERY_TIMEOUT))
         else:
             log.info("server_closed", pool=pool.name, server=server.describe(), reason="client left mid-query")
             pool.close_server(server, "client gone")
             # A no-op for a closed server; its connection_lost refills the pool (UpstreamPool.server_lost).
             pool.release(server, time.monotonic())
 
-    async def _reset(self, server: ServerConnection, *, rollback: bool) -> None:
-        """ROLLBACK (if in a transaction) and server_reset_query, then give ``server`` back; close it on failure."""
-        pool = server.pool
-        error: dict[str, str] | None = None
-        try:
-            async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
-                if rollback:
-                    error = await server.run_internal("ROLLBACK")
-                if error is None and pool.reset_query:
-                    error = await server.run_internal(pool.reset_query)
-                    if error is None and pool.reset_query.upper().endswith("ALL"):
-                        server.current = dict(server.defaults)
-                        server.session_key = None
-        except (Exception, asyncio.CancelledError) as exc:
-            error = {"M": repr(exc)}
-        if error is not None:
-            log.warning("server_reset_failed", pool=pool.name, server=server.describe(), error=error.get("M"))
-            pool.close_server(server, "reset failed")
-        pool.release(server, time.monotonic())
-
     # ------------------------------------------------------------- failures the client must hear about
 
     def _fail_queued(self, code: str, text: str, hint: str | None) -> None:
         """Answer every queued request with an error, keeping the session usable if the protocol allows."""
         self.waiting = False
-        if self.pin_reason and self.server is None and self.linking is None:
+        if self.session.pin_reason and self.server is None and self.linking is None:
             self._unpin("its statements never ran")  # pinned while waiting: no session state was made
         if self.pending >= 1 and not self.scanner.unsynced and self.scanner.at_boundary:
             answer = protocol.error_response(code, text, hint=hint) + protocol.ready_for_query()
@@ -929,7 +899,8 @@ class ClientConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         server = f"#{self.server.ident}" if self.server is not None else "-"
-        pinned = f" pinned={self.pin_reason}" if self.pin_reason else ""
+        pin_reason = self.session.pin_reason
+        pinned = f" pinned={pin_reason}" if pin_reason else ""
         return (
             f"<ClientConnection #{self.process_id} {self.user or '?'}@{self.peer} {self.state.name.lower()} "
             f"server={server} pending={self.pending}{pinned}>"

@@ -17,7 +17,7 @@ from poolkit.sidecar.policy.pooling import (
     ServerState,
     connections_to_open,
     login_retry_wait,
-    may_follow,
+    may_pipeline,
     needs_check,
     pool_exhausted_message,
     server_expired,
@@ -90,7 +90,7 @@ class UpstreamPool:
         self.retry_at = 0.0  # no connect attempt before this (server_login_retry after a failure)
         self._retry_timer: asyncio.TimerHandle | None = None
         self.generation = 0
-        self.times = RequestTimes()  # which request shapes run quickly (pipelining joins only those)
+        self.times = RequestTimes()  # which request shapes run quickly (only those pipelined while one is idle)
         self.gathering: set[ServerConnection] = set()  # servers whose write waits for the end of this loop turn
         self.draining = False
         self.welcome: list[tuple[str, str]] | None = None
@@ -155,7 +155,8 @@ class UpstreamPool:
         """Pinned clients by the reason that pinned them (every reason present, 0 when none)."""
         counts = dict.fromkeys(PIN_REASONS, 0)
         for client in self.pinned:
-            counts[client.pin_reason] = counts.get(client.pin_reason, 0) + 1
+            reason = client.session.pin_reason
+            counts[reason] = counts.get(reason, 0) + 1
         return counts
 
     @property
@@ -206,48 +207,50 @@ class UpstreamPool:
             self._fill()
         return None
 
-    def follow_target(self, client: ClientConnection, now: float) -> ServerConnection | None:
-        """A busy server ``client``'s request may queue on (pipelining), the least loaded; ``None`` if none may."""
+    def pipeline_target(self, client: ClientConnection, now: float) -> ServerConnection | None:
+        """A busy server ``client``'s request may be pipelined on, the least loaded; ``None`` if none may."""
         best: ServerConnection | None = None
         depth = self.pipeline_depth
         idle = bool(self.idle)
         candidates = self.servers
         if idle:
-            # Only a quick request may join, and only a write still being gathered (pooling.may_follow).
-            if not self.gathering or not self.times.quick(client.shape):
+            # Only a quick request may be pipelined, and only onto a write still being gathered (pooling.may_pipeline).
+            if not self.gathering or not self.times.quick(client.pipeline.shape):
                 return None
             candidates = self.gathering
+        fewest = depth  # the least loaded so far must have fewer queued than pipeline_depth
         for server in candidates:
+            pipeline = server.pipeline
+            queued = len(pipeline.queued)
             if (
-                len(server.followers) < depth
-                and (best is None or len(server.followers) < len(best.followers))
-                and server.can_queue(client)
-                and may_follow(
+                queued < fewest
+                and server.can_pipeline(client)
+                and may_pipeline(
                     state=server.state,
                     being_canceled=server in self.being_canceled,
                     current_generation=server.generation == self.generation,
                     writable=server.writable,
                     running_for=now - server.query_started,
                     idle_elsewhere=idle,
-                    joins_quick_write=server.line_quick,  # candidates are the writes being gathered
+                    onto_quick_write=pipeline.quick,  # candidates are the writes being gathered
                 )
             ):
-                best = server
+                best, fewest = server, queued
         return best
 
     def top_up(self, server: ServerConnection) -> None:
         """Queue waiting clients' pipelinable requests on ``server``, in their order, in one write."""
         waiters = self.waiters
-        if not waiters or not server.shareable or server in self.being_canceled or self.draining:
+        if not waiters or not server.pipeline.open or server in self.being_canceled or self.draining:
             return
-        room = self.pipeline_depth - len(server.followers)
+        room = self.pipeline_depth - len(server.pipeline.queued)
         taken: list[ClientConnection] = []
         while waiters and room > 0:
             client = waiters[0]
             if client.closed:
                 waiters.popleft()
                 continue
-            if not client.follow_ok or not server.can_queue(client):
+            if not client.pipeline.pipelinable or not server.can_pipeline(client):
                 break  # first come, first served: nobody overtakes a client that needs a server of its own
             waiters.popleft()
             taken.append(client)
@@ -259,12 +262,12 @@ class UpstreamPool:
                 waited = now - client.wait_started
                 self.stats.client_wait.observe(waited)
                 self.stats.wait_time_total += waited
-            server.add_followers(taken)
+            server.add_to_pipeline(taken)
 
     def release(self, server: ServerConnection, now: float) -> None:
         """``server`` finished a transaction: give it to the next waiting client or put it back."""
         server.client = None
-        server.shareable = False
+        server.pipeline.open = False
         if server.state is ServerState.CLOSED:
             return
         if server in self.being_canceled:
@@ -287,7 +290,7 @@ class UpstreamPool:
             if not client.closed:
                 self._change_state(server, ServerState.ACTIVE)
                 client.attach(server, now)
-                if server.shareable:
+                if server.pipeline.open:
                     self.top_up(server)
                 return
         self._change_state(server, ServerState.IDLE)
@@ -296,7 +299,10 @@ class UpstreamPool:
 
     def cancel_started(self, server: ServerConnection) -> None:
         """A CancelRequest is being forwarded to ``server``: it serves nobody else until :meth:`cancel_done`."""
-        self.being_canceled[server] = self.being_canceled.get(server, 0) + 1
+        count = self.being_canceled.get(server, 0)
+        self.being_canceled[server] = count + 1
+        if not count:
+            server.cancel_started()
 
     def cancel_done(self, server: ServerConnection) -> None:
         left = self.being_canceled.get(server, 0) - 1
@@ -342,16 +348,16 @@ class UpstreamPool:
         self.held.discard(server)
         client = server.client
         server.client = None
-        followers = server.end_pipeline()
-        if client is not None or followers:
+        pipelined = server.end_pipeline()
+        if client is not None or pipelined:
             if not was_closed:
                 self.stats.upstream_errors["terminated"] += 1
             detail = f": {exc}" if exc else ""
             text = f"the server connection of pool {self.name!r} was lost{detail}"
             if client is not None:
                 client.server_lost(None if server.fatal_sent else text)
-            for follower in followers:
-                follower.server_lost(text)
+            for queued in pipelined:
+                queued.server_lost(text)
         elif not was_closed and not server.close_reason:
             self.stats.upstream_errors["terminated"] += 1
             log.info("server_closed", pool=self.name, server=server.describe(), reason="closed by upstream")

@@ -11,17 +11,18 @@ from poolkit.core.dsn import Dsn
 from poolkit.errors import AuthenticationFailed, ConnectError, ProtocolError, SSLError
 from poolkit.obs.log import get_logger
 from poolkit.sidecar.policy.auth import UpstreamAuth, UpstreamTls
-from poolkit.sidecar.policy.pooling import TRACKED_PARAMETERS, ServerState, should_release
+from poolkit.sidecar.policy.pipeline import Deliver, ServerPipeline, Turn
+from poolkit.sidecar.policy.pooling import TRACKED_PARAMETERS, ServerState, parameter_changes, should_release
 from poolkit.sidecar.policy.prepared import ServerStatements
+from poolkit.sidecar.policy.startup import sync_statements
 from poolkit.sidecar.wire import protocol
-from poolkit.sidecar.wire.protocol import IDLE, BackendScanner, MessageReader, error_codes
+from poolkit.sidecar.wire.protocol import IDLE, BackendScanner, MessageReader
 
 if TYPE_CHECKING:
     from poolkit.sidecar.conn.client import ClientConnection
     from poolkit.sidecar.conn.pool import UpstreamPool
 
 log = get_logger("sidecar")
-_QUERY_CANCELED = "57014"
 # Bytes relayed from one server connection before the event loop gets to run everything else once. libuv
 # reads a readable socket up to 32 times (256 KiB each) per loop turn: a large result of small messages
 # then kept every other socket waiting for hundreds of milliseconds per turn on a busy box, a CancelRequest
@@ -36,13 +37,14 @@ class ServerConnection(asyncio.Protocol):
     is on, received chunks are scanned for ReadyForQuery and written to the client unchanged, except
     while ``statements`` (its named prepared statements, prepared.py) owes the client rewritten answers.
 
-    Pipelining across clients: while the request it runs is one autocommit statement (``shareable``),
-    other clients' such requests may be written right behind it (``followers``, in order; ``None``
-    for one whose client left). PostgreSQL answers them in order, so the answers are split at each
-    ReadyForQuery and ``client`` moves down the line (``shared`` until the line is empty). This saves
-    the round trip between transactions and lets PostgreSQL read several requests per wake-up;
-    PgBouncer does not do it. Nothing can leave state behind for the next request: each one is a
-    whole implicit transaction of a statement without session effect (client.py ``_pipelinable``).
+    Pipelining across clients: while the request it runs is one autocommit statement (``pipeline.open``),
+    other clients' such requests may be pipelined right behind it (``pipeline.queued``, in order).
+    PostgreSQL answers them in order, so the answers are split at each ReadyForQuery and ``client``
+    moves on to the next (``pipeline.active`` until none is left). ``pipeline`` (pipeline.py) holds that
+    state and decides; this connection moves the bytes and carries out its actions. This saves the
+    round trip between transactions and lets PostgreSQL read several requests per wake-up; PgBouncer
+    does not do it. Nothing can leave state behind for the next request: each one is a whole implicit
+    transaction of a statement without session effect (client.py ``_pipelinable``).
     """
 
     def __init__(self, pool: UpstreamPool, ident: int, generation: int) -> None:
@@ -77,12 +79,8 @@ class ServerConnection(asyncio.Protocol):
         self.last_ready = now
         self.close_reason = ""
         self.write_paused = False
-        self.shareable = False
-        self.shared = False
-        self.line_quick = False  # every request on it since its client linked is of a quick shape
-        self.followers: deque[ClientConnection | None] = deque()
-        self._outbox: list[bytes] | None = None
-        self._after_cancel: list[bytes] = []  # retried requests, sent once the cancels in flight are done
+        # Pipelining across clients (pipeline.py): the clients queued behind ``client``, their answers.
+        self.pipeline: ServerPipeline[ClientConnection] = ServerPipeline(self._can_rerun)
         self._loop = asyncio.get_running_loop()  # cached: the lookup costs a getpid() per call
         self.peer = ""
         self._reader = MessageReader(side="server", max_message_size=protocol.MAX_INSPECTED_SIZE)
@@ -122,7 +120,7 @@ class ServerConnection(asyncio.Protocol):
             self._parameters_changed(client)
         if self.scanner.discarded:
             self._statements_discarded(client)
-        if self.shared:
+        if self.pipeline.active:
             self._split(data)
             return
         if client is None:
@@ -179,220 +177,173 @@ class ServerConnection(asyncio.Protocol):
         stats.query_duration.observe(elapsed)
         stats.query_time_total += elapsed
         if client is not None:
-            shape = client.shape
+            pipeline = client.pipeline
+            shape = pipeline.shape
             if shape is not None:
-                client.shape = None
+                pipeline.shape = None
                 self.pool.times.observe(shape, elapsed)
             client.pending -= ready
             if elapsed >= self.pool.slow_query_seconds > 0:
                 self.pool.slow_query(client, elapsed)
         return now
 
-    # ------------------------------------------------------------- pipelining across clients
+    # ------------------------------------------------------------- pipelining across clients (pipeline.py)
 
-    def can_queue(self, client: ClientConnection) -> bool:
+    def can_pipeline(self, client: ClientConnection) -> bool:
         """Could ``client``'s pipelinable request go behind what runs here, as it is (or only renamed)?
 
         Everything here is pipelinable, nothing in its answers is to be rewritten, its session has the
         client's settings, and it has every prepared statement the request binds.
         """
-        keys = client.follow_keys
-        return (
-            self.shareable
-            and not self.statements.active
-            and self.session_key == client.wanted_key()
-            and (keys is None or self.statements.renames_only(keys) or self.statements.reprepares(client.follow_binds))
-        )
+        statements = self.statements
+        if not self.pipeline.open or statements.active or self.session_key != client.wanted_key():
+            return False
+        request = client.pipeline
+        keys = request.keys
+        return keys is None or statements.renames_only(keys) or statements.reprepares(request.binds)
+
+    def _can_rerun(self, keys: list[bytes] | None) -> bool:
+        """Does this connection still have what a request binding ``keys`` needs to run again?"""
+        statements = self.statements
+        return keys is None or statements.transaction or all(key in statements.cache for key in keys)
 
     @property
     def writable(self) -> bool:
         transport = self.transport
         return transport is not None and not transport.is_closing() and not self.write_paused
 
-    def add_followers(self, clients: list[ClientConnection], data: bytes | None = None) -> None:
-        """Write these clients' requests behind what this connection runs now (one write)."""
-        if not self.shared:
-            self.shared = True
-            owner = self.client
-            if owner is not None:
-                owner.deferring = True  # what it sends next must wait for the line (client._defer)
-        requests: list[bytes] = []
+    def add_to_pipeline(self, clients: list[ClientConnection], data: bytes | None = None) -> None:
+        """Pipeline these clients' requests behind what this connection runs now (one write)."""
+        pipeline = self.pipeline
+        if not pipeline.active and self.client is not None:
+            self.client.pipeline_started()
         quick = self.pool.times.quick
-        line_quick = self.line_quick
+        flush = False
         for client in clients:
-            line_quick = line_quick and quick(client.shape)
-            if data is None:
-                request = client.buffer[0] if len(client.buffer) == 1 else b"".join(client.buffer)
-                client.buffer = []
-                client.buffered = 0
-            else:
-                request = data
-            if client.rewrite_queued:
-                # Statement names only (the server has them all: pool.follow_target checked).
-                client.rewrite_queued = False
-                request = client.rename_for(self, request, 1 + len(self.followers))
-            client.pipeline.request = request
-            client.server = self
-            client.deferring = True
-            self.followers.append(client)
-            requests.append(client.pipeline.request)
-        self.line_quick = line_quick
+            request = client.pipelined_request(self, data, 1 + len(pipeline.queued))
+            flush = pipeline.add(client, request, quick=quick(client.pipeline.shape)) or flush
         self.pool.stats.pipelined_requests += len(clients)
-        self._send_soon(requests)
+        if flush:
+            self._flush_soon()
 
     def send_soon(self, request: bytes) -> None:
         """Write ``request`` at the end of this turn of the event loop, with whatever else is queued here by then."""
         self._send_soon([request])
 
     def _send_soon(self, requests: list[bytes]) -> None:
-        # Requests for one connection in one turn of the event loop (clients' reads come in batches:
-        # the request that takes an idle connection and those that queue behind it) go out as one TLS
-        # record in one system call, which is what pipelining saves most on. The turn ends after the
-        # other sockets ready now are read, so a lone request waits for nothing.
-        outbox = self._outbox
-        if outbox is None:
-            self._outbox = requests
-            self.pool.gathering.add(self)
-            self._loop.call_soon(self._flush)
-        else:
-            outbox.extend(requests)
+        if self.pipeline.gather(requests):
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        # The turn ends after the other sockets ready now are read, so a lone request waits for nothing.
+        self.pool.gathering.add(self)
+        self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        outbox, self._outbox = self._outbox, None
+        data = self.pipeline.take_outbox()
         self.pool.gathering.discard(self)
-        if outbox:
+        if data:
             transport = self.transport
             if transport is not None and not transport.is_closing():
-                transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+                transport.write(data)
 
     def forget(self, client: ClientConnection) -> None:
-        """``client`` left while its request is in the line: its answer will be dropped."""
-        client.deferring = False
+        """``client`` left while its request is in the pipeline: its answer will be dropped."""
         if self.client is client:
             self.client = None
-            return
-        for i, follower in enumerate(self.followers):
-            if follower is client:
-                self.followers[i] = None
-                return
+        else:
+            self.pipeline.forget(client)
 
     def end_pipeline(self) -> list[ClientConnection]:
-        """The connection is gone: the clients still queued on it (each must be told)."""
-        followers = [f for f in self.followers if f is not None]
-        self.followers.clear()
-        self._after_cancel.clear()
-        self.shared = False
-        for follower in followers:
-            follower.server = None
-            follower.deferring = False
-        return followers
+        """The connection is gone: the clients still pipelined on it (each must be told: client.server_lost)."""
+        return self.pipeline.end()
 
     def _split(self, data: bytes) -> None:
-        """Deliver a shared connection's answers: each ReadyForQuery ends one client's turn."""
-        start = 0
+        """Deliver a pipelined connection's answers (pipeline.py splits them): each ReadyForQuery ends one turn."""
         resume: list[ClientConnection] = []  # clients done here with bytes held meanwhile (client._defer)
-        for end in tuple(self.scanner.ends):
-            owner = self.client
-            if owner is not None:
-                self._deliver(owner, data[start:end])
-            start = end
-            now = self._answered(owner, 1)
-            if data[end - 1] != IDLE:
-                # Impossible for a pipelinable request; were it to happen, the requests behind it would
-                # run inside someone else's transaction: give up the connection and everyone on it.
-                log.warning("pipeline_left_transaction", pool=self.pool.name, server=self.describe())
-                self.abort("a pipelined request left a transaction open")
-                break
-            if owner is not None and owner.pipeline.held_answer is not None and self._retried(owner):
-                owner = None  # it is back in the line
-            self._next_turn(owner, now, resume)
-            if self.state is ServerState.CLOSED:
-                break
-        else:
-            if start < len(data) and self.client is not None:
-                self._deliver(self.client, data[start:] if start else data)
+        for action in self.pipeline.split(data, tuple(self.scanner.ends), self.client):
+            # A broken or last turn is the split's last action: the loop ends with it (no break, which would
+            # leave the generator to be closed).
+            if type(action) is Turn:  # not isinstance: a call per answer on the hot path
+                self._turn(action, resume)
+            else:
+                assert isinstance(action, Deliver)  # the start of the next answer, once per chunk at most
+                self._deliver(action.client, action.data)
         # Their transaction is over whatever became of this connection: what they held goes out now.
         for client in resume:
             client.resume_deferred()
 
-    def _deliver(self, owner: ClientConnection, part: bytes) -> None:
-        held = owner.pipeline.held_answer
-        if held is not None:
-            held.append(part)  # a cancel meant for another client may have hit it: see _retried
-        else:
-            head = owner.head
-            if head is not None:
-                part = head.feed(part)
-                if head.done:
-                    owner.head = None
-            owner.transport.write(part)
-            self.pool.stats.sent_bytes += len(part)
+    def _deliver(self, client: ClientConnection, part: bytes) -> None:
+        answer_head = client.head
+        if answer_head is not None:
+            part = answer_head.feed(part)
+            if answer_head.done:
+                client.head = None
+        client.transport.write(part)
+        self.pool.stats.sent_bytes += len(part)
 
-    def _retried(self, owner: ClientConnection) -> bool:
-        """The held answer of a request at risk is complete: re-send it if another client's cancel hit it."""
-        answer = owner.pipeline.take_answer()
-        keys = owner.follow_keys
-        if (
-            not owner.pipeline.cancel_asked
-            and _QUERY_CANCELED in error_codes(answer)
-            # Behind a transaction pooler its request prepares what it binds itself (reprepare).
-            and (keys is None or self.statements.transaction or all(key in self.statements.cache for key in keys))
-        ):
-            # It never ran to completion and was rolled back: running it again is what its client asked.
-            self.pool.stats.pipeline_retries += 1
-            log.info("pipelined_request_retried", pool=self.pool.name, client=owner.describe())
-            owner.pending += 1
-            self.followers.append(owner)
-            if self in self.pool.being_canceled:
-                # PostgreSQL signals a canceled backend twice (the process, then its process group); on
-                # a busy machine the second signal can land later and cancel the request sent again.
-                # Once the cancel connection has closed, both have been sent (cancel_over).
-                self._after_cancel.append(owner.pipeline.request)
-            else:
-                self._send_soon([owner.pipeline.request])
-            return True
-        head = owner.head
-        if head is not None:
-            answer = head.feed(answer)
-            if head.done:
-                owner.head = None
-        owner.transport.write(answer)
-        self.pool.stats.sent_bytes += len(answer)
-        return False
-
-    def cancel_over(self) -> None:
-        """No cancel is on its way to this connection any more: send the requests that waited for that."""
-        if self._after_cancel:
-            requests, self._after_cancel = self._after_cancel, []
-            self._send_soon(requests)
-
-    def _next_turn(self, done: ClientConnection | None, now: float, resume: list[ClientConnection]) -> None:
-        """``done``'s answer is complete: the next request in line (or the pool) gets the connection."""
-        followers = self.followers
-        if done is not None:
-            done.pipeline.request = b""
-            if done.buffer:
-                resume.append(done)
-        if followers:
-            if done is not None:
-                done.leave_pipeline(now)
-            nxt = followers.popleft()
-            self.client = nxt
+    def _turn(self, turn: Turn[ClientConnection], resume: list[ClientConnection]) -> None:
+        """Carry out one turn of the pipeline (pipeline.Turn)."""
+        answered = turn.answered
+        if answered is not None:
+            if turn.data:
+                self._deliver(answered, turn.data)
+            if turn.late is not None or turn.resent:
+                self._answer_held(answered, turn)
+        now = self._answered(answered, 1)
+        if turn.broken:
+            log.warning("pipeline_left_transaction", pool=self.pool.name, server=self.describe())
+            self.abort("a pipelined request left a transaction open")
+            return
+        done = turn.done
+        if not turn.last:
+            if done is not None and done.leave_pipeline(now):
+                resume.append(done)  # what it sent meanwhile goes out as a new transaction
+            nxt = self.client = turn.next
             self.assigned_at = now
             if nxt is not None:
-                if nxt.write_paused and self.transport is not None:
-                    self.transport.pause_reading()  # its socket is full: hold the rest of the line back
-                if nxt.pipeline.cancel_held is not None:
-                    nxt.app.forward_held_cancel(nxt)
+                if nxt.write_paused:
+                    self.pause_reading()  # its socket is full: hold the rest of the pipeline back
+                if turn.cancels:
+                    nxt.forward_held_cancels()
             self.pool.top_up(self)
             return
-        self.shared = False
+        self._pipeline_over(done, turn.rest, now, resume)
+
+    def _pipeline_over(
+        self, done: ClientConnection | None, rest: bytes, now: float, resume: list[ClientConnection]
+    ) -> None:
+        """The last request of the pipeline is answered: the connection goes back as after any transaction."""
         if done is not None:
-            done.deferring = False
-            done.release_server(now)
+            if done.leave_pipeline(now, last=True):
+                resume.append(done)
         else:
             self.client = None
             self.pool.release(self, now)
+        if rest and self.client is not None:
+            self._deliver(self.client, rest)
+
+    def _answer_held(self, client: ClientConnection, turn: Turn[ClientConnection]) -> None:
+        """``client``'s answer was held (a cancel may have hit it): write it now, or send its request again."""
+        if turn.late is not None:
+            self._deliver(client, turn.late)
+        elif turn.resent:
+            # It never ran to completion and was rolled back: running it again is what its client asked.
+            self.pool.stats.pipeline_retries += 1
+            log.info("pipelined_request_retried", pool=self.pool.name, client=client.describe())
+            client.pending += 1
+            if turn.resend is not None:
+                self._send_soon([turn.resend])
+
+    def cancel_started(self) -> None:
+        """A cancel is on its way to this connection (the pool's count went from none to one)."""
+        self.pipeline.cancel_started()
+
+    def cancel_over(self) -> None:
+        """No cancel is on its way to this connection any more: send the requests that waited for that."""
+        requests = self.pipeline.cancel_over()
+        if requests:
+            self._send_soon(requests)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost_flag = True
@@ -432,12 +383,27 @@ class ServerConnection(asyncio.Protocol):
         # PostgreSQL's terms neither has the client that ran it.
         self.scanner.discarded = False
         self.statements.discard_all()
-        if client is not None and client.statements is not None:
-            client.statements.clear()
+        if client is not None:
+            client.statements_discarded()
+
+    def pause_reading(self) -> None:
+        """Stop reading answers (the client's socket is full)."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self, *, after_cancels: bool = False) -> None:
+        """Read answers again (``after_cancels``: unless a cancel on its way holds reading back: cancel.py)."""
+        transport = self.transport
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and not (after_cancels and self in self.pool.being_canceled)
+        ):
+            transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         """Write ``data`` now, or behind what :meth:`send_soon` queued this turn (order is the protocol)."""
-        outbox = self._outbox
+        outbox = self.pipeline.outbox
         if outbox is not None:
             outbox.append(data)
             return
@@ -562,6 +528,57 @@ class ServerConnection(asyncio.Protocol):
         self._reader = MessageReader(side="server", max_message_size=protocol.MAX_INSPECTED_SIZE)
         self.relay = True
 
+    def settings_changes(
+        self, key: tuple[tuple[str, str], ...], wanted: dict[str, str]
+    ) -> list[tuple[str, str | None]]:
+        """What to change for a client whose settings are ``wanted`` (``key``: their snapshot); [] for nothing."""
+        if self.session_key == key:
+            return []
+        changes = parameter_changes(wanted, self.current, self.defaults)
+        if not changes:
+            self.session_key = key
+        return changes
+
+    async def sync_settings(
+        self, changes: list[tuple[str, str | None]], key: tuple[tuple[str, str], ...]
+    ) -> dict[str, str] | None:
+        """Apply ``changes`` (from :meth:`settings_changes`) in a query the client never sees; its error, if any.
+
+        Then the session has the settings whose snapshot is ``key`` (a rejected value is the client's to
+        hear about): the next client with that key skips the comparison.
+        """
+        for name, value in changes:
+            if value is None:
+                if name in self.defaults:
+                    self.current[name] = self.defaults[name]
+                else:
+                    self.current.pop(name, None)
+            else:
+                self.current[name] = value
+        error = await self.run_internal(sync_statements(changes))
+        self.session_key = key
+        return error
+
+    async def reset(self, *, rollback: bool, timeout: float) -> None:
+        """ROLLBACK (if in a transaction) and server_reset_query, then go back to the pool; close on failure."""
+        pool = self.pool
+        error: dict[str, str] | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                if rollback:
+                    error = await self.run_internal("ROLLBACK")
+                if error is None and pool.reset_query:
+                    error = await self.run_internal(pool.reset_query)
+                    if error is None and pool.reset_query.upper().endswith("ALL"):
+                        self.current = dict(self.defaults)
+                        self.session_key = None
+        except (Exception, asyncio.CancelledError) as exc:
+            error = {"M": repr(exc)}
+        if error is not None:
+            log.warning("server_reset_failed", pool=pool.name, server=self.describe(), error=error.get("M"))
+            pool.close_server(self, "reset failed")
+        pool.release(self, time.monotonic())
+
     async def run_internal(self, sql: str, rows: list[bytes] | None = None) -> dict[str, str] | None:
         """Run ``sql`` as a simple query the client never sees; return the first error's fields, if any.
 
@@ -605,7 +622,7 @@ class ServerConnection(asyncio.Protocol):
         client = f"#{self.client.process_id}" if self.client is not None else "-"
         return (
             f"<ServerConnection #{self.ident} {self.pool.name} {self.pool.route} {self.state} "
-            f"pid={self.backend_pid} client={client} followers={len(self.followers)}>"
+            f"pid={self.backend_pid} client={client} pipelined={len(self.pipeline.queued)}>"
         )
 
     def describe(self) -> str:

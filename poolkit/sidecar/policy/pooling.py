@@ -58,13 +58,13 @@ def should_release(status: int, pending: int, unsynced: bool, client_at_boundary
     return status == IDLE and pending <= 0 and not unsynced and client_at_boundary
 
 
-# A request queues behind one that has run at most this long: a query that has already run longer may
-# well run much longer, and every request queued behind it would wait for it while another server
+# A request is pipelined behind one that has run at most this long: a query that has already run longer
+# may well run much longer, and every request pipelined behind it would wait for it while another server
 # connection could have served them.
 PIPELINE_WINDOW: Final = 0.005
 
 
-def may_follow(
+def may_pipeline(
     *,
     state: ServerState,
     being_canceled: bool,
@@ -72,21 +72,21 @@ def may_follow(
     writable: bool,
     running_for: float,
     idle_elsewhere: bool = False,
-    joins_quick_write: bool = False,
+    onto_quick_write: bool = False,
 ) -> bool:
-    """May a client's pipelinable request queue on this busy server connection (pipeline_depth)?
+    """May a client's pipelinable request be pipelined on this busy server connection (pipeline_depth)?
 
-    The caller has checked that the request fits there (``ServerConnection.can_queue``: everything on
+    The caller has checked that the request fits there (``ServerConnection.can_pipeline``: everything on
     it pipelinable, the client's settings, its statements) and that there is room. No cancel may be on
     its way to it, it must not be retiring (reload) or blocked on writes, and what it runs now must
     have started within :data:`PIPELINE_WINDOW`.
 
-    While another server connection is idle (``idle_elsewhere``) a request queues only where that
-    costs it next to nothing and saves a system call and a server wake-up each (``joins_quick_write``):
+    While another server connection is idle (``idle_elsewhere``) a request is pipelined only where that
+    costs it next to nothing and saves a system call and a server wake-up each (``onto_quick_write``):
     it is known to be quick (shapes.py), and so is everything on this connection, whose write is still
     being gathered in this turn of the event loop (requests that arrive together go out together).
     """
-    if idle_elsewhere and not joins_quick_write:
+    if idle_elsewhere and not onto_quick_write:
         return False
     return (
         state == ServerState.ACTIVE

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Final
 
-# Quick enough that a request arriving together with it may wait behind it (pooling.may_follow) rather
+# Quick enough that a request arriving together with it may wait behind it (pooling.may_pipeline) rather
 # than wake another server connection: well under a network round trip to a managed database.
 QUICK: Final = 0.001
 # How fast an estimate forgets a slow run: after one 0.5 s run a shape needs ~60 quick runs to count
-# as quick again, so an occasionally slow statement is not queued behind by mistake.
+# as quick again, so an occasionally slow statement is not pipelined behind by mistake.
 DECAY: Final = 0.9
 SHAPES_LIMIT: Final = 512
 
@@ -20,7 +20,7 @@ def decayed_peak(previous: float, seconds: float) -> float:
 
 class RequestTimes:
     """Run time per request shape (a named statement's key, a plain statement's text without its
-    trailing literal), measured only for requests that ran queued behind another: the gap between
+    trailing literal), measured only for requests that ran pipelined behind another: the gap between
     two ReadyForQuery is then PostgreSQL's time for the request (more if it arrived after the one
     before it had ended), without the network's round trip.
 

@@ -54,6 +54,7 @@ class ConsoleHost(Protocol):
     def servers_left(self) -> bool: ...
     async def shutdown(self, grace: float | None = None) -> None: ...
 
+
 POOLS_COLUMNS = [
     "database",
     "user",
@@ -233,7 +234,7 @@ def _client_row(app: ConsoleHost, client: ClientConnection, now: float) -> list[
         str(client.process_id),
         "TLS" if client.tls else "",
         client.wanted.get("application_name", ""),
-        client.pin_reason,
+        client.session.pin_reason,
         str(len(client.statements.names)) if client.statements is not None else "0",
     ]
 
@@ -263,7 +264,7 @@ def _server_row(app: ConsoleHost, server: ServerConnection) -> list[str | None]:
         str(server.backend_pid),
         "TLS" if server.peer == "tls" else "",
         server.current.get("application_name", ""),
-        client.pin_reason if client is not None else "",
+        client.session.pin_reason if client is not None else "",
         str(len(server.statements)),
     ]
 
@@ -288,16 +289,17 @@ def show_pins(app: ConsoleHost) -> Rows:
     for client in sorted((c for pool in app.all_pools() for c in pool.pinned), key=lambda c: c.process_id):
         addr, port = _split_addr(client.peer)
         server = client.server or client.linking
+        session = client.session
         rows.append(
             [
                 str(client.process_id),
                 client.user,
                 addr,
                 port,
-                client.pin_reason,
-                ",".join(sorted(client.pin_reasons | {client.pin_reason})),
-                _ts(client.pinned_since),
-                str(int(now - client.pinned_since)),
+                session.pin_reason,
+                ",".join(sorted(session.pin_reasons | {session.pin_reason})),
+                _ts(session.pinned_since),
+                str(int(now - session.pinned_since)),
                 server.pool.route if server is not None else "",
                 str(server.backend_pid) if server is not None else "",
                 "active" if server is not None and server.scanner.status != IDLE else "idle",

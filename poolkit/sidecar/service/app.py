@@ -502,7 +502,7 @@ class Sidecar:
         # own rules. configure() (resume, reload) restores the sizes. The private calls reuse the
         # pool's own closing and filling; they belong in pool.py once its rewrite has landed.
         pool.max_size = 0
-        pool.pipeline_depth = 0  # nobody joins a busy server's pipeline either
+        pool.pipeline_depth = 0  # nothing is pipelined on a busy server either
         for server in list(pool.idle):
             pool._close_idle(server, "pause")
 
@@ -552,7 +552,7 @@ def _busy(client: ClientConnection) -> bool:
         return True
     if server is None:
         return False
-    return not (client.pin_reason and client.pending <= 0 and server.scanner.status == IDLE)
+    return not (client.session.pin_reason and client.pending <= 0 and server.scanner.status == IDLE)
 
 
 async def serve(

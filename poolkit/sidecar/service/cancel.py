@@ -1,8 +1,8 @@
 """Cancel requests: the keys clients were given, and forwarding a CancelRequest to the backend it is meant for.
 
 The pool keeps a server that a cancel is on its way to from serving anyone else (``UpstreamPool.cancel_started``
-/ ``cancel_done``); a pipelined request that another client's cancel may have hit is re-sent by its server
-connection (``ServerConnection._retried``).
+/ ``cancel_done``); a pipelined request that another client's cancel may have hit is re-sent (``ServerPipeline.split``
+decides, its server connection carries it out).
 """
 
 from __future__ import annotations
@@ -83,18 +83,16 @@ class Cancels:
             client = None  # a wrong secret is no cancel at all (PostgreSQL only logs it)
         server = client.server if client is not None else None
         if client is not None and server is not None and server.backend_pid:
-            if server.shared and server.client is not client and client.pending > 0:
-                # Queued behind other clients' requests (pipelining): it can only be canceled once it
-                # is the one running, so the cancel waits for its turn (server._next_turn).
+            if server.pipeline.active and server.client is not client and client.pending > 0:
+                # Pipelined behind other clients' requests: it can only be canceled once it is the one
+                # running, so the cancel waits for its turn (pipeline.Turn.cancels, server._turn).
                 client.pipeline.hold_cancel(requester)
                 return
             if forward_cancel(serving_target=server.client is client, pending=client.pending):
                 client.pipeline.cancel_asked = True
-                for follower in server.followers:
-                    # If its query ends before the cancel lands, the next one in line is canceled
-                    # instead: their answers are held and checked (server._retried).
-                    if follower is not None:
-                        follower.pipeline.hold_answer()
+                # If its query ends before the cancel lands, the next one in the pipeline is canceled
+                # instead: their answers are held and checked (pipeline.ServerPipeline.split).
+                server.pipeline.hold_answers()
                 # The server serves nobody else until this cancel is done (UpstreamPool.release).
                 server.pool.cancel_started(server)
                 # Priority: a result of many small messages keeps the loop busy relaying, and each step of
