@@ -733,18 +733,10 @@ class ClientStatements:
         the server has sent or owes before it, and the client's messages before it in its batch that
         the server answers (the scanner counts both); ``None`` continues the last call.
         """
-        if start is not None:
-            self.z, self.t = start
-            if self._shift_at == (server, self.z):
-                self.t += self._shift
-            else:
-                self._shift = 0
         out: list[bytes] = []
         answers: list[bytes] = []
-        if server.orphans and start is not None:
-            orphans, server.orphans = server.orphans, []  # a skipped Close puts its name back
-            for server_name in orphans:
-                self._inject(server, _CLOSE, _close_statement(server_name), server_name=server_name, out=out)
+        if start is not None:
+            self._begin_batch(server, start, out)
         if self._held:
             data = self._held + data
             self._held = b""
@@ -827,23 +819,11 @@ class ClientStatements:
                 if length < 6 or data[end - 1] != 0:
                     raise ProtocolError(f"client sent a malformed {chr(kind)} message")
                 if data[pos + 5] == _STATEMENT and length > 6:
-                    name = data[pos + 6 : end - 1]
                     if pos > run:
                         out.append(data[run:pos])
                     run = end
                     self.t = t
-                    if kind == _C:
-                        self._synthesise_close(server, name, names.pop(name, None), answers)
-                    else:
-                        statement = names.get(name)
-                        if statement is not None:
-                            out.append(_describe_statement(self._prepared_on(server, statement, out)))
-                            capture = _Expect(_CAPTURE, self.z, self.t)
-                            capture.statement = statement
-                            server._add(capture)
-                        else:
-                            out.append(data[pos:end])
-                        self.t += 1
+                    self._statement_message(kind, data[pos:end], server, out, answers)
                     t = self.t
                 else:
                     t += 1
@@ -864,6 +844,36 @@ class ClientStatements:
         return b"".join(out), b"".join(answers)
 
     # ------------------------------------------------------------- per-message decisions
+
+    def _begin_batch(self, server: ServerStatements, start: tuple[int, int], out: list[bytes]) -> None:
+        """A new batch of client messages: where it starts, and the Closes of names a skipped Close left."""
+        self.z, self.t = start
+        if self._shift_at == (server, self.z):
+            self.t += self._shift
+        else:
+            self._shift = 0
+        if server.orphans:
+            orphans, server.orphans = server.orphans, []  # a skipped Close puts its name back
+            for server_name in orphans:
+                self._inject(server, _CLOSE, _close_statement(server_name), server_name=server_name, out=out)
+
+    def _statement_message(
+        self, kind: int, message: bytes, server: ServerStatements, out: list[bytes], answers: list[bytes]
+    ) -> None:
+        """A client's Describe or Close of a named statement: renamed, or (a Close) answered here."""
+        name = message[6:-1]
+        if kind == _C:
+            self._synthesise_close(server, name, self.names.pop(name, None), answers)
+            return
+        statement = self.names.get(name)
+        if statement is not None:
+            out.append(_describe_statement(self._prepared_on(server, statement, out)))
+            capture = _Expect(_CAPTURE, self.z, self.t)
+            capture.statement = statement
+            server._add(capture)
+        else:
+            out.append(message)
+        self.t += 1
 
     def _parse(self, server: ServerStatements, name: bytes, key: bytes, out: list[bytes], answers: list[bytes]) -> None:
         if name in self.names:

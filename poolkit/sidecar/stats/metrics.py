@@ -137,128 +137,105 @@ class CountedPool(Protocol):
     def pinned_counts(self) -> dict[str, int]: ...
 
 
+# SidecarStats counters with the pool as their only label: (attribute, metric name, help).
+_POOL_COUNTERS = (
+    ("transactions", "poolkit_sidecar_transactions", "Transactions completed (server released)."),
+    ("queries", "poolkit_sidecar_queries", "Queries completed (ReadyForQuery received)."),
+    (
+        "query_wait_timeouts",
+        "poolkit_sidecar_query_wait_timeouts",
+        "Clients that waited query_wait_timeout for a server connection and got an error.",
+    ),
+    ("slow_queries", "poolkit_sidecar_slow_queries", "Queries slower than slow_query_seconds."),
+    ("received_bytes", "poolkit_sidecar_received_bytes", "Bytes received from clients."),
+    ("sent_bytes", "poolkit_sidecar_sent_bytes", "Bytes sent to clients."),
+    (
+        "pipelined_requests",
+        "poolkit_sidecar_pipelined_requests",
+        "Requests written to a busy server connection behind another client's (pipeline_depth).",
+    ),
+    (
+        "pipeline_retries",
+        "poolkit_sidecar_pipeline_retries",
+        "Pipelined requests re-sent because a cancel meant for another client's query canceled them.",
+    ),
+)
+# SidecarStats counters kept by one more (bounded) label: (attribute, metric name, help, label).
+_LABELLED_COUNTERS = (
+    ("upstream_errors", "poolkit_sidecar_upstream_errors", "Upstream connection errors by kind.", "kind"),
+    ("client_logins", "poolkit_sidecar_client_logins", "Client login attempts by result.", "result"),
+    ("pins", "poolkit_sidecar_pins", "Clients pinned to a server connection, by reason.", "reason"),
+    (
+        "routed",
+        "poolkit_sidecar_routed",
+        "Transactions sent to the direct upstream (introspection, DDL, server-side COPY), by reason.",
+        "reason",
+    ),
+    (
+        "prepared_statements",  # a direct pool shares its pooled pool's stats: counted once
+        "poolkit_sidecar_prepared_statements",
+        "Named prepared statements a client used: hit (already prepared on its server connection), miss "
+        "(a Parse was sent), eviction (closed to keep max_prepared_statements per connection).",
+        "event",
+    ),
+)
+# SidecarStats histograms: (attribute, metric name, help).
+_HISTOGRAMS = (
+    (
+        "transaction_duration",
+        "poolkit_sidecar_transaction_duration_seconds",
+        "Time a client held a server connection (one transaction).",
+    ),
+    ("query_duration", "poolkit_sidecar_query_duration_seconds", "Time from a query to its ReadyForQuery."),
+    ("client_wait", "poolkit_sidecar_client_wait_seconds", "Time a client waited for a server connection."),
+)
+
+
 class SidecarCollector(Collector):
     """Builds every ``poolkit_sidecar_*`` metric from the pool(s) at scrape time."""
 
     def __init__(self, pools: Callable[[], Sequence[CountedPool]]) -> None:
         self._pools = pools
 
-    def collect(self) -> Iterator[Metric]:  # noqa: PLR0912 - builds every family in one pass over the pools at scrape time
-        pools = self._pools()
+    def collect(self) -> Iterator[Metric]:
         clients = GaugeMetricFamily("poolkit_sidecar_clients", "Client connections by state.", labels=["pool", "state"])
         servers = GaugeMetricFamily(
-            "poolkit_sidecar_servers",
-            "Upstream server connections by state.",
-            labels=["pool", "route", "state"],
-        )
-        counters = {
-            "transactions": CounterMetricFamily(
-                "poolkit_sidecar_transactions", "Transactions completed (server released).", labels=["pool"]
-            ),
-            "queries": CounterMetricFamily(
-                "poolkit_sidecar_queries", "Queries completed (ReadyForQuery received).", labels=["pool"]
-            ),
-            "query_wait_timeouts": CounterMetricFamily(
-                "poolkit_sidecar_query_wait_timeouts",
-                "Clients that waited query_wait_timeout for a server connection and got an error.",
-                labels=["pool"],
-            ),
-            "slow_queries": CounterMetricFamily(
-                "poolkit_sidecar_slow_queries", "Queries slower than slow_query_seconds.", labels=["pool"]
-            ),
-            "received_bytes": CounterMetricFamily(
-                "poolkit_sidecar_received_bytes", "Bytes received from clients.", labels=["pool"]
-            ),
-            "sent_bytes": CounterMetricFamily("poolkit_sidecar_sent_bytes", "Bytes sent to clients.", labels=["pool"]),
-            "pipelined_requests": CounterMetricFamily(
-                "poolkit_sidecar_pipelined_requests",
-                "Requests written to a busy server connection behind another client's (pipeline_depth).",
-                labels=["pool"],
-            ),
-            "pipeline_retries": CounterMetricFamily(
-                "poolkit_sidecar_pipeline_retries",
-                "Pipelined requests re-sent because a cancel meant for another client's query canceled them.",
-                labels=["pool"],
-            ),
-        }
-        upstream_errors = CounterMetricFamily(
-            "poolkit_sidecar_upstream_errors", "Upstream connection errors by kind.", labels=["pool", "kind"]
-        )
-        logins = CounterMetricFamily(
-            "poolkit_sidecar_client_logins", "Client login attempts by result.", labels=["pool", "result"]
+            "poolkit_sidecar_servers", "Upstream server connections by state.", labels=["pool", "route", "state"]
         )
         pinned = GaugeMetricFamily(
             "poolkit_sidecar_pinned_clients",
             "Clients holding a server connection across transactions for session state, by reason.",
             labels=["pool", "reason"],
         )
-        pins = CounterMetricFamily(
-            "poolkit_sidecar_pins", "Clients pinned to a server connection, by reason.", labels=["pool", "reason"]
-        )
-        routed = CounterMetricFamily(
-            "poolkit_sidecar_routed",
-            "Transactions sent to the direct upstream (introspection, DDL, server-side COPY), by reason.",
-            labels=["pool", "reason"],
-        )
-        prepared = CounterMetricFamily(
-            "poolkit_sidecar_prepared_statements",
-            "Named prepared statements a client used: hit (already prepared on its server connection), miss "
-            "(a Parse was sent), eviction (closed to keep max_prepared_statements per connection).",
-            labels=["pool", "event"],
-        )
-        histograms = {
-            "transaction_duration": (
-                "poolkit_sidecar_transaction_duration_seconds",
-                "Time a client held a server connection (one transaction).",
-            ),
-            "query_duration": (
-                "poolkit_sidecar_query_duration_seconds",
-                "Time from a query to its ReadyForQuery.",
-            ),
-            "client_wait": (
-                "poolkit_sidecar_client_wait_seconds",
-                "Time a client waited for a server connection.",
-            ),
-        }
-        hist_families = {
-            key: HistogramMetricFamily(name, doc, labels=["pool"]) for key, (name, doc) in histograms.items()
-        }
-        for pool in pools:
-            stats = pool.stats
+        counters = [(attr, CounterMetricFamily(name, doc, labels=["pool"])) for attr, name, doc in _POOL_COUNTERS]
+        labelled = [
+            (attr, CounterMetricFamily(name, doc, labels=["pool", label]))
+            for attr, name, doc, label in _LABELLED_COUNTERS
+        ]
+        histograms = [(attr, HistogramMetricFamily(name, doc, labels=["pool"])) for attr, name, doc in _HISTOGRAMS]
+        for pool in self._pools():
+            name, stats = pool.name, pool.stats
             for state, value in pool.client_counts().items():
-                clients.add_metric([pool.name, state], value)
-            for state, value in pool.server_counts().items():
-                servers.add_metric([pool.name, pool.route, state], value)
-            if pool.direct is not None:
-                for state, value in pool.direct.server_counts().items():
-                    servers.add_metric([pool.name, pool.direct.route, state], value)
+                clients.add_metric([name, state], value)
+            for upstream in (pool, pool.direct):
+                if upstream is not None:
+                    for state, value in upstream.server_counts().items():
+                        servers.add_metric([name, upstream.route, state], value)
             for reason, value in pool.pinned_counts().items():
-                pinned.add_metric([pool.name, reason], value)
-            for reason, value in stats.pins.items():
-                pins.add_metric([pool.name, reason], value)
-            for reason, value in stats.routed.items():
-                routed.add_metric([pool.name, reason], value)
-            for event, value in stats.prepared_statements.items():  # a direct pool shares these stats
-                prepared.add_metric([pool.name, event], value)
-            for key, counter in counters.items():
-                counter.add_metric([pool.name], getattr(stats, key))
-            for kind, value in stats.upstream_errors.items():
-                upstream_errors.add_metric([pool.name, kind], value)
-            for result, value in stats.client_logins.items():
-                logins.add_metric([pool.name, result], value)
-            for key, family in hist_families.items():
-                hist: Histogram = getattr(stats, key)
-                family.add_metric([pool.name], hist.cumulative(), hist.sum)
+                pinned.add_metric([name, reason], value)
+            for attr, counter in counters:
+                counter.add_metric([name], getattr(stats, attr))
+            for attr, counter in labelled:
+                for label, value in getattr(stats, attr).items():
+                    counter.add_metric([name, label], value)
+            for attr, histogram in histograms:
+                hist: Histogram = getattr(stats, attr)
+                histogram.add_metric([name], hist.cumulative(), hist.sum)
         yield clients
         yield servers
-        yield from counters.values()
-        yield upstream_errors
-        yield logins
         yield pinned
-        yield pins
-        yield routed
-        yield prepared
-        yield from hist_families.values()
+        for _, family in (*counters, *labelled, *histograms):
+            yield family
 
 
 def make_registry(pools: Callable[[], Sequence[CountedPool]]) -> CollectorRegistry:
