@@ -94,7 +94,6 @@ class ClientConnection(asyncio.Protocol):
 
     # Slots: thousands of idle clients each cost one of these objects.
     __slots__ = (
-        "_wanted_key",
         "app",
         "buffer",
         "buffered",
@@ -129,7 +128,6 @@ class ClientConnection(asyncio.Protocol):
         "user",
         "wait_started",
         "waiting",
-        "wanted",
         "write_paused",
     )
 
@@ -156,12 +154,10 @@ class ClientConnection(asyncio.Protocol):
         self.peer = "unix" if unix else "?"
         self.user = ""
         self.database = ""
-        self.wanted: dict[str, str] = {}
         self.process_id = 0
         self.secret_key = 0
         self.connect_time = time.time()
         self.request_time = self.connect_time
-        self._wanted_key: tuple[tuple[str, str], ...] | None = None
         # What reads its bytes until the relay does (client_login.py): the login under way, dropped once
         # the client is greeted; then, on the admin console, the console's feed.
         self.login: ClientLogin | None = ClientLogin(self)
@@ -589,22 +585,12 @@ class ClientConnection(asyncio.Protocol):
         login = self.login
         if login is not None and login.take_server(server):  # still logging in: it checks startup parameters
             return
-        changes = server.settings_changes(self.wanted_key(), self.wanted)
+        changes = server.settings_changes(self.session.wanted_key(), self.session.wanted)
         if changes:
             self.linking = server
             self.app.spawn(self._sync_then_link(server, changes))
             return
         self._link(server)
-
-    def wanted_key(self) -> tuple[tuple[str, str], ...]:
-        """A hashable snapshot of ``wanted`` (call :meth:`set_wanted` to change a setting)."""
-        if self._wanted_key is None:
-            self._wanted_key = tuple(sorted(self.wanted.items()))
-        return self._wanted_key
-
-    def set_wanted(self, name: str, value: str) -> None:
-        self.wanted[name] = value
-        self._wanted_key = None
 
     def _link(self, server: ServerConnection) -> None:
         self.server = server
@@ -726,7 +712,7 @@ class ClientConnection(asyncio.Protocol):
         # a query the client never sees (PgBouncer does the same with its variable cache).
         try:
             async with asyncio.timeout(_INTERNAL_QUERY_TIMEOUT):
-                error = await server.sync_settings(changes, self.wanted_key())
+                error = await server.sync_settings(changes, self.session.wanted_key())
         except (Exception, asyncio.CancelledError) as exc:
             self.linking = None
             server.pool.server_broken(server, f"session parameter sync failed: {exc!r}")
@@ -886,11 +872,6 @@ class ClientConnection(asyncio.Protocol):
             login.data_received(data)
         elif self.console is not None:
             self.console.data_received(data)
-
-    def set_wanted_all(self, wanted: dict[str, str]) -> None:
-        """Its session settings, all at once (the login's startup parameters, as the upstream spells them)."""
-        self.wanted = wanted
-        self._wanted_key = None
 
     # ------------------------------------------------------------- display
 

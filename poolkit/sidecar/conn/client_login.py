@@ -129,7 +129,7 @@ class ClientLogin:
         client.user = login.user
         client.database = login.database
         if login.wanted is not None and client.state == ClientState.STARTUP:
-            client.set_wanted_all(login.wanted)
+            client.session.set_wanted_all(login.wanted)
         transport = client.transport
         for action in actions:
             if isinstance(action, Send):
@@ -205,9 +205,9 @@ class ClientLogin:
             return
         pool = client.pool
         welcome_params = pool.welcome
-        canonical, unknown = app.startup_checks_for(pool).resolve(client.wanted, pool.generation)
+        canonical, unknown = app.startup_checks_for(pool).resolve(client.session.wanted, pool.generation)
         if welcome_params is not None and not unknown:
-            client.set_wanted_all(canonical)
+            client.session.set_wanted_all(canonical)
             self._finish(auth_messages, welcome_params, ClientState.READY)
             return
         client.state = ClientState.WELCOME
@@ -273,7 +273,7 @@ class ClientLogin:
             return rejection(error)
         checks = client.app.startup_checks_for(pool)
         learned = checks.learn(unknown, [first_column(row) for row in rows], generation)
-        client.set_wanted_all({**client.wanted, **learned})
+        client.session.set_wanted_all({**client.session.wanted, **learned})
         return None
 
     def _refuse_startup(self, auth_messages: bytes, refused: Rejection) -> None:
@@ -299,7 +299,9 @@ class ClientLogin:
         # Every setting the server reports that the client set (default_transaction_read_only too), with
         # the value the server made of it (startup.py).
         reported = {name.lower() for name, _ in params}
-        overrides = tuple(sorted((k, v) for k, v in client.wanted.items() if k in TRACKED_PARAMETERS or k in reported))
+        overrides = tuple(
+            sorted((k, v) for k, v in client.session.wanted.items() if k in TRACKED_PARAMETERS or k in reported)
+        )
         body = client.app.welcome_bytes(params, overrides)
         client.transport.write(
             auth_messages

@@ -196,7 +196,7 @@ class ServerConnection(asyncio.Protocol):
         client's settings, and it has every prepared statement the request binds.
         """
         statements = self.statements
-        if not self.pipeline.open or statements.active or self.session_key != client.wanted_key():
+        if not self.pipeline.open or statements.active or self.session_key != client.session.wanted_key():
             return False
         request = client.pipeline
         keys = request.keys
@@ -376,7 +376,7 @@ class ServerConnection(asyncio.Protocol):
             self.current[key] = value
             if client is not None and key in TRACKED_PARAMETERS:
                 # The client changed it itself (SET): it expects it in its next transactions too.
-                client.set_wanted(key, value)
+                client.session.set_wanted(key, value)
 
     def _statements_discarded(self, client: ClientConnection | None) -> None:
         # DISCARD ALL / DEALLOCATE ALL: the session has no prepared statement left, and in

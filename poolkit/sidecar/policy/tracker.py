@@ -49,6 +49,7 @@ class SessionTracker:
     """What a client's statements did to its session so far, and whether it keeps its server for it."""
 
     __slots__ = (
+        "_wanted_key",
         "clear_guard",
         "pin_reason",
         "pin_reasons",
@@ -58,9 +59,14 @@ class SessionTracker:
         "sql_seen",
         "tap",
         "template_autocommit",
+        "wanted",
     )
 
     def __init__(self) -> None:
+        #: The settings the client wants its server session to have (startup parameters, then what it SET that
+        #: PgBouncer restores): a server connection is aligned to them before it runs the client's transaction.
+        self.wanted: dict[str, str] = {}
+        self._wanted_key: tuple[tuple[str, str], ...] | None = None
         #: Why this client keeps its server connection ("" = it does not), and every reason it holds.
         self.pin_reason = ""
         self.pin_reasons: frozenset[str] = frozenset()
@@ -77,6 +83,21 @@ class SessionTracker:
         #: What a reset statement claimed to undo, and the server's error count when it was sent: believed
         #: once the server answered it without an error (:meth:`transaction_over`).
         self.clear_guard: tuple[int, frozenset[str]] | None = None
+
+    def wanted_key(self) -> tuple[tuple[str, str], ...]:
+        """A hashable snapshot of ``wanted`` (change settings with :meth:`set_wanted` / :meth:`set_wanted_all`)."""
+        if self._wanted_key is None:
+            self._wanted_key = tuple(sorted(self.wanted.items()))
+        return self._wanted_key
+
+    def set_wanted(self, name: str, value: str) -> None:
+        self.wanted[name] = value
+        self._wanted_key = None
+
+    def set_wanted_all(self, wanted: dict[str, str]) -> None:
+        """All the client's settings at once (its startup parameters, as the upstream canonicalised them)."""
+        self.wanted = wanted
+        self._wanted_key = None
 
     def chunk_effect(self, scanner: FrontendScanner, data: bytes) -> tuple[Effect, Effect]:
         """The session effect of the SQL in this chunk, and the route of a statement still arriving."""

@@ -233,7 +233,7 @@ def _client_row(app: ConsoleHost, client: ClientConnection, now: float) -> list[
         f"{id(server):#x}" if server is not None else "",
         str(client.process_id),
         "TLS" if client.tls else "",
-        client.wanted.get("application_name", ""),
+        client.session.wanted.get("application_name", ""),
         client.session.pin_reason,
         str(len(client.statements.names)) if client.statements is not None else "0",
     ]
@@ -303,7 +303,7 @@ def show_pins(app: ConsoleHost) -> Rows:
                 server.pool.route if server is not None else "",
                 str(server.backend_pid) if server is not None else "",
                 "active" if server is not None and server.scanner.status != IDLE else "idle",
-                client.wanted.get("application_name", ""),
+                client.session.wanted.get("application_name", ""),
             ]
         )
     return PINS_COLUMNS, rows
