@@ -99,7 +99,9 @@ def _folder(module: str) -> str:
     """The layer a module belongs to: its folder (``pool``, ``sidecar/conn``), or ``public`` for the top level."""
     parts = module.split(".")[1:]
     if parts[:1] == ["sidecar"]:
-        return "/".join(parts[:2]) if len(parts) > 2 else "sidecar/service"  # sidecar/__init__, __main__
+        if len(parts) > 1 and parts[1] in {"wire", "policy", "stats", "conn", "service"}:
+            return f"sidecar/{parts[1]}"  # a layer's modules and its package __init__
+        return "sidecar/service"  # sidecar/__init__, __main__: the sidecar's entry points
     if len(parts) > 1 or parts[:1] in (["integrations"], ["core"], ["sql"], ["obs"], ["pool"], ["apps"], ["dev"]):
         return parts[0]
     return "errors" if parts == ["errors"] else "public"
@@ -141,6 +143,8 @@ def _folder_violations(graph: dict[str, set[str]], allowed: dict[str, frozenset[
 def test_every_module_is_in_a_known_layer() -> None:
     folders = {_folder(name) for name in _library_modules()}
     assert folders == set(LIBRARY_LAYERS), folders ^ set(LIBRARY_LAYERS)
+    assert _folder("poolkit.sidecar.wire") == _folder("poolkit.sidecar.wire.protocol") == "sidecar/wire"
+    assert _folder("poolkit.sidecar") == _folder("poolkit.sidecar.__main__") == "sidecar/service"
 
 
 def test_folders_import_only_the_layers_below_them() -> None:

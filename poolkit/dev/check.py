@@ -508,7 +508,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m poolkit.dev.check`` until ``poolkit check`` is wired into the CLI."""
+    """``python -m poolkit.dev.check``: the same as ``poolkit check``, without the rest of the CLI."""
     parser = argparse.ArgumentParser(prog="poolkit check", description=__doc__)
     add_arguments(parser)
     with contextlib.suppress(AttributeError):
